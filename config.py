@@ -1,0 +1,253 @@
+"""Typed configuration: dataclass defaults -> YAML preset -> `key.sub=value` overrides.
+
+Every knob of the toolkit is a field below with its default and a one-line comment. Loading is
+strict: an unknown key fails with its dotted path and the nearest valid name, and every value is
+coerced to the declared type (PyYAML reads `3e-4` as a string; `train.lr=3e-4` must be a float).
+Registry names (model, path, coupling, ...) are checked by `check_names`, which the scripts call
+before any data is loaded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class UserError(Exception):
+    """A mistake in the user's input. Scripts print it as one line and exit with status 2."""
+
+
+@dataclass
+class DataConfig:
+    name: str = "moons"  # dataset: a toy 2-D distribution or 'tensor_file' (see data.DATASETS)
+    path: str = ""  # the file for 'tensor_file': an N×D .npy, .pt or .safetensors tensor
+    source: str = "gaussian"  # source distribution x0: 'gaussian' or any toy distribution name
+    size: int = 100_000  # number of points drawn once from a toy distribution to form the dataset
+    seed: int = 0  # seed of those points (the data stay fixed when the training seed changes)
+    num_workers: int = 0  # DataLoader worker processes per training process
+
+
+@dataclass
+class ModelConfig:
+    name: str = "mlp"  # architecture, a key of models.MODELS
+    width: int = 256  # MLP hidden width
+    depth: int = 3  # MLP hidden layers
+    time_dim: int = 64  # size of the sinusoidal timestep embedding
+
+
+@dataclass
+class FlowConfig:
+    path: str = "linear"  # probability path, a key of flows.PATHS
+    sigma_min: float = 0.0  # noise left at t=1 (I-CFM); 0 is rectified flow
+    coupling: str = "independent"  # pairing of noise and data: 'independent' or 'ot' (minibatch OT-CFM)
+    time_density: str = "uniform"  # training t density, a key of flows.TIME_DENSITIES
+    time_mean: float = 0.0  # logit-normal location (our convention: > 0 favours t near 1, the data)
+    time_std: float = 1.0  # logit-normal scale
+    mode_scale: float = 1.29  # SD3 mode density scale s (0 is uniform)
+    label_dropout: float = 0.0  # probability of replacing a label by the null class (for guidance)
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 3_000  # optimizer steps
+    batch_size: int = 256  # global batch per optimizer step, over all processes and accumulation
+    grad_accum: int = 1  # micro-batches per optimizer step
+    lr: float = 1e-3  # peak learning rate (AdamW)
+    lr_schedule: str = "constant"  # after warmup: 'constant' or 'cosine' (to lr_min at the last step)
+    lr_min: float = 0.0  # final learning rate of the cosine schedule
+    warmup_steps: int = 0  # linear warmup from 0 to lr
+    weight_decay: float = 0.0  # AdamW weight decay
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW betas
+    grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping (the norm is still logged)
+    ema_decay: float = 0.999  # EMA of the weights, used for previews and sampling
+    seed: int = 0  # seeds model init and the training randomness (noise, t, label dropout)
+    mixed_precision: str = "no"  # 'no', 'fp16' or 'bf16' (the -mp flag overrides)
+    log_every: int = 100  # steps between log lines, metrics.jsonl rows and tracker points
+    t_bins: int = 10  # the loss is also logged per t-bin of [0, 1]
+    trackers: list[str] = field(default_factory=lambda: ["tensorboard"])  # accelerate trackers; [] for none
+    preview_every: int = 1_000  # steps between preview pictures from the EMA weights (0: only at the end)
+    preview_n: int = 2_000  # points (2-D) drawn for a preview
+    preview_steps: int = 100  # Euler steps for previews
+    checkpoint_every: int = 1_000  # steps between checkpoints (the last step is always saved)
+    keep_last: int = 3  # checkpoints kept besides the permanent ones
+    keep_every: int = 0  # also keep every checkpoint whose step is a multiple of this (0: none)
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    flow: FlowConfig = field(default_factory=FlowConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading.
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    """Defaults, then the YAML file at `path` (if any), then `key.sub=value` overrides."""
+    cfg = Config()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise UserError(f"config file {path} does not exist; pass an existing YAML file with -c")
+        try:
+            tree = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise UserError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+        if not isinstance(tree, dict):
+            raise UserError(f"config file {path} must hold a mapping of sections, not {type(tree).__name__}")
+        _merge(cfg, tree, prefix="")
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise UserError(f"override '{item}' is not of the form key.sub=value")
+        _set_dotted(cfg, key.strip(), yaml.safe_load(text) if text.strip() else "")
+    _validate(cfg)
+    return cfg
+
+
+def _merge(node: Any, tree: dict, prefix: str) -> None:
+    for key, value in tree.items():
+        dotted = f"{prefix}{key}"
+        if dataclasses.is_dataclass(getattr(node, str(key), None)) and isinstance(value, dict):
+            _merge(getattr(node, key), value, prefix=f"{dotted}.")
+        else:
+            _set_dotted(node, str(key), value, prefix=prefix)
+
+
+def _set_dotted(node: Any, dotted: str, value: Any, prefix: str = "") -> None:
+    *parents, leaf = dotted.split(".")
+    path = prefix
+    for name in parents:
+        node = _child(node, name, path)
+        path = f"{path}{name}."
+        if not dataclasses.is_dataclass(node):
+            raise UserError(f"config key {path.rstrip('.')} is a value, not a section")
+    hints = typing.get_type_hints(type(node))
+    current = _child(node, leaf, path)
+    if dataclasses.is_dataclass(current):
+        raise UserError(f"config key {path}{leaf} is a section; set one of its keys, e.g. {path}{leaf}.KEY=VALUE")
+    setattr(node, leaf, _coerce(value, hints[leaf], f"{path}{leaf}"))
+
+
+def _child(node: Any, name: str, path: str) -> Any:
+    names = [f.name for f in dataclasses.fields(node)]
+    if name not in names:
+        close = difflib.get_close_matches(name, names, n=1, cutoff=0.5)
+        section = path.rstrip(".") or "the top level"
+        hint = f"; did you mean {path}{close[0]}?" if close else f"; valid keys in {section}: {', '.join(names)}"
+        raise UserError(f"unknown config key {path}{name}{hint}")
+    return getattr(node, name)
+
+
+def _coerce(value: Any, kind: Any, dotted: str) -> Any:
+    """Convert a YAML value to the declared type, or fail naming the key and the expected type."""
+    origin = typing.get_origin(kind)
+    if origin in (typing.Union, types.UnionType):
+        options = [k for k in typing.get_args(kind) if k is not type(None)]
+        if value is None:
+            return None
+        return _coerce(value, options[0], dotted)
+    if origin is list:
+        (item,) = typing.get_args(kind)
+        if isinstance(value, str):
+            value = [v for v in value.strip("[]").split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            value = [value]
+        return [_coerce(yaml.safe_load(v) if isinstance(v, str) else v, item, dotted) for v in value]
+    try:
+        if kind is bool:
+            if isinstance(value, bool):
+                return value
+            if str(value).lower() in ("true", "yes", "on", "1"):
+                return True
+            if str(value).lower() in ("false", "no", "off", "0"):
+                return False
+            raise ValueError
+        if kind is int:
+            if isinstance(value, bool) or float(value) != int(float(value)):
+                raise ValueError
+            return int(float(value))
+        if kind is float:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if kind is str:
+            if isinstance(value, (dict, list)):
+                raise ValueError
+            return "" if value is None else str(value)
+    except (TypeError, ValueError):
+        pass
+    else:
+        raise AssertionError(f"config type {kind} of {dotted} is not supported")
+    raise UserError(f"config key {dotted} must be {getattr(kind, '__name__', kind)}, got {value!r}")
+
+
+def _validate(cfg: Config) -> None:
+    t = cfg.train
+    positive = {"train.steps": t.steps, "train.batch_size": t.batch_size, "train.grad_accum": t.grad_accum,
+                "train.log_every": t.log_every, "train.checkpoint_every": t.checkpoint_every,
+                "train.t_bins": t.t_bins, "train.preview_steps": t.preview_steps, "train.keep_last": t.keep_last}
+    for key, value in positive.items():
+        if value <= 0:
+            raise UserError(f"config key {key} must be positive, got {value}")
+    choices = {"train.lr_schedule": (t.lr_schedule, ("constant", "cosine")),
+               "train.mixed_precision": (t.mixed_precision, ("no", "fp16", "bf16"))}
+    for key, (value, allowed) in choices.items():
+        if value not in allowed:
+            raise UserError(f"config key {key} must be one of {', '.join(allowed)}, got '{value}'")
+    if not 0.0 <= cfg.flow.label_dropout < 1.0:
+        raise UserError(f"config key flow.label_dropout must be in [0, 1), got {cfg.flow.label_dropout}")
+    if len(t.betas) != 2:
+        raise UserError(f"config key train.betas must hold two numbers, got {t.betas}")
+
+
+def check_name(registry: dict, name: str, key: str) -> None:
+    """Fail with the nearest valid name when `name` is not in `registry`."""
+    if name not in registry:
+        close = difflib.get_close_matches(name, list(registry), n=1, cutoff=0.4)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        raise UserError(f"config key {key}: unknown name '{name}'{hint} (valid: {', '.join(registry)})")
+
+
+def check_names(cfg: Config) -> None:
+    """Check every registry name in the config before any data or GPU work."""
+    from data import DATASETS, SOURCES
+    from flows import COUPLINGS, PATHS, TIME_DENSITIES
+    from models import MODELS
+
+    check_name(DATASETS, cfg.data.name, "data.name")
+    check_name(SOURCES, cfg.data.source, "data.source")
+    check_name(MODELS, cfg.model.name, "model.name")
+    check_name(PATHS, cfg.flow.path, "flow.path")
+    check_name(COUPLINGS, cfg.flow.coupling, "flow.coupling")
+    check_name(TIME_DENSITIES, cfg.flow.time_density, "flow.time_density")
+
+
+# ---------------------------------------------------------------------------------------------
+# Saving.
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def to_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    """Write the resolved config atomically (a crash never leaves half a file)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(to_yaml(cfg))
+    tmp.replace(path)

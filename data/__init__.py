@@ -1,0 +1,114 @@
+"""Datasets: the DATASETS registry, source distributions, and a resumable sharded loader.
+
+A dataset is a map-style dataset indexed by a list of indices, returning a batch (x1, y) with
+y None for unlabelled data, and telling its `shape` (without batch) and `num_classes` (0 if none):
+sizes that follow from data are read from it, never typed twice.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import torch
+from torch.utils.data import DataLoader, Sampler
+
+from config import Config, UserError
+from data.toy import TOY, load_tensor_file
+
+
+class PointDataset:
+    """In-memory vectors x (N, D) with optional integer labels y (N,)."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor | None = None):
+        self.x, self.y = x, y
+        self.shape = tuple(x.shape[1:])
+        self.num_classes = int(y.max()) + 1 if y is not None else 0
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return self.x[idx], None if self.y is None else self.y[idx]
+
+
+def _toy_dataset(name: str) -> Callable[[Config], PointDataset]:
+    def build(cfg: Config) -> PointDataset:
+        g = torch.Generator().manual_seed(cfg.data.seed)
+        return PointDataset(TOY[name](cfg.data.size, g, torch.device("cpu")))
+    return build
+
+
+DATASETS: dict[str, Callable[[Config], PointDataset]] = {
+    **{name: _toy_dataset(name) for name in TOY},
+    "tensor_file": lambda cfg: PointDataset(*load_tensor_file(cfg.data.path)),
+}
+
+# Source distributions of x0: name -> (data shape) -> sampler(n, generator, device).
+def _gaussian_source(shape: tuple[int, ...]) -> Callable:
+    return lambda n, g, device: torch.randn(n, *shape, generator=g, device=device)
+
+
+def _toy_source(name: str) -> Callable:
+    return lambda shape: TOY[name]
+
+
+SOURCES: dict[str, Callable] = {"gaussian": _gaussian_source, **{name: _toy_source(name) for name in TOY}}
+
+
+def build_dataset(cfg: Config) -> PointDataset:
+    if cfg.data.size <= 0 and cfg.data.name in TOY:
+        raise UserError(f"config key data.size must be positive, got {cfg.data.size}")
+    return DATASETS[cfg.data.name](cfg)
+
+
+def build_source(cfg: Config, shape: tuple[int, ...]) -> Callable:
+    """The sampler of x0 for data of `shape`: (n, generator, device) -> (n, *shape)."""
+    if cfg.data.source != "gaussian" and shape != (2,):
+        raise UserError(f"data.source '{cfg.data.source}' is a 2-D distribution but the data have shape "
+                        f"{shape}; use data.source=gaussian")
+    return SOURCES[cfg.data.source](shape)
+
+
+class ShardedBatchSampler(Sampler):
+    """An endless, resumable stream of this process's index batches.
+
+    Epoch e is a permutation of range(N) seeded by (seed, e); epochs are laid end to end and the
+    k-th global batch is positions [k·G, (k+1)·G) of that stream. Process `rank` of `world` takes
+    its contiguous share of each global batch. Batch k depends only on (seed, k), so training that
+    starts at batch `start` sees exactly the data it would have seen without stopping.
+    """
+
+    def __init__(self, n: int, global_batch: int, rank: int = 0, world: int = 1, seed: int = 0, start: int = 0):
+        self.n, self.global_batch, self.rank, self.world = n, global_batch, rank, world
+        self.seed, self.start = seed, start
+        self._epoch, self._perm = -1, None
+
+    def _permutation(self, epoch: int) -> torch.Tensor:
+        if epoch != self._epoch:
+            self._epoch = epoch
+            self._perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 1_000_003 + epoch))
+        return self._perm
+
+    def batch(self, k: int) -> torch.Tensor:
+        share = self.global_batch // self.world
+        first = k * self.global_batch + self.rank * share
+        pos = torch.arange(first, first + share)
+        epoch = pos // self.n
+        out = torch.empty(share, dtype=torch.long)
+        for e in epoch.unique().tolist():  # a batch spans at most a few epochs
+            here = epoch == e
+            out[here] = self._permutation(e)[pos[here] % self.n]
+        return out
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        k = self.start
+        while True:
+            yield self.batch(k)
+            k += 1
+
+
+def build_loader(dataset, global_batch: int, rank: int, world: int, seed: int, start: int,
+                 num_workers: int = 0, pin_memory: bool = False) -> DataLoader:
+    """An endless loader of this process's micro-batches, starting at micro-batch `start`."""
+    sampler = ShardedBatchSampler(len(dataset), global_batch, rank, world, seed, start)
+    return DataLoader(dataset, sampler=sampler, batch_size=None, num_workers=num_workers, pin_memory=pin_memory)

@@ -1,0 +1,122 @@
+"""Weights I/O: safetensors only, with unwrapped keys (no 'module.' or '_orig_mod.' prefixes)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from config import UserError
+
+
+def unwrapped_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's state dict with wrapper prefixes (DDP, torch.compile) stripped, contiguous, on CPU."""
+    state = {}
+    for key, value in model.state_dict().items():
+        for prefix in ("module.", "_orig_mod."):
+            key = key.replace(prefix, "")
+        state[key] = value.detach().cpu().contiguous()
+    return state
+
+
+def save_weights(model: nn.Module, path: str | Path) -> None:
+    """Write the model's weights to `path` atomically."""
+    tmp = f"{path}.tmp"
+    save_file(unwrapped_state(model), tmp)
+    os.replace(tmp, path)
+
+
+def load_weights(model: nn.Module, path: str | Path) -> None:
+    """Load safetensors weights into `model`, failing with one sentence when they do not fit."""
+    try:
+        state = load_file(str(path))
+    except FileNotFoundError:
+        raise UserError(f"weights file {path} does not exist") from None
+    except (SafetensorError, OSError) as e:
+        raise UserError(f"weights file {path} is unreadable or truncated ({e}); delete that checkpoint "
+                        "folder to fall back to an earlier one") from None
+    missing, unexpected = model.state_dict().keys() - state.keys(), state.keys() - model.state_dict().keys()
+    wrong = [k for k in model.state_dict().keys() & state.keys() if model.state_dict()[k].shape != state[k].shape]
+    if missing or unexpected or wrong:
+        detail = ", ".join(f"{k} {what}" for what, ks in (("missing", missing), ("unexpected", unexpected),
+                                                          ("has another shape", wrong)) for k in sorted(ks)[:3])
+        raise UserError(f"weights file {path} does not fit the model built from the config ({detail})")
+    model.load_state_dict(state)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoint folders: runs/NAME/checkpoints/step_0001000/{model,ema}.safetensors, config.yaml, train_state/
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step_{step:07d}"
+
+
+def list_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints of a run, oldest first. A folder is complete once renamed to step_N."""
+    folder = Path(run_dir) / "checkpoints"
+    found = []
+    for path in folder.glob("step_*") if folder.is_dir() else []:
+        suffix = path.name.removeprefix("step_")
+        if path.is_dir() and suffix.isdigit():
+            found.append((int(suffix), path))
+    return sorted(found)
+
+
+def save_checkpoint(accelerator, run_dir: str | Path, step: int, model: nn.Module, ema_model: nn.Module,
+                    config_yaml: str) -> Path:
+    """Write checkpoints/step_N whole or not at all: everything goes into a hidden temporary folder
+    that is renamed when complete, so a crash mid-write leaves the previous checkpoints as they were.
+    Called on every process (accelerator.save_state writes per-process RNG state)."""
+    import shutil
+
+    final = Path(run_dir) / "checkpoints" / checkpoint_name(step)
+    tmp = final.with_name(f".tmp_{final.name}")
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp / "train_state"))
+    if accelerator.is_main_process:
+        save_weights(accelerator.unwrap_model(model), tmp / "model.safetensors")
+        save_weights(ema_model, tmp / "ema.safetensors")
+        (tmp / "config.yaml").write_text(config_yaml)
+        if final.exists():  # the same step saved again (a resumed run that had not moved on)
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def prune_checkpoints(run_dir: str | Path, keep_last: int, keep_every: int) -> list[Path]:
+    """Delete all but the newest `keep_last` checkpoints and those at multiples of `keep_every`."""
+    import shutil
+
+    found = list_checkpoints(run_dir)
+    removed = []
+    for step, path in found[:-keep_last] if keep_last > 0 else found:
+        if keep_every > 0 and step % keep_every == 0:
+            continue
+        shutil.rmtree(path)
+        removed.append(path)
+    return removed
+
+
+def load_checkpoint(accelerator, path: Path, ema_model: nn.Module) -> None:
+    """Restore model, optimizer, scaler and RNG (accelerator.load_state, weights_only) and the EMA weights."""
+    needed = [path / "ema.safetensors", path / "train_state"]
+    missing = [p.name for p in needed if not p.exists()]
+    if missing:
+        raise UserError(f"checkpoint {path} is incomplete (no {', '.join(missing)}); delete it to resume from "
+                        "the previous one")
+    load_weights(ema_model, path / "ema.safetensors")
+    try:
+        accelerator.load_state(str(path / "train_state"))
+    except Exception as e:  # a truncated or foreign file: name the checkpoint, not the library's internals
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError(f"checkpoint {path} cannot be loaded ({reason}); delete it to resume from the previous "
+                        "one") from None

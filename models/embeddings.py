@@ -1,0 +1,42 @@
+"""Conditioning embedders shared by every model: timestep and class label."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+class TimestepEmbedder(nn.Module):
+    """t ∈ [0, 1] (N,) -> (N, dim): sinusoidal features (Vaswani et al. 2017) of 1000·t, then an MLP.
+
+    The ×1000 puts t on the scale the frequencies were designed for; it lives here and nowhere else.
+    """
+
+    def __init__(self, dim: int, freq_dim: int = 256, max_period: float = 10_000.0):
+        super().__init__()
+        self.freq_dim, self.max_period = freq_dim, max_period
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+
+    def sinusoidal(self, t: torch.Tensor) -> torch.Tensor:
+        half = self.freq_dim // 2
+        freqs = torch.exp(-math.log(self.max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+        angles = 1000 * t.float()[:, None] * freqs[None]
+        return torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        return self.mlp(self.sinusoidal(t).to(self.mlp[0].weight.dtype))
+
+
+class LabelEmbedder(nn.Module):
+    """Class labels (N,) in [0, num_classes] -> (N, dim). Label `num_classes` is the null class,
+    the 'no label' that classifier-free guidance needs; the objective decides when to use it."""
+
+    def __init__(self, num_classes: int, dim: int):
+        super().__init__()
+        self.num_classes = num_classes
+        self.table = nn.Embedding(num_classes + 1, dim)
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        return self.table(y)

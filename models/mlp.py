@@ -1,0 +1,40 @@
+"""A time-conditioned MLP velocity field for low-dimensional data (2-D toy problems, tabular data).
+
+x (N, D) and the embedding of t (and of the label, for conditional models) are concatenated and
+passed through `depth` hidden layers of `width` units with SiLU. The output layer starts at zero,
+so the untrained model predicts zero velocity.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from models.embeddings import LabelEmbedder, TimestepEmbedder
+
+
+class MLP(nn.Module):
+    def __init__(self, dim: int, width: int = 256, depth: int = 3, time_dim: int = 64, num_classes: int = 0):
+        super().__init__()
+        self.time_embed = TimestepEmbedder(time_dim)
+        self.label_embed = LabelEmbedder(num_classes, time_dim) if num_classes > 0 else None
+        layers, d_in = [], dim + time_dim
+        for _ in range(depth):
+            layers += [nn.Linear(d_in, width), nn.SiLU()]
+            d_in = width
+        self.body = nn.Sequential(*layers)
+        self.out = nn.Linear(d_in, dim)
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        """x (N, D), t (N,) in [0, 1], y (N,) labels or None -> velocity (N, D)."""
+        c = self.time_embed(t)
+        if self.label_embed is not None:
+            if y is None:  # no label given: the null class
+                y = torch.full((x.shape[0],), self.label_embed.num_classes, device=x.device, dtype=torch.long)
+            c = c + self.label_embed(y)
+        return self.out(self.body(torch.cat([x, c.to(x.dtype)], dim=-1)))
+
+
+PRESETS = {"mlp": MLP}
