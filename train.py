@@ -14,6 +14,7 @@ import argparse
 import contextlib
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -90,7 +91,10 @@ def train(cfg: Config, run_dir: Path) -> None:
     # Accelerator and run folder.
     prepare_run_dir(run_dir)
     trackers = [name for name in t.trackers if name != "wandb" or _wandb_installed()]
-    accelerator = Accelerator(mixed_precision=t.mixed_precision, log_with=trackers or None, project_dir=str(run_dir))
+    # Without CUDA, accelerate runs several processes only when told to use the CPU (gloo).
+    cpu_multiprocess = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    accelerator = Accelerator(mixed_precision=t.mixed_precision, log_with=trackers or None, project_dir=str(run_dir),
+                              cpu=cpu_multiprocess)
     world, device = accelerator.num_processes, accelerator.device
     if t.batch_size % (world * t.grad_accum):
         raise UserError(f"train.batch_size {t.batch_size} must be divisible by processes × train.grad_accum "

@@ -70,5 +70,5 @@ class LossByTime:
         sums, counts = reduce(self.sums).tolist(), reduce(self.counts).tolist()
         self.sums.zero_()
         self.counts.zero_()
-        return {f"loss_t/{i / self.bins:.1f}-{(i + 1) / self.bins:.1f}": s / c
+        return {f"loss_t/{i / self.bins:g}-{(i + 1) / self.bins:g}": s / c
                 for i, (s, c) in enumerate(zip(sums, counts)) if c > 0}

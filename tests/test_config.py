@@ -1,0 +1,62 @@
+import pytest
+
+from config import Config, UserError, check_names, load_config, save_config
+
+
+def test_defaults_preset_and_overrides_are_merged_in_order(tmp_path):
+    preset = tmp_path / "p.yaml"
+    preset.write_text("train:\n  lr: 3e-4\n  steps: 10\nflow:\n  coupling: ot\n")
+    cfg = load_config(preset, ["train.steps=20", "train.trackers=[]", "model.width=64"])
+    assert cfg.train.lr == 3e-4 and isinstance(cfg.train.lr, float)  # PyYAML alone reads '3e-4' as a string
+    assert cfg.train.steps == 20 and cfg.flow.coupling == "ot" and cfg.model.width == 64
+    assert cfg.train.trackers == [] and cfg.train.batch_size == Config().train.batch_size
+
+
+def test_values_are_coerced_to_the_declared_type():
+    cfg = load_config(None, ["train.lr=1e-3", "train.steps=1e3", "train.betas=[0.5, 0.9]",
+                             "train.trackers=tensorboard"])
+    assert cfg.train.lr == 1e-3 and cfg.train.steps == 1000 and cfg.train.betas == [0.5, 0.9]
+    assert cfg.train.trackers == ["tensorboard"]
+
+
+@pytest.mark.parametrize("override, message", [
+    (["train.lrr=1"], "unknown config key train.lrr; did you mean train.lr?"),
+    (["trian.lr=1"], "unknown config key trian; did you mean train?"),
+    (["train.steps=abc"], "config key train.steps must be int, got 'abc'"),
+    (["train.steps=1.5"], "config key train.steps must be int, got 1.5"),
+    (["train.lr=yes"], "config key train.lr must be float, got True"),
+    (["train.steps=0"], "config key train.steps must be positive, got 0"),
+    (["train=3"], "config key train is a section"),
+    (["train.lr"], "is not of the form key.sub=value"),
+])
+def test_bad_overrides_fail_with_one_clear_sentence(override, message):
+    with pytest.raises(UserError, match=message.replace("?", r"\?").replace("[", r"\[")):
+        load_config(None, override)
+
+
+def test_unknown_key_in_a_yaml_file_names_its_dotted_path(tmp_path):
+    preset = tmp_path / "p.yaml"
+    preset.write_text("flow:\n  sigma_mn: 0.1\n")
+    with pytest.raises(UserError, match=r"flow.sigma_mn; did you mean flow.sigma_min\?"):
+        load_config(preset)
+
+
+@pytest.mark.parametrize("key, value", [("model.name", "mpl"), ("flow.path", "curved"), ("flow.coupling", "sinkhorn"),
+                                        ("data.name", "moon"), ("flow.time_density", "logitnormal")])
+def test_bad_registry_names_fail_before_any_data_is_loaded(key, value):
+    with pytest.raises(UserError, match=f"config key {key}: unknown name '{value}'"):
+        check_names(load_config(None, [f"{key}={value}"]))
+
+
+def test_saved_config_round_trips(tmp_path):
+    cfg = load_config(None, ["train.lr=3e-4", "flow.coupling=ot", "train.betas=[0.8,0.95]", "data.path=a b.npy"])
+    save_config(cfg, tmp_path / "config.yaml")
+    assert load_config(tmp_path / "config.yaml") == cfg
+
+
+def test_missing_or_invalid_yaml_file(tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    (tmp_path / "bad.yaml").write_text("train: [1, 2\n")
+    with pytest.raises(UserError, match="is not valid YAML"):
+        load_config(tmp_path / "bad.yaml")
