@@ -1,4 +1,5 @@
 import pytest
+from conftest import ROOT
 
 from config import Config, UserError, check_names, load_config, save_config
 
@@ -60,3 +61,8 @@ def test_missing_or_invalid_yaml_file(tmp_path):
     (tmp_path / "bad.yaml").write_text("train: [1, 2\n")
     with pytest.raises(UserError, match="is not valid YAML"):
         load_config(tmp_path / "bad.yaml")
+
+
+@pytest.mark.parametrize("preset", sorted((ROOT / "configs").glob("**/*.yaml")), ids=lambda p: p.name)
+def test_every_preset_loads_and_names_registered_parts(preset):
+    check_names(load_config(preset))
