@@ -17,6 +17,7 @@ import math
 import os
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -143,7 +144,7 @@ def train(cfg: Config, run_dir: Path) -> None:
     loader = iter(build_loader(dataset, micro_batch, accelerator.process_index, world, seed=t.seed,
                                start=step * t.grad_accum, num_workers=cfg.data.num_workers,
                                pin_memory=device.type == "cuda"))
-    generator = torch.Generator(device)
+    batches = micro_steps(loader, objective, shard, t.seed, step * t.grad_accum, device, ahead=world == 1)
     loss_by_time = LossByTime(t.t_bins, device)
     loss_sum, nonfinite = torch.zeros((), device=device), torch.zeros((), dtype=torch.bool, device=device)
     accelerator.init_trackers("tensorboard", config=_flat(to_dict(cfg)))
@@ -154,12 +155,10 @@ def train(cfg: Config, run_dir: Path) -> None:
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, t)
         for micro in range(t.grad_accum):
-            x1, y = next(loader)
-            x1, y = x1.to(device, non_blocking=True), None if y is None else y.to(device, non_blocking=True)
-            generator.manual_seed(t.seed * 2**32 + step * t.grad_accum + micro)  # same draws on every process
+            x1, draw = next(batches)
             sync = micro == t.grad_accum - 1
             with accelerator.no_sync(model) if not sync else contextlib.nullcontext():
-                out = objective(model, x1, y, generator, shard)
+                out = objective.loss(model, x1, draw)
                 loss = out.loss.mean()
                 accelerator.backward(loss / t.grad_accum)
             loss_by_time.add(out)
@@ -205,6 +204,35 @@ def train(cfg: Config, run_dir: Path) -> None:
     bar.close()
     accelerator.end_training()
     log(f"done: {step} steps; preview {run_dir / 'samples' / f'step_{step:07d}.png'}")
+
+
+def micro_steps(loader, objective, shard: BatchShard, seed: int, first: int, device: torch.device, ahead: bool):
+    """Yields (x1, draw) for micro-steps first, first+1, ...: the data and all training randomness.
+
+    Micro-step k's draws come from a generator seeded by (seed, k), the same on every process, so
+    they depend neither on the number of processes nor on where training was resumed. With `ahead`
+    (one process: collectives must not run from a second thread) micro-step k+1 is prepared in a
+    worker thread while k trains, which hides the CPU time of the OT solve.
+    """
+
+    def prepare(k: int):
+        x1, y = next(loader)
+        x1, y = x1.to(device, non_blocking=True), None if y is None else y.to(device, non_blocking=True)
+        generator = torch.Generator(device).manual_seed(seed * 2**32 + k)
+        return x1, objective.draw(x1, y, generator, shard)
+
+    k = first
+    if not ahead:
+        while True:
+            yield prepare(k)
+            k += 1
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending = pool.submit(prepare, k)
+        while True:
+            ready = pending.result()
+            k += 1
+            pending = pool.submit(prepare, k)
+            yield ready
 
 
 class RunLog:

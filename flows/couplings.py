@@ -71,9 +71,16 @@ class MinibatchOTCoupling:
 
 def ot_match(x0: torch.Tensor, x1: torch.Tensor) -> torch.Tensor:
     """For each x1_j, the index of the x0 paired with it by exact OT under squared Euclidean cost."""
-    a, b = x0.flatten(1).float(), x1.flatten(1).float()
+    dtype = torch.float64 if x0.dtype == torch.float64 else torch.float32
+    a, b = x0.flatten(1).to(dtype), x1.flatten(1).to(dtype)
     cost = torch.cdist(a, b).square_()
     rows, cols = linear_sum_assignment(cost.cpu().numpy())  # x0[rows[k]] <-> x1[cols[k]]
     match = torch.empty(len(cols), dtype=torch.long)
     match[torch.from_numpy(cols)] = torch.from_numpy(rows)
     return match.to(x1.device)
+
+
+def w2_distance(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Exact 2-Wasserstein distance between the empirical measures of two equal-size sets (N, ...)."""
+    a, b = a.double().cpu(), b.double().cpu()
+    return (a[ot_match(a, b)] - b).flatten(1).square().sum(1).mean().sqrt().item()

@@ -17,6 +17,16 @@ from flows.couplings import BatchShard
 
 
 @dataclass
+class Draw:
+    """The randomness of one micro-step for this process's data: the noise x0 paired with each x1
+    (N, ...), the times t (N,) and the labels after dropout (N,) or None."""
+
+    x0: torch.Tensor
+    t: torch.Tensor
+    y: torch.Tensor | None
+
+
+@dataclass
 class ObjectiveOutput:
     """Per-sample loss (N,) in fp32 and the times t (N,) at which it was taken."""
 
@@ -30,6 +40,9 @@ class FlowMatchingObjective:
     source(n, generator, device) draws x0 of the data's shape; time_density(n, generator, device)
     draws t. Labels are replaced by the null class `num_classes` with probability `label_dropout`,
     which trains the unconditional velocity used by classifier-free guidance.
+
+    `draw` holds all the randomness and no model, so a training loop may prepare the next
+    micro-step's draw (an OT solve on the CPU) while the current one trains; `loss` uses the model.
     """
 
     def __init__(self, path, coupling, time_density, source: Callable, label_dropout: float = 0.0,
@@ -37,18 +50,25 @@ class FlowMatchingObjective:
         self.path, self.coupling, self.time_density, self.source = path, coupling, time_density, source
         self.label_dropout, self.num_classes = label_dropout, num_classes
 
-    def __call__(self, model: Callable, x1: torch.Tensor, y: torch.Tensor | None, generator: torch.Generator,
-                 shard: BatchShard = BatchShard()) -> ObjectiveOutput:
+    def draw(self, x1: torch.Tensor, y: torch.Tensor | None, generator: torch.Generator,
+             shard: BatchShard = BatchShard()) -> Draw:
         n_global, device = x1.shape[0] * shard.world, x1.device
         x0 = self.coupling.pair(self.source(n_global, generator, device), x1, shard)
         t = shard.local(self.time_density(n_global, generator, device))
         if y is not None and self.label_dropout > 0:
             drop = shard.local(torch.rand(n_global, generator=generator, device=device) < self.label_dropout)
             y = torch.where(drop, torch.full_like(y, self.num_classes), y)
-        sample = self.path.sample(x0, x1.to(x0.dtype), t)
-        v = model(sample.x_t, t, y)
+        return Draw(x0=x0, t=t, y=y)
+
+    def loss(self, model: Callable, x1: torch.Tensor, draw: Draw) -> ObjectiveOutput:
+        sample = self.path.sample(draw.x0, x1.to(draw.x0.dtype), draw.t)
+        v = model(sample.x_t, draw.t, draw.y)
         loss = (v.float() - sample.u_t.float()).square().flatten(1).mean(1)
-        return ObjectiveOutput(loss=loss, t=t)
+        return ObjectiveOutput(loss=loss, t=draw.t)
+
+    def __call__(self, model: Callable, x1: torch.Tensor, y: torch.Tensor | None, generator: torch.Generator,
+                 shard: BatchShard = BatchShard()) -> ObjectiveOutput:
+        return self.loss(model, x1, self.draw(x1, y, generator, shard))
 
 
 class LossByTime:
