@@ -67,6 +67,7 @@ class TrainConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW betas
     grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping (the norm is still logged)
     ema_decay: float = 0.999  # EMA of the weights, used for previews and sampling
+    ema_warmup: bool = True  # decay min(ema_decay, (1 + n) / (10 + n)) at step n: forget the initial weights fast
     seed: int = 0  # seeds model init and the training randomness (noise, t, label dropout)
     mixed_precision: str = "no"  # 'no', 'fp16' or 'bf16' (the -mp flag overrides)
     log_every: int = 100  # steps between log lines, metrics.jsonl rows and tracker points

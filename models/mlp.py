@@ -16,7 +16,7 @@ from models.embeddings import LabelEmbedder, TimestepEmbedder
 class MLP(nn.Module):
     def __init__(self, dim: int, width: int = 256, depth: int = 3, time_dim: int = 64, num_classes: int = 0):
         super().__init__()
-        self.time_embed = TimestepEmbedder(time_dim)
+        self.time_embed = TimestepEmbedder(time_dim, freq_dim=time_dim)  # 256 frequencies are overkill here
         self.label_embed = LabelEmbedder(num_classes, time_dim) if num_classes > 0 else None
         layers, d_in = [], dim + time_dim
         for _ in range(depth):

@@ -35,13 +35,15 @@ def test_mlp_rejects_image_shaped_data():
 
 def test_ema_is_a_frozen_copy_moving_towards_the_model():
     model = nn.Linear(3, 3)
-    ema = EMA(model, decay=0.9)
+    ema = EMA(model, decay=0.9, warmup=False)
     before = ema.model.weight.clone()
     with torch.no_grad():
         model.weight.add_(1.0)
-    ema.update(model)
+    ema.update(model, 1)
     assert torch.allclose(ema.model.weight, 0.9 * before + 0.1 * model.weight)
     assert not any(p.requires_grad for p in ema.model.parameters())
+    warm = EMA(model, decay=0.999)
+    assert [warm.decay_at(n) for n in (1, 80, 10_000)] == [2 / 11, 81 / 90, 0.999]
 
 
 def test_weights_round_trip_with_unwrapped_keys(tmp_path):
@@ -58,3 +60,13 @@ def test_weights_round_trip_with_unwrapped_keys(tmp_path):
     (tmp_path / "cut.safetensors").write_bytes((tmp_path / "w.safetensors").read_bytes()[:50])
     with pytest.raises(UserError, match="unreadable or truncated"):
         load_weights(other, tmp_path / "cut.safetensors")
+
+
+def test_pruning_keeps_the_last_k_and_every_mth_checkpoint(tmp_path):
+    from models.checkpoint import checkpoint_name, list_checkpoints, prune_checkpoints
+
+    for step in range(100, 1100, 100):
+        (tmp_path / "checkpoints" / checkpoint_name(step)).mkdir(parents=True)
+    (tmp_path / "checkpoints" / ".tmp_step_0001100").mkdir()  # a partial write is never listed
+    prune_checkpoints(tmp_path, keep_last=3, keep_every=500)
+    assert [s for s, _ in list_checkpoints(tmp_path)] == [500, 800, 900, 1000]
