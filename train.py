@@ -46,7 +46,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                "  python train.py -c configs/toy2d_moons_otcfm.yaml --dry-run   # print the resolved config",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-c", "--config", help="YAML config (default: the built-in defaults of config.py)")
-    p.add_argument("-e", "--exp", metavar="RUN_DIR", help="run folder (default: runs/<config file name>, or runs/default)")
+    p.add_argument("-e", "--exp", metavar="RUN_DIR",
+                   help="run folder (default: runs/<config file name>, or runs/default)")
     p.add_argument("-mp", "--mixed-precision", choices=["no", "fp16", "bf16"], help="overrides train.mixed_precision")
     p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides, e.g. train.lr=3e-4")
