@@ -146,9 +146,13 @@ def train(cfg: Config, run_dir: Path) -> None:
     loader = iter(build_loader(dataset, micro_batch, accelerator.process_index, world, seed=t.seed,
                                start=step * t.grad_accum, num_workers=cfg.data.num_workers,
                                pin_memory=device.type == "cuda"))
-    # The OT solve runs on the CPU: on one process, prepare it for the next micro-step while this one trains
-    # (measured on 2 CPU cores: 24.8 -> 17.9 ms per OT-CFM step; the thread would slow an I-CFM step instead).
+    # The OT solve runs on the CPU: on one process, prepare it for the next micro-step while this one trains.
+    # When training on the CPU too, leave the solver a core of its own, or the two fight over every core
+    # (train.py on 2 cores, moons: 24.8 ms per OT-CFM step inline, 17.9 sharing both cores, 15.0 with one each;
+    # an I-CFM step takes 11.6).
     ahead = world == 1 and cfg.flow.coupling == "ot"
+    if ahead and device.type == "cpu" and torch.get_num_threads() > 1:
+        torch.set_num_threads(torch.get_num_threads() - 1)
     batches = micro_steps(loader, objective, shard, t.seed, step * t.grad_accum, device, ahead)
     loss_by_time = LossByTime(t.t_bins, device)
     loss_sum, nonfinite = torch.zeros((), device=device), torch.zeros((), dtype=torch.bool, device=device)

@@ -65,7 +65,7 @@ def test_w2_distance_equals_brute_force_and_a_known_shift():
     from flows.couplings import w2_distance
 
     g = torch.Generator().manual_seed(4)
-    a, b = torch.randn(6, 2, generator=g), torch.randn(6, 2, generator=g)
+    a, b = torch.randn(6, 2, generator=g, dtype=torch.float64), torch.randn(6, 2, generator=g, dtype=torch.float64)
     best = min(cost(a[list(p)], b) for p in itertools.permutations(range(6)))
     assert abs(w2_distance(a, b) - (best / 6) ** 0.5) < 1e-9
-    assert abs(w2_distance(a, a + torch.tensor([3.0, 4.0]))) - 5.0 < 1e-6  # a translation by 5
+    assert abs(w2_distance(a, a + torch.tensor([3.0, 4.0], dtype=torch.float64)) - 5.0) < 1e-9  # a shift by 5
