@@ -7,7 +7,10 @@ Problems: gaussian -> moons and 8gaussians -> moons. Ours: train.py (I-CFM and O
 its default MLP). torchcfm: ConditionalFlowMatcher and ExactOptimalTransportConditionalFlowMatcher
 with torchcfm's MLP of the same width, the same data, batch, AdamW learning rate and steps, in a
 bare loop. W2: exact OT between 2,000 generated points and 2,000 fresh data points (fixed seeds).
-Step cost: ms per optimizer step (ours from train.py's samples/s with everything it does).
+Every method is trained with --seeds seeds (model init and training randomness; the data stay
+fixed) and W2 is reported as mean ± std over them. Noise floor: W2 between two fresh data sets.
+Step cost: ms per optimizer step, from the first seed (ours from train.py's samples/s with
+everything it does: EMA, logging, gradient clipping, checkpoints).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,10 +49,11 @@ def evaluate(velocity, source, data_name) -> dict[int, float]:
     return {nfe: w2_distance(integrate(velocity, x0, uniform_grid(nfe), "euler").x, data) for nfe in NFES}
 
 
-def run_ours(problem: str, coupling: str, args, out: Path) -> dict:
+def run_ours(problem: str, coupling: str, seed: int, args, out: Path) -> dict:
     data_name, source_name = PROBLEMS[problem]
-    run = out / f"ours_{source_name}_{coupling}"
-    overrides = [f"data.name={data_name}", f"data.source={source_name}", f"flow.coupling={coupling}",
+    run = out / f"ours_{source_name}_{coupling}_seed{seed}"
+    overrides = [f"train.seed={seed}", f"data.name={data_name}", f"data.source={source_name}",
+                 f"flow.coupling={coupling}",
                  f"train.steps={args.steps}", f"train.batch_size={args.batch}", f"train.lr={args.lr}",
                  f"model.width={args.width}", "train.trackers=[]", "train.preview_every=0",
                  f"train.checkpoint_every={args.steps}", f"train.log_every={args.steps // 10}"]
@@ -63,7 +68,7 @@ def run_ours(problem: str, coupling: str, args, out: Path) -> dict:
     return {"w2": evaluate(lambda x, t: model(x, t), source, data_name), "step_ms": step_ms}
 
 
-def run_torchcfm(problem: str, coupling: str, args) -> dict:
+def run_torchcfm(problem: str, coupling: str, seed: int, args) -> dict:
     from torchcfm.conditional_flow_matching import (
         ConditionalFlowMatcher,
         ExactOptimalTransportConditionalFlowMatcher,
@@ -73,11 +78,12 @@ def run_torchcfm(problem: str, coupling: str, args) -> dict:
     data_name, source_name = PROBLEMS[problem]
     cfg = load_config(None, [f"data.name={data_name}", f"data.source={source_name}"])
     dataset, source = build_dataset(cfg), build_source(cfg, (2,))
-    torch.manual_seed(0)
+    torch.manual_seed(seed)  # torchcfm draws t from torch's global RNG
+    np.random.seed(seed)  # and samples its OT plan with numpy's
     net = MLP(dim=2, w=args.width, time_varying=True)
     fm = (ExactOptimalTransportConditionalFlowMatcher if coupling == "ot" else ConditionalFlowMatcher)(sigma=0.0)
     optimizer = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=0.0)
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator().manual_seed(seed)
     start = None
     for step in range(args.steps):
         if step == args.steps // 10:
@@ -101,6 +107,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--width", type=int, default=256)
+    p.add_argument("--seeds", type=int, default=3, help="training seeds per method")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "toy2d_w2")
     args = p.parse_args()
     try:
@@ -110,29 +117,38 @@ def main() -> None:
         print("torchcfm is not importable: measuring this toolkit alone", file=sys.stderr)
         peers = False
     args.out.mkdir(parents=True, exist_ok=True)
+    runners = {"ours": lambda p, c, seed: run_ours(p, c, seed, args, args.out)}
+    if peers:
+        runners["torchcfm"] = lambda p, c, seed: run_torchcfm(p, c, seed, args)
     results = {}
     for problem in PROBLEMS:
         for coupling, label in (("independent", "I-CFM"), ("ot", "OT-CFM")):
-            results[(problem, f"ours {label}")] = run_ours(problem, coupling, args, args.out)
-            if peers:
-                results[(problem, f"torchcfm {label}")] = run_torchcfm(problem, coupling, args)
-            for who in ("ours", "torchcfm"):
-                if (problem, f"{who} {label}") in results:
-                    r = results[(problem, f"{who} {label}")]
-                    print(f"{problem:18s} {who} {label:7s} step {r['step_ms']:.2f} ms  W2 "
-                          + "  ".join(f"{nfe}:{w:.3f}" for nfe, w in r["w2"].items()), flush=True)
+            for who, run in runners.items():
+                runs = [run(problem, coupling, seed) for seed in range(args.seeds)]
+                w2 = {n: torch.tensor([r["w2"][n] for r in runs], dtype=torch.float64) for n in NFES}
+                w2 = {n: (w.mean().item(), w.std().item() if len(w) > 1 else 0.0) for n, w in w2.items()}
+                results[(problem, f"{who} {label}")] = {"step_ms": runs[0]["step_ms"], "w2": w2}
+                print(f"{problem:18s} {who:8s} {label:7s} step {runs[0]['step_ms']:.2f} ms  W2 "
+                      + "  ".join(f"{n}:{m:.3f}±{sd:.3f}" for n, (m, sd) in w2.items()), flush=True)
+    floors = {}
+    for problem, (data_name, _) in PROBLEMS.items():
+        fresh = TOY[data_name](N_EVAL, torch.Generator().manual_seed(789), torch.device("cpu"))
+        reference = TOY[data_name](N_EVAL, torch.Generator().manual_seed(456), torch.device("cpu"))
+        floors[problem] = w2_distance(fresh, reference)
+
     lines = [f"steps {args.steps}, batch {args.batch}, AdamW lr {args.lr}, MLP width {args.width}, "
-             f"W2 on {N_EVAL} points, Euler", "",
+             f"W2 on {N_EVAL} points (mean ± std over {args.seeds} training seeds), Euler", "",
              "| problem | method | step ms | " + " | ".join(f"W2 @ NFE {n}" for n in NFES) + " |",
              "|---|---|---:|" + "---:|" * len(NFES)]
     for (problem, method), r in results.items():
         lines.append(f"| {problem} | {method} | {r['step_ms']:.2f} | "
-                     + " | ".join(f"{r['w2'][n]:.3f}" for n in NFES) + " |")
-    for who in ("ours", "torchcfm"):
+                     + " | ".join(f"{r['w2'][n][0]:.3f} ± {r['w2'][n][1]:.3f}" for n in NFES) + " |")
+    for problem, floor in floors.items():
+        lines.append(f"| {problem} | data vs data (noise floor) | | " + " | ".join(f"{floor:.3f}" for _ in NFES) + " |")
+    for who in runners:
         for problem in PROBLEMS:
-            if (problem, f"{who} I-CFM") in results:
-                ratio = results[(problem, f"{who} OT-CFM")]["step_ms"] / results[(problem, f"{who} I-CFM")]["step_ms"]
-                lines.append(f"\n{who}, {problem}: OT-CFM step / I-CFM step = {ratio:.2f}×")
+            ratio = results[(problem, f"{who} OT-CFM")]["step_ms"] / results[(problem, f"{who} I-CFM")]["step_ms"]
+            lines.append(f"\n{who}, {problem}: OT-CFM step / I-CFM step = {ratio:.2f}×")
     table = "\n".join(lines)
     (args.out / "results.md").write_text(table + "\n")
     print("\n" + table)
