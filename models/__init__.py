@@ -16,11 +16,10 @@ MODELS = {**mlp.PRESETS}
 
 def build_model(cfg: Config, data_shape: tuple[int, ...], num_classes: int = 0) -> nn.Module:
     """The model named by cfg.model.name, sized from the data (shape without batch, number of classes)."""
-    m_name = cfg.model.name
-    if m_name in mlp.PRESETS:
+    m = cfg.model
+    if m.name in mlp.PRESETS:
         if len(data_shape) != 1:
-            raise UserError(f"model.name '{m_name}' takes vectors (N, D) but the data have shape {data_shape}; "
+            raise UserError(f"model.name '{m.name}' takes vectors (N, D) but the data have shape {data_shape}; "
                             "choose an image model")
-        m = cfg.model
         return mlp.PRESETS[m.name](data_shape[0], m.width, m.depth, m.time_dim, num_classes)
-    raise KeyError(cfg.model.name)
+    raise KeyError(m.name)
