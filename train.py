@@ -30,7 +30,7 @@ from data import build_dataset, build_loader, build_source
 from data.toy import plot_points
 from flows import BatchShard, LossByTime, build_objective, generate
 from models import build_model
-from models.checkpoint import list_checkpoints, load_checkpoint, prune_checkpoints, save_checkpoint
+from models.checkpoint import checkpoint_name, list_checkpoints, load_checkpoint, prune_checkpoints, save_checkpoint
 from models.ema import EMA
 
 
@@ -201,7 +201,7 @@ def train(cfg: Config, run_dir: Path) -> None:
             loss_sum.zero_()
         if (t.preview_every > 0 and step % t.preview_every == 0) or last:
             if accelerator.is_main_process:
-                path = run_dir / "samples" / f"step_{step:07d}.png"
+                path = run_dir / "samples" / f"{checkpoint_name(step)}.png"
                 save_preview(path, ema.model, dataset, source, cfg, device, step)
                 log(f"preview: {path}")
             accelerator.wait_for_everyone()
@@ -214,7 +214,7 @@ def train(cfg: Config, run_dir: Path) -> None:
             timer, steps_timed = time.perf_counter(), 0
     bar.close()
     accelerator.end_training()
-    log(f"done: {step} steps; preview {run_dir / 'samples' / f'step_{step:07d}.png'}")
+    log(f"done: {step} steps; preview {run_dir / 'samples' / f'{checkpoint_name(step)}.png'}")
 
 
 def micro_steps(loader, objective, shard: BatchShard, seed: int, first: int, device: torch.device, ahead: bool):
@@ -253,19 +253,22 @@ class RunLog:
         self.run_dir, self.enabled = run_dir, enabled
 
     def __call__(self, message: str) -> None:
+        """Print a message (above the progress bar) and append it to log.txt."""
         if self.enabled:
             tqdm.write(message)
-            with open(self.run_dir / "log.txt", "a") as f:
-                f.write(f"[{time.strftime('%Y-%m-%d %H:%M:%S')}] {message}\n")
+            self._append("log.txt", f"[{time.strftime('%Y-%m-%d %H:%M:%S')}] {message}")
 
     def metrics(self, step: int, metrics: dict) -> None:
+        """A metrics.jsonl row, and a short line in log.txt (the console has the progress bar)."""
         if self.enabled:
-            with open(self.run_dir / "metrics.jsonl", "a") as f:
-                f.write(json.dumps({"step": step, **metrics}) + "\n")
-            with open(self.run_dir / "log.txt", "a") as f:
-                f.write(f"[{time.strftime('%Y-%m-%d %H:%M:%S')}] step {step} loss {metrics['loss']:.5f} "
-                        f"lr {metrics['lr']:.3g} grad_norm {metrics['grad_norm']:.3f} "
-                        f"samples/s {metrics['samples_per_s']:.0f}\n")
+            self._append("metrics.jsonl", json.dumps({"step": step, **metrics}))
+            self._append("log.txt", f"[{time.strftime('%Y-%m-%d %H:%M:%S')}] step {step} loss {metrics['loss']:.5f} "
+                                    f"lr {metrics['lr']:.3g} grad_norm {metrics['grad_norm']:.3f} "
+                                    f"samples/s {metrics['samples_per_s']:.0f}")
+
+    def _append(self, name: str, line: str) -> None:
+        with open(self.run_dir / name, "a") as f:
+            f.write(line + "\n")
 
 
 def _flat(tree: dict, prefix: str = "") -> dict:

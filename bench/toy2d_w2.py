@@ -35,7 +35,7 @@ from flows import integrate  # noqa: E402
 from flows.couplings import w2_distance  # noqa: E402
 from flows.solvers import uniform_grid  # noqa: E402
 from models import build_model  # noqa: E402
-from models.checkpoint import load_weights  # noqa: E402
+from models.checkpoint import checkpoint_name, load_weights  # noqa: E402
 
 NFES = [1, 2, 4, 8, 100]
 PROBLEMS = {"gaussian->moons": ("moons", "gaussian"), "8gaussians->moons": ("moons", "8gaussians")}
@@ -61,7 +61,7 @@ def run_ours(problem: str, coupling: str, seed: int, args, out: Path) -> dict:
                    cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     cfg = load_config(run / "config.yaml")
     model = build_model(cfg, (2,))
-    load_weights(model, run / "checkpoints" / f"step_{args.steps:07d}" / "ema.safetensors")
+    load_weights(model, run / "checkpoints" / checkpoint_name(args.steps) / "ema.safetensors")
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()][1:]  # skip warm-up
     step_ms = 1000 * args.batch / (sum(r["samples_per_s"] for r in rows) / len(rows))
     source = build_source(cfg, (2,))

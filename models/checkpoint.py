@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -72,8 +73,6 @@ def save_checkpoint(accelerator, run_dir: str | Path, step: int, model: nn.Modul
     """Write checkpoints/step_N whole or not at all: everything goes into a hidden temporary folder
     that is renamed when complete, so a crash mid-write leaves the previous checkpoints as they were.
     Called on every process (accelerator.save_state writes per-process RNG state)."""
-    import shutil
-
     final = Path(run_dir) / "checkpoints" / checkpoint_name(step)
     tmp = final.with_name(f".tmp_{final.name}")
     if accelerator.is_main_process:
@@ -94,8 +93,6 @@ def save_checkpoint(accelerator, run_dir: str | Path, step: int, model: nn.Modul
 
 def prune_checkpoints(run_dir: str | Path, keep_last: int, keep_every: int) -> list[Path]:
     """Delete all but the newest `keep_last` checkpoints and those at multiples of `keep_every`."""
-    import shutil
-
     found = list_checkpoints(run_dir)
     removed = []
     for step, path in found[:-keep_last] if keep_last > 0 else found:

@@ -9,9 +9,11 @@ import torch
 from conftest import ROOT, run_script
 from safetensors.torch import load_file
 
+from models.checkpoint import checkpoint_name
+
 
 def weights(run, step, name):
-    return load_file(str(run / "checkpoints" / f"step_{step:07d}" / f"{name}.safetensors"))
+    return load_file(str(run / "checkpoints" / checkpoint_name(step) / f"{name}.safetensors"))
 
 
 def assert_same_weights(run_a, run_b, step):
