@@ -26,8 +26,14 @@ class UserError(Exception):
 
 @dataclass
 class DataConfig:
-    name: str = "moons"  # dataset: a toy 2-D distribution or 'tensor_file' (see data.DATASETS)
-    path: str = ""  # the file for 'tensor_file': an N×D .npy, .pt or .safetensors tensor
+    name: str = "moons"  # dataset, a key of data.DATASETS: toy 2-D, 'tensor_file', 'mnist', 'cifar10',
+    #                      'imagefolder', 'fields' (N×C×H×W arrays)
+    path: str = ""  # file or folder of the data (MNIST / CIFAR-10: where the files are, or are downloaded to)
+    split: str = "train"  # MNIST / CIFAR-10 split: 'train' or 'test'
+    download: bool = True  # MNIST / CIFAR-10: download into data.path when the files are not there
+    resolution: int = 0  # imagefolder: resize the short side to this and center-crop a square (0: keep the size)
+    class_folders: bool = False  # imagefolder: label images by their top-level subfolder (for conditional models)
+    hflip: bool = False  # images: random horizontal flips during training
     source: str = "gaussian"  # source distribution x0: 'gaussian' or any toy distribution name
     size: int = 100_000  # number of points drawn once from a toy distribution to form the dataset
     seed: int = 0  # seed of those points (the data stay fixed when the training seed changes)
@@ -36,10 +42,14 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    name: str = "mlp"  # architecture, a key of models.MODELS
-    width: int = 256  # MLP hidden width
-    depth: int = 3  # MLP hidden layers
-    time_dim: int = 64  # size of the sinusoidal timestep embedding
+    name: str = "mlp"  # architecture, a key of models.MODELS: 'mlp', 'unet-cifar10', 'unet-mnist', 'DiT-B/2', ...
+    # Changes to the named preset (empty: the preset's value).
+    width: int | None = None  # MLP hidden width (256), UNet base channels, DiT hidden size
+    depth: int | None = None  # MLP hidden layers (3), UNet residual blocks per level, DiT blocks
+    heads: int | None = None  # DiT attention heads
+    dropout: float | None = None  # UNet dropout
+    time_dim: int = 64  # MLP: size of the sinusoidal timestep embedding
+    class_cond: bool = False  # condition on the dataset's class labels (their number is read from the data)
 
 
 @dataclass
@@ -70,11 +80,14 @@ class TrainConfig:
     ema_warmup: bool = True  # decay min(ema_decay, (1 + n) / (10 + n)) at step n: forget the initial weights fast
     seed: int = 0  # seeds model init and the training randomness (noise, t, label dropout)
     mixed_precision: str = "no"  # 'no', 'fp16' or 'bf16' (the -mp flag overrides)
+    channels_last: bool = False  # image models in channels-last memory format (faster convolutions on GPUs)
+    compile: bool = False  # torch.compile the model for training
     log_every: int = 100  # steps between log lines, metrics.jsonl rows and tracker points
     t_bins: int = 10  # the loss is also logged per t-bin of [0, 1]
     trackers: list[str] = field(default_factory=lambda: ["tensorboard"])  # accelerate trackers; [] for none
     preview_every: int = 1_000  # steps between preview pictures from the EMA weights (0: only at the end)
-    preview_n: int = 2_000  # points (2-D) drawn for a preview
+    preview_n: int = 2_000  # points drawn for a preview of 2-D data
+    preview_images: int = 64  # images in a preview grid (class-conditional models: one row per class shown)
     preview_steps: int = 100  # Euler steps for previews
     checkpoint_every: int = 1_000  # steps between checkpoints (the last step is always saved)
     keep_last: int = 3  # checkpoints kept besides the permanent ones
@@ -206,6 +219,10 @@ def _validate(cfg: Config) -> None:
     for key, (value, allowed) in choices.items():
         if value not in allowed:
             raise UserError(f"config key {key} must be one of {', '.join(allowed)}, got '{value}'")
+    if cfg.data.split not in ("train", "test"):
+        raise UserError(f"config key data.split must be train or test, got '{cfg.data.split}'")
+    if cfg.data.resolution < 0:
+        raise UserError(f"config key data.resolution must be ≥ 0, got {cfg.data.resolution}")
     if not 0.0 <= cfg.flow.label_dropout < 1.0:
         raise UserError(f"config key flow.label_dropout must be in [0, 1), got {cfg.flow.label_dropout}")
     if len(t.betas) != 2:

@@ -9,17 +9,53 @@ from __future__ import annotations
 from torch import nn
 
 from config import Config, UserError
-from models import mlp
+from models import dit, mlp, unet
 
-MODELS = {**mlp.PRESETS}
+# name -> (model class, preset arguments)
+MODELS = {
+    "mlp": (mlp.MLP, dict(width=256, depth=3)),
+    **{name: (unet.UNet, kwargs) for name, kwargs in unet.PRESETS.items()},
+    **{name: (dit.DiT, kwargs) for name, kwargs in dit.PRESETS.items()},
+}
+
+# Config keys that change a preset -> the argument they set, per model class.
+_OVERRIDES = {
+    mlp.MLP: dict(width="width", depth="depth", time_dim="time_dim"),
+    unet.UNet: dict(width="channels", depth="num_res_blocks", dropout="dropout"),
+    dit.DiT: dict(width="width", depth="depth", heads="heads"),
+}
+
+
+def model_arguments(cfg: Config) -> tuple[type[nn.Module], dict]:
+    """The class of cfg.model.name and its arguments: the preset, changed by the model.* keys that are set."""
+    cls, kwargs = MODELS[cfg.model.name]
+    kwargs = dict(kwargs)
+    for key, argument in _OVERRIDES[cls].items():
+        value = getattr(cfg.model, key)
+        if value is not None:
+            kwargs[argument] = value
+    ignored = [key for key in ("width", "depth", "heads", "dropout")
+               if getattr(cfg.model, key) is not None and key not in _OVERRIDES[cls]]
+    if ignored:
+        raise UserError(f"config key model.{ignored[0]} does not apply to model.name '{cfg.model.name}'; remove it")
+    return cls, kwargs
 
 
 def build_model(cfg: Config, data_shape: tuple[int, ...], num_classes: int = 0) -> nn.Module:
     """The model named by cfg.model.name, sized from the data (shape without batch, number of classes)."""
-    m = cfg.model
-    if m.name in mlp.PRESETS:
+    cls, kwargs = model_arguments(cfg)
+    if cls is mlp.MLP:
         if len(data_shape) != 1:
-            raise UserError(f"model.name '{m.name}' takes vectors (N, D) but the data have shape {data_shape}; "
-                            "choose an image model")
-        return mlp.PRESETS[m.name](data_shape[0], m.width, m.depth, m.time_dim, num_classes)
-    raise KeyError(m.name)
+            raise UserError(f"model.name '{cfg.model.name}' takes vectors (N, D) but the data have shape "
+                            f"{data_shape}; choose an image model such as unet-cifar10 or DiT-S/2")
+        return mlp.MLP(data_shape[0], num_classes=num_classes, **kwargs)
+    if len(data_shape) != 3:
+        raise UserError(f"model.name '{cfg.model.name}' takes images (N, C, H, W) but the data have shape "
+                        f"{data_shape}; choose model.name=mlp")
+    channels, height, width = data_shape
+    try:
+        if cls is unet.UNet:
+            return unet.UNet(channels, min(height, width), num_classes=num_classes, **kwargs)
+        return dit.DiT(channels, (height, width), num_classes=num_classes, **kwargs)
+    except ValueError as e:  # sizes that do not fit the architecture, e.g. a side not divisible by the patch
+        raise UserError(f"model.name '{cfg.model.name}' does not fit data of shape {data_shape}: {e}") from None

@@ -38,5 +38,8 @@ class LabelEmbedder(nn.Module):
         self.num_classes = num_classes
         self.table = nn.Embedding(num_classes + 1, dim)
 
-    def forward(self, y: torch.Tensor) -> torch.Tensor:
+    def forward(self, y: torch.Tensor | None, batch: int) -> torch.Tensor:
+        """y (batch,) labels, or None for 'no label' (the null class) -> (batch, dim)."""
+        if y is None:
+            y = torch.full((batch,), self.num_classes, device=self.table.weight.device, dtype=torch.long)
         return self.table(y)

@@ -30,10 +30,8 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         """x (N, D), t (N,) in [0, 1], y (N,) labels or None -> velocity (N, D)."""
         c = self.time_embed(t)
-        if self.label_embed is not None:
-            if y is None:  # no label given: the null class
-                y = torch.full((x.shape[0],), self.label_embed.num_classes, device=x.device, dtype=torch.long)
-            c = c + self.label_embed(y)
+        if self.label_embed is not None:  # y None: the null class
+            c = c + self.label_embed(y, x.shape[0])
         return self.out(self.body(torch.cat([x, c.to(x.dtype)], dim=-1)))
 
 

@@ -8,29 +8,79 @@ from models.checkpoint import load_weights, save_weights, unwrapped_state
 from models.ema import EMA
 
 
+# Every registry entry at a tiny size: the keys that change a preset, per architecture.
+def tiny_model(name: str, data_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    cfg = Config()
+    cfg.model.name = name
+    cfg.model.width, cfg.model.depth = {"mlp": (16, 2), "DiT": (32, 1)}.get(name.split("-")[0], (32, 1))
+    if name.startswith("DiT"):
+        cfg.model.heads = 2
+    return build_model(cfg, data_shape, num_classes)
+
+
 @pytest.mark.parametrize("name", list(MODELS))
 @pytest.mark.parametrize("num_classes", [0, 3])
 def test_every_model_maps_x_t_y_to_a_velocity_of_x_shape(name, num_classes):
-    cfg = Config()
-    cfg.model.name, cfg.model.width = name, 16
-    model = build_model(cfg, (2,), num_classes)
-    x, t = torch.randn(5, 2), torch.rand(5)
-    y = torch.tensor([0, 1, 2, 3, 0]) if num_classes else None  # 3 is the null class
-    assert torch.equal(model(x, t, y), torch.zeros(5, 2))  # the output layer starts at zero
+    shape = (2,) if name == "mlp" else (3, 16, 16)
+    model = tiny_model(name, shape, num_classes)
+    torch.manual_seed(0)
+    x, t = torch.randn(4, *shape), torch.rand(4)
+    y = torch.tensor([0, 1, 2, 3]) if num_classes else None  # 3 is the null class
+    assert torch.equal(model(x, t, y), torch.zeros_like(x))  # the output layer (DiT: adaLN-Zero) starts at zero
     for p in model.parameters():
         p.data.normal_(0, 0.1)
     v = model(x, t, y)
     assert v.shape == x.shape
     v.square().sum().backward()
     assert all(p.grad is not None for p in model.parameters())
+    model.eval()  # no dropout from here on
     if num_classes:
-        assert not torch.allclose(model(x, t, torch.zeros(5, dtype=torch.long)), model(x, t, None))
-        assert torch.equal(model(x, t, None), model(x, t, torch.full((5,), num_classes)))  # None = null class
+        assert not torch.allclose(model(x, t, torch.zeros(4, dtype=torch.long)), model(x, t, None))
+        assert torch.equal(model(x, t, None), model(x, t, torch.full((4,), num_classes)))  # None = null class
+    assert not torch.allclose(model(x, t, y), model(x, 1 - t, y))  # the velocity depends on t
 
 
-def test_mlp_rejects_image_shaped_data():
+@pytest.mark.parametrize(("name", "shape", "num_classes", "expected"), [
+    ("unet-cifar10", (3, 32, 32), 0, 35_746_307),  # torchcfm's CIFAR-10 network, exactly
+    # The DiT paper's Table 1 at 32×32×4 latents, 1000 classes (33.0M, 130.5M, 458.0M, 675.1M) counts
+    # its learned variance and position table; our velocity has the input's channels and fixed positions.
+    ("DiT-S/2", (4, 32, 32), 1000, 32_858_896),
+    ("DiT-B/2", (4, 32, 32), 1000, 130_303_504),
+    ("DiT-L/2", (4, 32, 32), 1000, 457_824_272),
+    ("DiT-XL/2", (4, 32, 32), 1000, 674_816_272),
+])
+def test_preset_parameter_counts_without_allocating(name, shape, num_classes, expected):
+    cfg = Config()
+    cfg.model.name = name
+    with torch.device("meta"):
+        model = build_model(cfg, shape, num_classes)
+    count = sum(p.numel() for p in model.parameters())
+    assert count == expected
+    paper = {"DiT-S/2": 33.0e6, "DiT-B/2": 130.5e6, "DiT-L/2": 458.0e6, "DiT-XL/2": 675.1e6}.get(name, expected)
+    assert abs(count - paper) / paper < 0.005
+
+
+def test_dit_output_is_laid_out_like_its_input():
+    """With patch embedding and output map made inverse, DiT returns its input: unpatchify is right."""
+    model = tiny_model("DiT-S/2", (3, 8, 12), 0)
+    x = torch.randn(2, 3, 8, 12)
+    patches = x.reshape(2, 3, 4, 2, 6, 2).permute(0, 2, 4, 3, 5, 1).reshape(2, 24, 12)  # (N, T, p·p·C)
+    assert torch.equal(model.unpatchify(patches), x)
+
+
+def test_image_models_reject_what_does_not_fit():
     with pytest.raises(UserError, match="takes vectors"):
         build_model(Config(), (1, 28, 28))
+    cfg = Config()
+    cfg.model.name = "unet-mnist"
+    with pytest.raises(UserError, match="takes images"):
+        build_model(cfg, (2,))
+    cfg.model.name = "DiT-S/8"
+    with pytest.raises(UserError, match="divisible by 8"):
+        build_model(cfg, (1, 28, 28))
+    cfg.model.name, cfg.model.heads = "unet-mnist", 4
+    with pytest.raises(UserError, match="model.heads does not apply"):
+        build_model(cfg, (1, 28, 28))
 
 
 def test_ema_is_a_frozen_copy_moving_towards_the_model():
