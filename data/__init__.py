@@ -8,11 +8,13 @@ sizes that follow from data are read from it, never typed twice.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Sampler
 
 from config import Config, UserError
+from data.images import IMAGE_DATASETS
 from data.toy import TOY, load_tensor_file
 
 
@@ -38,9 +40,10 @@ def _toy_dataset(name: str) -> Callable[[Config], PointDataset]:
     return build
 
 
-DATASETS: dict[str, Callable[[Config], PointDataset]] = {
+DATASETS: dict[str, Callable[[Config], Any]] = {
     **{name: _toy_dataset(name) for name in TOY},
     "tensor_file": lambda cfg: PointDataset(*load_tensor_file(cfg.data.path)),
+    **IMAGE_DATASETS,
 }
 
 # Source distributions of x0: name -> (data shape) -> sampler(n, generator, device).

@@ -68,15 +68,17 @@ TOY = {"8gaussians": eight_gaussians, "moons": moons, "checkerboard": checkerboa
        "swissroll": swissroll, "spirals": spirals}
 
 
-def load_tensor_file(path: str | Path) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Read an N×D float tensor (and optional N integer labels) from .npy, .pt or .safetensors.
+def load_tensor_file(path: str | Path, layout: str = "N×D") -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Read a float tensor of `layout` ('N×D', or 'N×C×H×W' which also takes N×H×W) and optional N
+    integer labels from .npy, .pt or .safetensors.
 
     A .safetensors file holds one tensor, or 'x' and optionally 'y' (labels); a .pt file holds a
     tensor saved with torch.save (loaded with weights_only, so no code runs).
     """
     path = Path(path)
     if not str(path) or not path.is_file():
-        raise UserError(f"data file '{path}' does not exist; set data.path to an N×D .npy, .pt or .safetensors file")
+        raise UserError(f"data file '{path}' does not exist; set data.path to an {layout} .npy, .pt or "
+                        ".safetensors file")
     y = None
     try:
         if path.suffix == ".npy":
@@ -98,9 +100,10 @@ def load_tensor_file(path: str | Path) -> tuple[torch.Tensor, torch.Tensor | Non
     except Exception as e:  # any reader's failure is the file's fault: say so in one line
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise UserError(f"data file {path} could not be read: {reason}") from None
-    if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.shape[0] == 0 or not x.is_floating_point():
+    dims = (2,) if layout == "N×D" else (3, 4)
+    if not isinstance(x, torch.Tensor) or x.dim() not in dims or x.shape[0] == 0 or not x.is_floating_point():
         what = f"shape {tuple(x.shape)} {x.dtype}" if isinstance(x, torch.Tensor) else type(x).__name__
-        raise UserError(f"data file {path} must hold a non-empty N×D float tensor, got {what}")
+        raise UserError(f"data file {path} must hold a non-empty {layout} float tensor, got {what}")
     if not torch.isfinite(x).all():
         raise UserError(f"data file {path} holds NaN or infinite values")
     if y is not None and (y.shape != (x.shape[0],) or y.is_floating_point() or y.min() < 0):
