@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -106,6 +107,22 @@ class Config:
 # Loading.
 
 
+class _Yaml12Loader(yaml.SafeLoader):
+    """YAML with YAML 1.2's booleans, true and false only: YAML 1.1 also reads yes/no/on/off as
+    booleans, so `train.mixed_precision=no` would arrive as False."""
+
+
+_Yaml12Loader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_Yaml12Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                                    list("tTfF"))
+
+
+def _parse(text: str):
+    return yaml.load(text, Loader=_Yaml12Loader)
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
     """Defaults, then the YAML file at `path` (if any), then `key.sub=value` overrides."""
     cfg = Config()
@@ -114,7 +131,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
         if not path.is_file():
             raise UserError(f"config file {path} does not exist; pass an existing YAML file with -c")
         try:
-            tree = yaml.safe_load(path.read_text()) or {}
+            tree = _parse(path.read_text()) or {}
         except yaml.YAMLError as e:
             raise UserError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
         if not isinstance(tree, dict):
@@ -124,7 +141,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
         key, sep, text = item.partition("=")
         if not sep or not key:
             raise UserError(f"override '{item}' is not of the form key.sub=value")
-        _set_dotted(cfg, key.strip(), yaml.safe_load(text) if text.strip() else "")
+        _set_dotted(cfg, key.strip(), _parse(text) if text.strip() else "")
     _validate(cfg)
     return cfg
 
@@ -177,7 +194,7 @@ def _coerce(value: Any, kind: Any, dotted: str) -> Any:
             value = [v for v in value.strip("[]").split(",") if v.strip()]
         if not isinstance(value, (list, tuple)):
             value = [value]
-        return [_coerce(yaml.safe_load(v) if isinstance(v, str) else v, item, dotted) for v in value]
+        return [_coerce(_parse(v) if isinstance(v, str) else v, item, dotted) for v in value]
     try:
         if kind is bool:
             if isinstance(value, bool):

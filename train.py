@@ -335,7 +335,9 @@ def main(argv: list[str] | None = None) -> None:
         run_dir = Path(args.exp or Path("runs") / (Path(args.config).stem if args.config else "default"))
         train(cfg, run_dir)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        # A DataLoader worker's error arrives wrapped in its traceback; the user's sentence is the last line.
+        message = str(e).strip().splitlines()[-1].removeprefix("config.UserError: ")
+        print(f"error: {message}", file=sys.stderr)
         sys.exit(2)
 
 

@@ -20,12 +20,21 @@ def test_values_are_coerced_to_the_declared_type():
     assert cfg.train.trackers == ["tensorboard"]
 
 
+def test_no_and_yes_stay_words_in_text_fields_and_are_booleans_in_switches(tmp_path):
+    """YAML 1.1 would read `no` as False: `train.mixed_precision=no` must stay the word 'no'."""
+    cfg = load_config(None, ["train.mixed_precision=no", "data.hflip=yes", "train.ema_warmup=off"])
+    assert cfg.train.mixed_precision == "no" and cfg.data.hflip is True and cfg.train.ema_warmup is False
+    (tmp_path / "c.yaml").write_text("train:\n  mixed_precision: no\n  compile: true\n")
+    cfg = load_config(tmp_path / "c.yaml")
+    assert cfg.train.mixed_precision == "no" and cfg.train.compile is True
+
+
 @pytest.mark.parametrize("override, message", [
     (["train.lrr=1"], "unknown config key train.lrr; did you mean train.lr?"),
     (["trian.lr=1"], "unknown config key trian; did you mean train?"),
     (["train.steps=abc"], "config key train.steps must be int, got 'abc'"),
     (["train.steps=1.5"], "config key train.steps must be int, got 1.5"),
-    (["train.lr=yes"], "config key train.lr must be float, got True"),
+    (["train.lr=yes"], "config key train.lr must be float, got 'yes'"),
     (["train.steps=0"], "config key train.steps must be positive, got 0"),
     (["train=3"], "config key train is a section"),
     (["train.lr"], "is not of the form key.sub=value"),

@@ -220,6 +220,14 @@ def test_image_training_bad_inputs(tmp_path):
     assert "Traceback" not in result.stderr
     result = run_script("train.py", "data.hflip=true", "-e", str(tmp_path / "run"), "train.trackers=[]")
     assert result.returncode == 2 and "data.hflip applies to images" in result.stderr
+    make_folder(tmp_path / "folder", {"a": [(8, 8)]})
+    (tmp_path / "folder" / "a" / "z.png").write_bytes(b"\x89PNG but cut short")  # found when a worker loads it
+    result = run_script("train.py", "data.name=imagefolder", f"data.path={tmp_path / 'folder'}", "data.num_workers=1",
+                        "model.name=unet-mnist", "train.batch_size=2", "-e", str(tmp_path / "run2"),
+                        "train.trackers=[]")
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"error: image {tmp_path / 'folder' / 'a' / 'z.png'} could not be read " \
+                                    "(UnidentifiedImageError); remove or replace it"
     data = mnist_subset(tmp_path / "mnist", n=16)
     result = run_script("train.py", "-c", "configs/mnist_icfm_unet.yaml", f"data.path={data}", "data.split=test",
                         "model.name=DiT-S/8", "-e", str(tmp_path / "run"), "train.trackers=[]")

@@ -106,6 +106,10 @@ def test_truncated_checkpoint_on_resume_fails_clearly_and_keeps_earlier_ones(tmp
     (["flow.path=curve"], "error: config key flow.path: unknown name 'curve'"),
     (["flow.coupling=sinkhorn"], "error: config key flow.coupling: unknown name 'sinkhorn'"),
     (["data.name=tensor_file", "data.path=/nonexistent/x.npy"], "error: data file '/nonexistent/x.npy' does not exist"),
+    (["model.class_cond=true"], "error: model.class_cond is set but moons has no labels"),
+    (["flow.label_dropout=0.1"], "error: flow.label_dropout drops class labels, which an unconditional model"),
+    (["data.name=mnist", "data.path=/nonexistent", "data.download=false", "model.name=unet-mnist"],
+     "error: MNIST train files (train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz) are not in /nonexistent"),
 ])
 def test_bad_input_gives_one_clear_line_and_exit_2(tmp_path, tiny, args, message):
     out = run_script("train.py", "-e", str(tmp_path / "run"), *tiny, *args)
