@@ -96,11 +96,24 @@ class TrainConfig:
 
 
 @dataclass
+class SampleConfig:
+    solver: str = "euler"  # fixed grid: euler, midpoint, heun, rk4; adaptive: dopri5, dopri8, bosh3, ...
+    steps: int | None = None  # fixed-grid solvers: intervals of the time grid (empty: 100); adaptive: leave empty
+    schedule: str = "linear"  # time grid (flows.schedules): linear, cosine, logit_normal:mean=0,std=1, edm, ...
+    cfg_scale: float = 1.0  # classifier-free guidance scale w; 1 is no guidance
+    atol: float = 1e-5  # adaptive solvers' absolute tolerance
+    rtol: float = 1e-5  # adaptive solvers' relative tolerance
+    batch_size: int = 256  # samples per process per batch (--bspp); does not change the samples
+    seed: int = 0  # the noise of sample k comes from (seed, k)
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     flow: FlowConfig = field(default_factory=FlowConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
 
 
 # ---------------------------------------------------------------------------------------------

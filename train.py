@@ -26,7 +26,7 @@ from accelerate.utils import set_seed
 from tqdm import tqdm
 
 from config import Config, UserError, check_names, load_config, save_config, to_dict, to_yaml
-from data import build_dataset, build_loader, build_source
+from data import build_dataset, build_loader, build_source, data_info
 from data.images import random_hflip, save_grid, to_uint8
 from data.toy import plot_points
 from flows import BatchShard, LossByTime, build_objective, generate
@@ -153,6 +153,8 @@ def train(cfg: Config, run_dir: Path) -> None:
     log(f"model: {cfg.model.name}, {sum(p.numel() for p in model.parameters()):,} parameters; "
         f"{world} process(es) on {device}, mixed precision {t.mixed_precision}")
 
+    data_meta = data_info(cfg, dataset)  # written into the weight files: sampling needs no data
+
     # Objective.
     objective = build_objective(cfg, source, num_classes)
     shard = BatchShard.from_accelerator(accelerator)
@@ -234,7 +236,7 @@ def train(cfg: Config, run_dir: Path) -> None:
                 log(f"preview: {path}")
             accelerator.wait_for_everyone()
         if step % t.checkpoint_every == 0 or last:
-            path = save_checkpoint(accelerator, run_dir, step, model, ema.model, to_yaml(cfg))
+            path = save_checkpoint(accelerator, run_dir, step, model, ema.model, to_yaml(cfg), data_meta)
             if accelerator.is_main_process:
                 prune_checkpoints(run_dir, t.keep_last, t.keep_every)
             log(f"checkpoint: {path}")

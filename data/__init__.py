@@ -64,6 +64,21 @@ def build_dataset(cfg: Config) -> PointDataset:
     return DATASETS[cfg.data.name](cfg)
 
 
+def data_info(cfg: Config, dataset) -> dict[str, str]:
+    """What sampling needs to know of the data, as strings for a weight file's metadata: the shape,
+    the number of classes the model is conditioned on, the kind of sample, and a field's units."""
+    import json
+
+    from data.images import FieldDataset
+
+    kind = "vector" if len(dataset.shape) == 1 else "field" if isinstance(dataset, FieldDataset) else "image"
+    info = {"data_shape": json.dumps(list(dataset.shape)), "kind": kind,
+            "num_classes": str(dataset.num_classes if cfg.model.class_cond else 0)}
+    if kind == "field":
+        info.update(field_mean=json.dumps(dataset.mean.tolist()), field_std=json.dumps(dataset.std.tolist()))
+    return info
+
+
 def build_source(cfg: Config, shape: tuple[int, ...]) -> Callable:
     """The sampler of x0 for data of `shape`: (n, generator, device) -> (n, *shape)."""
     if cfg.data.source != "gaussian" and shape != (2,):

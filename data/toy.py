@@ -123,7 +123,8 @@ def plot_points(generated: torch.Tensor, data: torch.Tensor, path: str | Path, t
     fig, ax = plt.subplots(figsize=(5, 5), dpi=100)
     ax.scatter(data[:, 0], data[:, 1], s=2, c="0.75", label="data")
     ax.scatter(generated[:, 0], generated[:, 1], s=2, c="tab:blue", alpha=0.6, label="generated")
-    lim = torch.quantile(data.abs().float().flatten(), 0.995).item() * 1.3
+    ref = data if len(data) else generated  # no data to draw: frame the generated points
+    lim = torch.quantile(ref.abs().float().flatten(), 0.995).item() * 1.3
     ax.set(xlim=(-lim, lim), ylim=(-lim, lim), aspect="equal", title=title)
     ax.legend(loc="upper right", markerscale=4)
     fig.tight_layout()

@@ -1,7 +1,11 @@
-"""Fixed-grid ODE solvers for dx/dt = v(x, t) from t = 0 (noise) to t = 1 (data).
+"""ODE solvers for dx/dt = v(x, t) from t = 0 (noise) to t = 1 (data).
 
-Every call integrates in fp32 and returns the exact number of velocity evaluations (NFE).
-A solver takes the grid it is given: `steps` intervals are always `steps` intervals.
+Fixed-grid solvers (euler, midpoint, heun, rk4) take the time grid they are given: `steps`
+intervals are always `steps` intervals. Adaptive solvers (dopri5 and torchdiffeq's other adaptive
+methods) choose their own steps under atol/rtol, so giving them `steps` is an error. Every call
+integrates in fp32 (or the input's float64) and returns the exact number of velocity evaluations
+(NFE): one evaluation is one call of the model, with the conditional and unconditional halves of
+classifier-free guidance batched into that one call.
 """
 
 from __future__ import annotations
@@ -10,6 +14,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+
+from config import UserError
 
 Velocity = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -51,6 +57,10 @@ def _rk4(v: Velocity, x, t0, t1):
 SOLVERS = {"euler": (_euler, 1), "midpoint": (_midpoint, 2), "heun": (_heun, 2), "rk4": (_rk4, 4)}
 
 
+# torchdiffeq's adaptive methods.
+ADAPTIVE = ("dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun")
+
+
 def uniform_grid(steps: int) -> torch.Tensor:
     """0 = t_0 < t_1 < ... < t_steps = 1, equally spaced."""
     if steps <= 0:
@@ -58,26 +68,92 @@ def uniform_grid(steps: int) -> torch.Tensor:
     return torch.linspace(0, 1, steps + 1, dtype=torch.float64)
 
 
+class _Counted:
+    """velocity(x, t) with t broadcast to (N,), its output in x's dtype, and the calls counted."""
+
+    def __init__(self, velocity: Velocity):
+        self.velocity, self.calls = velocity, 0
+
+    def __call__(self, x: torch.Tensor, t) -> torch.Tensor:
+        self.calls += 1
+        t = torch.as_tensor(t, dtype=x.dtype, device=x.device).expand(x.shape[0])
+        return self.velocity(x, t).to(x.dtype)
+
+
 @torch.no_grad()
 def integrate(velocity: Velocity, x0: torch.Tensor, grid: torch.Tensor, solver: str = "euler") -> SolverResult:
     """Integrate dx/dt = velocity(x, t) over `grid` (a monotone 1-D tensor of times), t of shape (N,)."""
     step, evals = SOLVERS[solver]
-    calls = 0
-
-    def v(x, t):
-        nonlocal calls
-        calls += 1
-        return velocity(x, torch.full((x.shape[0],), float(t), device=x.device)).float()
-
-    x = x0.float()
+    v = _Counted(velocity)
+    x = x0 if x0.dtype == torch.float64 else x0.float()
     for t0, t1 in zip(grid[:-1].tolist(), grid[1:].tolist()):
         x = step(v, x, t0, t1)
-    assert calls == evals * (len(grid) - 1)
-    return SolverResult(x=x, nfe=calls)
+    assert v.calls == evals * (len(grid) - 1)
+    return SolverResult(x=x, nfe=v.calls)
 
 
 @torch.no_grad()
-def generate(model: Callable, x0: torch.Tensor, steps: int, solver: str = "euler",
-             y: torch.Tensor | None = None) -> SolverResult:
-    """Samples from noise x0 with `model(x, t, y)` on a uniform grid of `steps` intervals."""
-    return integrate(lambda x, t: model(x, t, y), x0, uniform_grid(steps).to(x0.device), solver)
+def integrate_adaptive(velocity: Velocity, x0: torch.Tensor, solver: str = "dopri5", atol: float = 1e-5,
+                       rtol: float = 1e-5) -> SolverResult:
+    """Integrate from t = 0 to 1 with an adaptive torchdiffeq method; NFE is the true number of calls."""
+    from torchdiffeq import odeint
+
+    v = _Counted(velocity)
+    x = x0 if x0.dtype == torch.float64 else x0.float()
+    ends = torch.tensor([0.0, 1.0], dtype=x.dtype, device=x.device)
+    out = odeint(lambda t, x: v(x, t), x, ends, method=solver, atol=atol, rtol=rtol)
+    return SolverResult(x=out[-1], nfe=v.calls)
+
+
+def guided(model: Callable, y: torch.Tensor | None, cfg_scale: float = 1.0) -> Velocity:
+    """The velocity of `model(x, t, y)` with classifier-free guidance (Ho & Salimans 2022, in velocity form):
+    v = v(x, t, ∅) + w · (v(x, t, y) − v(x, t, ∅)), both halves in one batched call. w = 1 is the
+    conditional velocity alone (one half, no extra cost), w = 0 the unconditional one."""
+    if cfg_scale == 1.0 or y is None:
+        if y is None and cfg_scale != 1.0:
+            raise UserError("classifier-free guidance needs class labels; give --class-labels or leave --cfg-scale 1")
+        return lambda x, t: model(x, t, y)
+    label_embed = getattr(model, "label_embed", None)
+    if label_embed is None:
+        raise UserError(f"--cfg-scale {cfg_scale} asks for guidance but the model is unconditional "
+                        "(trained without model.class_cond); leave --cfg-scale 1")
+    null = torch.full_like(y, label_embed.num_classes)
+
+    def velocity(x, t):
+        v_cond, v_uncond = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null])).chunk(2)
+        return v_uncond + cfg_scale * (v_cond - v_uncond)
+
+    return velocity
+
+
+def check_solver(solver: str, steps: int | None) -> None:
+    """A solver name and a step count that it can honour, or one clear sentence."""
+    if solver in ADAPTIVE:
+        if steps is not None:
+            raise UserError(f"solver {solver} chooses its own steps (set its tolerances with --atol/--rtol); "
+                            f"drop --steps {steps} or choose a fixed-grid solver ({', '.join(SOLVERS)})")
+        return
+    if solver not in SOLVERS:
+        import difflib
+
+        names = [*SOLVERS, *ADAPTIVE]
+        close = difflib.get_close_matches(solver, names, n=1, cutoff=0.4)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        raise UserError(f"unknown solver '{solver}'{hint} (valid: {', '.join(names)})")
+    if steps is None or steps <= 0:
+        raise UserError(f"solver {solver} needs a positive number of steps, got {steps}")
+
+
+@torch.no_grad()
+def generate(model: Callable, x0: torch.Tensor, steps: int | None = 100, solver: str = "euler",
+             y: torch.Tensor | None = None, schedule: str = "linear", cfg_scale: float = 1.0,
+             atol: float = 1e-5, rtol: float = 1e-5) -> SolverResult:
+    """Samples from noise x0 (N, ...) with `model(x, t, y)`: a fixed-grid solver over `steps` intervals
+    of the time schedule, or an adaptive one (steps None) under atol/rtol; guidance with cfg_scale."""
+    from flows.schedules import time_grid
+
+    check_solver(solver, steps)
+    velocity = guided(model, y, cfg_scale)
+    if solver in ADAPTIVE:
+        return integrate_adaptive(velocity, x0, solver, atol, rtol)
+    return integrate(velocity, x0, time_grid(schedule, steps).to(x0.device), solver)

@@ -24,11 +24,24 @@ def unwrapped_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
-def save_weights(model: nn.Module, path: str | Path) -> None:
-    """Write the model's weights to `path` atomically."""
+def save_weights(model: nn.Module, path: str | Path, metadata: dict[str, str] | None = None) -> None:
+    """Write the model's weights to `path` atomically, with string `metadata` in the file's header."""
     tmp = f"{path}.tmp"
-    save_file(unwrapped_state(model), tmp)
+    save_file(unwrapped_state(model), tmp, metadata=metadata)
     os.replace(tmp, path)
+
+
+def read_metadata(path: str | Path) -> dict[str, str]:
+    """The string metadata in a safetensors file's header (what the data looked like: shape, classes)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            return f.metadata() or {}
+    except FileNotFoundError:
+        raise UserError(f"weights file {path} does not exist") from None
+    except (SafetensorError, OSError) as e:
+        raise UserError(f"weights file {path} is not a readable safetensors file ({e})") from None
 
 
 def load_weights(model: nn.Module, path: str | Path) -> None:
@@ -69,9 +82,10 @@ def list_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
 
 
 def save_checkpoint(accelerator, run_dir: str | Path, step: int, model: nn.Module, ema_model: nn.Module,
-                    config_yaml: str) -> Path:
+                    config_yaml: str, metadata: dict[str, str] | None = None) -> Path:
     """Write checkpoints/step_N whole or not at all: everything goes into a hidden temporary folder
     that is renamed when complete, so a crash mid-write leaves the previous checkpoints as they were.
+    `metadata` (sizes derived from the data) goes into both weight files, so that sampling needs no data.
     Called on every process (accelerator.save_state writes per-process RNG state)."""
     final = Path(run_dir) / "checkpoints" / checkpoint_name(step)
     tmp = final.with_name(f".tmp_{final.name}")
@@ -81,8 +95,8 @@ def save_checkpoint(accelerator, run_dir: str | Path, step: int, model: nn.Modul
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp / "train_state"))
     if accelerator.is_main_process:
-        save_weights(accelerator.unwrap_model(model), tmp / "model.safetensors")
-        save_weights(ema_model, tmp / "ema.safetensors")
+        save_weights(accelerator.unwrap_model(model), tmp / "model.safetensors", metadata)
+        save_weights(ema_model, tmp / "ema.safetensors", metadata)
         (tmp / "config.yaml").write_text(config_yaml)
         if final.exists():  # the same step saved again (a resumed run that had not moved on)
             shutil.rmtree(final)

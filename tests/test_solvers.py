@@ -1,8 +1,12 @@
+import math
+
 import pytest
 import torch
 
+from config import UserError
 from flows import SOLVERS, integrate
-from flows.solvers import uniform_grid
+from flows.schedules import SCHEDULES, parse_schedule, time_grid
+from flows.solvers import ADAPTIVE, generate, guided, integrate_adaptive, uniform_grid
 
 
 @pytest.mark.parametrize("solver", list(SOLVERS))
@@ -15,6 +19,97 @@ def test_3t_squared_integrates_to_x_plus_one_with_exact_nfe(solver):
     assert out.nfe == steps * SOLVERS[solver][1]
 
 
-def test_steps_must_be_positive():
-    with pytest.raises(ValueError, match="steps must be positive"):
-        uniform_grid(0)
+def rotation(x, t):
+    """dx/dt = A(t) x with a time-dependent rotation: x(1) = R(θ(1)) x(0), θ(t) = t + t²."""
+    w = (1 + 2 * t)[:, None]
+    return torch.stack([-w[:, 0] * x[:, 1], w[:, 0] * x[:, 0]], dim=1)
+
+
+def rotation_exact(x0):
+    c, s = math.cos(2.0), math.sin(2.0)
+    return torch.stack([c * x0[:, 0] - s * x0[:, 1], s * x0[:, 0] + c * x0[:, 1]], dim=1)
+
+
+@pytest.mark.parametrize(("solver", "order"), [("euler", 1), ("midpoint", 2), ("heun", 2), ("rk4", 4)])
+def test_error_falls_at_the_solver_order_when_steps_double(solver, order):
+    x0 = torch.tensor([[1.0, 0.5], [-0.3, 2.0]], dtype=torch.float64)
+    errors = [(integrate(rotation, x0, uniform_grid(n), solver).x - rotation_exact(x0)).abs().max().item()
+              for n in (16, 32, 64)]
+    rates = [math.log2(a / b) for a, b in zip(errors, errors[1:])]
+    assert all(abs(r - order) < 0.3 for r in rates), rates
+
+
+@pytest.mark.parametrize("solver", ADAPTIVE)
+def test_adaptive_solvers_meet_their_tolerance_and_count_true_calls(solver):
+    x0 = torch.tensor([[1.0, 0.5], [-0.3, 2.0]], dtype=torch.float64)
+    calls = 0
+
+    def counted(x, t):
+        nonlocal calls
+        calls += 1
+        return rotation(x, t)
+
+    out = integrate_adaptive(counted, x0, solver, atol=1e-7, rtol=1e-7)
+    assert (out.x - rotation_exact(x0)).abs().max() < 1e-4
+    assert out.nfe == calls > 2
+
+
+@pytest.mark.parametrize("name", list(SCHEDULES))
+@pytest.mark.parametrize("steps", [1, 2, 7, 100])
+def test_every_schedule_is_increasing_from_exactly_0_to_exactly_1(name, steps):
+    grid = time_grid(name, steps)
+    assert grid.dtype == torch.float64 and len(grid) == steps + 1
+    assert grid[0].item() == 0.0 and grid[-1].item() == 1.0
+    assert bool((grid[1:] > grid[:-1]).all())
+
+
+def test_schedule_shapes_and_parameters():
+    s_shape, inverted = time_grid("cosine", 10), time_grid("logit_normal", 10)
+    steps_cos, steps_ln = torch.diff(s_shape), torch.diff(inverted)
+    assert steps_cos[0] < steps_cos[5] and steps_ln[0] > steps_ln[5]  # small ends vs large ends
+    assert torch.diff(time_grid("inverse_cubic", 10))[0] > torch.diff(time_grid("inverse_cubic", 10))[-1]
+    assert parse_schedule("logit_normal:mean=0.5,std=2") == ("logit_normal", {"mean": 0.5, "std": 2.0})
+    assert time_grid("sd3_shift:shift=1", 8).allclose(uniform_grid(8))  # shift 1 is the identity
+    with pytest.raises(UserError, match="unknown schedule 'cosin'; did you mean 'cosine'"):
+        time_grid("cosin", 5)
+    with pytest.raises(UserError, match="schedule 'edm' takes the parameters sigma_min, sigma_max, rho"):
+        time_grid("edm:mean=1", 5)
+    with pytest.raises(UserError, match="steps must be positive"):
+        time_grid("linear", 0)
+
+
+class TwoClassModel(torch.nn.Module):
+    """v(x, t, y) = y-th constant (null class 2 gives a third constant)."""
+
+    def __init__(self):
+        super().__init__()
+        self.label_embed = torch.nn.Module()
+        self.label_embed.num_classes = 2
+        self.calls = 0
+
+    def forward(self, x, t, y=None):
+        self.calls += 1
+        return torch.tensor([1.0, -1.0, 10.0])[y][:, None].expand_as(x).clone()
+
+
+def test_guidance_scale_1_is_conditional_0_unconditional_in_one_batched_call():
+    model, x, t, y = TwoClassModel(), torch.zeros(3, 2), torch.rand(3), torch.tensor([0, 1, 0])
+    assert torch.equal(guided(model, y, 1.0)(x, t), model(x, t, y))
+    assert torch.equal(guided(model, y, 0.0)(x, t), torch.full((3, 2), 10.0))
+    model.calls = 0
+    v = guided(model, y, 2.0)(x, t)  # v_u + 2 (v_c - v_u)
+    assert model.calls == 1 and torch.equal(v[:, 0], torch.tensor([-8.0, -12.0, -8.0]))
+    out = generate(model, x, steps=4, solver="heun", y=y, cfg_scale=2.0)
+    assert out.nfe == 8 and model.calls == 9
+
+
+def test_bad_solver_arguments_fail_with_one_sentence():
+    model = lambda x, t, y=None: x  # noqa: E731
+    with pytest.raises(UserError, match="unknown solver 'eulr'; did you mean 'euler'"):
+        generate(model, torch.zeros(2, 2), 10, "eulr")
+    with pytest.raises(UserError, match="solver dopri5 chooses its own steps"):
+        generate(model, torch.zeros(2, 2), 10, "dopri5")
+    with pytest.raises(UserError, match="needs a positive number of steps, got 0"):
+        generate(model, torch.zeros(2, 2), 0, "rk4")
+    with pytest.raises(UserError, match="the model is unconditional"):
+        generate(model, torch.zeros(2, 2), 3, "euler", y=torch.tensor([0, 1]), cfg_scale=1.5)

@@ -63,8 +63,8 @@ KILL_DURING_CHECKPOINT = """
 import os, signal, sys
 import models.checkpoint as ckpt
 real = ckpt.save_weights
-def save_weights(model, path):
-    real(model, path)
+def save_weights(model, path, metadata=None):
+    real(model, path, metadata)
     if "step_0000010" in str(path) and path.name == "model.safetensors":  # half-way through writing step 10
         os.kill(os.getpid(), signal.SIGKILL)
 ckpt.save_weights = save_weights

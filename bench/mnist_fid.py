@@ -1,0 +1,98 @@
+"""Real FID (clean-fid, Inception-v3) of a trained MNIST run against the 10,000 MNIST test digits.
+
+    ../shared/tools/inception-offline .venv/bin/python        # once per machine: clean-fid's network, offline
+    python bench/mnist_fid.py -e runs/NAME [--n 1000] [--solver euler] [--steps 100] [--real]
+
+Protocol: the run's newest checkpoint, EMA weights; n samples from fixed noise (seed 0), integrated
+with the given solver and steps; each written as an RGB PNG (gray replicated), exactly as the
+reference statistics in ../shared/data/mnist/t10k-fid-stats-clean.npz were made; clean-fid mode
+"clean" features of that folder; Fréchet distance to the reference mean and covariance.
+--real also scores n real test digits the same way: the floor of FID at that sample size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from config import load_config  # noqa: E402
+from data.images import load_mnist, to_uint8  # noqa: E402
+from flows import generate  # noqa: E402
+from models import build_model  # noqa: E402
+from models.checkpoint import list_checkpoints, load_weights  # noqa: E402
+
+SHARED = ROOT.parent / "shared" / "data" / "mnist"
+
+
+def write_pngs(images: torch.Tensor, folder: Path, start: int) -> None:
+    """uint8 (N, 1, H, W) -> RGB PNGs named by index."""
+    for i, image in enumerate(images):
+        Image.fromarray(image[0].numpy()).convert("RGB").save(folder / f"{start + i:06d}.png")
+
+
+def fid_of_folder(folder: Path, reference: Path) -> float:
+    from cleanfid import fid
+
+    device = torch.device("cpu")
+    model = fid.build_feature_extractor("clean", device=device, use_dataparallel=False)
+    features = fid.get_folder_features(str(folder), model=model, num_workers=0, batch_size=50, device=device,
+                                       mode="clean", description="inception ")
+    ref = np.load(reference)
+    return float(fid.frechet_distance(features.mean(0), np.cov(features, rowvar=False), ref["mu"], ref["sigma"]))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("-e", "--exp", required=True, help="run folder of an MNIST training run")
+    p.add_argument("--n", type=int, default=1000)
+    p.add_argument("--solver", default="euler")
+    p.add_argument("--steps", type=int, default=100)
+    p.add_argument("--batch", type=int, default=250)
+    p.add_argument("--reference", default=str(SHARED / "t10k-fid-stats-clean.npz"))
+    p.add_argument("--real", action="store_true", help="also score n real test digits (the small-sample floor)")
+    args = p.parse_args()
+
+    run = Path(args.exp)
+    step, checkpoint = list_checkpoints(run)[-1]
+    cfg = load_config(checkpoint / "config.yaml")
+    model = build_model(cfg, (1, 28, 28), 10 if cfg.model.class_cond else 0)
+    load_weights(model, checkpoint / "ema.safetensors")
+    model.eval()
+    print(f"{checkpoint}: step {step}, EMA weights, {args.n} samples, {args.solver} {args.steps} steps")
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "generated"
+        folder.mkdir()
+        g = torch.Generator().manual_seed(0)
+        start, nfe = time.perf_counter(), 0
+        with torch.no_grad():
+            for first in tqdm(range(0, args.n, args.batch), desc="sampling"):
+                n = min(args.batch, args.n - first)
+                y = torch.arange(first, first + n) % 10 if cfg.model.class_cond else None
+                out = generate(model, torch.randn(n, 1, 28, 28, generator=g), args.steps, args.solver, y=y)
+                write_pngs(to_uint8(out.x), folder, first)
+                nfe = out.nfe
+        print(f"sampled {args.n} in {time.perf_counter() - start:.0f} s ({nfe} NFE)")
+        print(f"FID {fid_of_folder(folder, Path(args.reference)):.2f} ({args.n} samples vs 10,000 MNIST test digits)")
+        if args.real:
+            real = Path(tmp) / "real"
+            real.mkdir()
+            ds = load_mnist(SHARED, "test", download=False)
+            pick = torch.randperm(len(ds), generator=torch.Generator().manual_seed(1))[: args.n]
+            write_pngs(ds.images[pick], real, 0)
+            print(f"FID {fid_of_folder(real, Path(args.reference)):.2f} ({args.n} real test digits vs all 10,000)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,173 @@
+"""Training throughput (images/s) of the image models: train.py beside a bare loop, and beside torchcfm.
+
+    python bench/train_throughput.py [--models unet-cifar10 DiT-S/2] [--batch 32] [--steps 5] [--device cpu]
+    PYTHONPATH=/path/to/site-with-torchcfm python bench/train_throughput.py     # adds torchcfm's UNet
+
+For each model on CIFAR-10-shaped data (3×32×32, random pixels written as CIFAR-10's own files):
+- bare: the same model and AdamW in a plain loop: draw x0 and t, forward, loss, backward, step. Nothing else.
+- train.py: the toolkit's training loop as a user runs it (data loader, objective, gradient clipping,
+  EMA, loss per t-bin, logging), timed by its own samples/s over steps [steps + 1, 2·steps]
+  (the first `steps` warm up; previews and checkpoints fall outside the timed window).
+- torchcfm (unet-cifar10 only, when importable): its UNetModelWrapper with the CIFAR-10 arguments and
+  the training step of its CIFAR-10 example: ConditionalFlowMatcher, Adam, gradient clipping, EMA.
+Runs alternate (bare, train.py, torchcfm, then again) --repeats times; the best of each is reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import pickle
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from config import load_config  # noqa: E402
+from models import build_model  # noqa: E402
+
+SHAPE = (3, 32, 32)
+
+
+def fake_cifar(folder: Path, n: int = 512) -> Path:
+    """Random pixels in CIFAR-10's python-batch format, so train.py reads them as data.name=cifar10."""
+    batches = folder / "cifar-10-batches-py"
+    batches.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    with open(batches / "test_batch", "wb") as f:
+        pickle.dump({b"data": rng.integers(0, 256, (n, 3 * 32 * 32), dtype=np.uint8),
+                     b"labels": list(rng.integers(0, 10, n))}, f)
+    return folder
+
+
+def time_steps(step, steps: int, warmup: int, device: torch.device) -> float:
+    """Seconds per step of `step()`, over `steps` steps after `warmup` untimed ones."""
+    for _ in range(warmup):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - start) / steps
+
+
+def bare(name: str, args, device: torch.device) -> float:
+    cfg = load_config(None, [f"model.name={name}"])
+    torch.manual_seed(0)
+    model = build_model(cfg, SHAPE).to(device).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
+    x1 = torch.rand(args.batch, *SHAPE, device=device) * 2 - 1
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.mixed_precision)
+
+    def step():
+        x0, t = torch.randn_like(x1), torch.rand(args.batch, device=device)
+        x_t = t[:, None, None, None] * x1 + (1 - t[:, None, None, None]) * x0
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            v = model(x_t, t)
+        loss = (v.float() - (x1 - x0)).square().mean()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return args.batch / time_steps(step, args.steps, args.warmup, device)
+
+
+def toolkit(name: str, args, data: Path, run: Path) -> float:
+    overrides = [f"model.name={name}", "data.name=cifar10", f"data.path={data}", "data.split=test",
+                 "data.download=false", f"train.batch_size={args.batch}", f"train.steps={2 * args.steps}",
+                 f"train.log_every={args.steps}", "train.preview_every=0", "train.preview_images=1",
+                 "train.preview_steps=1", f"train.checkpoint_every={2 * args.steps}", "train.trackers=[]",
+                 f"train.mixed_precision={args.mixed_precision}", f"train.compile={args.compile}"]
+    subprocess.run([sys.executable, str(ROOT / "train.py"), "-e", str(run), *overrides], check=True,
+                   capture_output=True)
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return rows[-1]["samples_per_s"]  # steps [steps + 1, 2·steps]
+
+
+def torchcfm_step(args, device: torch.device) -> float:
+    from torchcfm.conditional_flow_matching import ConditionalFlowMatcher
+    from torchcfm.models.unet.unet import UNetModelWrapper
+
+    torch.manual_seed(0)
+    net = UNetModelWrapper(dim=SHAPE, num_res_blocks=2, num_channels=128, channel_mult=[1, 2, 2, 2], num_heads=4,
+                           num_head_channels=64, attention_resolutions="16", dropout=0.1).to(device)
+    ema_net = copy.deepcopy(net)
+    optimizer = torch.optim.Adam(net.parameters(), lr=2e-4)
+    fm = ConditionalFlowMatcher(sigma=0.0)
+    x1 = torch.rand(args.batch, *SHAPE, device=device) * 2 - 1
+
+    def step():  # the training step of torchcfm's examples/images/cifar10
+        optimizer.zero_grad()
+        x0 = torch.randn_like(x1)
+        t, xt, ut = fm.sample_location_and_conditional_flow(x0, x1)
+        loss = torch.mean((net(t, xt) - ut) ** 2)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+        optimizer.step()
+        with torch.no_grad():  # its EMA: a per-tensor update of the state dict
+            source = net.state_dict()
+            for key, value in ema_net.state_dict().items():
+                value.copy_(value * 0.9999 + source[key] * (1 - 0.9999))
+
+    return args.batch / time_steps(step, args.steps, args.warmup, device)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", nargs="+", default=["unet-cifar10", "DiT-S/2"])
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--steps", type=int, default=5, help="timed steps (and as many warmup steps for train.py)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps before the bare loops are timed")
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--mixed-precision", default="no", choices=["no", "bf16", "fp16"])
+    p.add_argument("--compile", action="store_true", help="train.compile=true (torch.compile) for train.py")
+    args = p.parse_args()
+    device = torch.device(args.device)
+    try:
+        import torchcfm  # noqa: F401
+        have_torchcfm = True
+    except ImportError:
+        have_torchcfm = False
+    where = torch.cuda.get_device_name() if device.type == "cuda" else f"{torch.get_num_threads()} threads"
+    print(f"device {device} ({where}), batch {args.batch}, {args.steps} timed steps, "
+          f"mixed precision {args.mixed_precision}, compile {args.compile}, torch {torch.__version__}")
+    with tempfile.TemporaryDirectory() as tmp:
+        data = fake_cifar(Path(tmp) / "cifar")
+        for name in args.models:
+            best: dict[str, float] = {}
+            labels = ["bare", "train.py"]
+            if name == "unet-cifar10" and have_torchcfm and args.mixed_precision == "no":
+                labels.append("torchcfm")
+            for r in range(args.repeats):
+                for label in labels:
+                    if label == "bare":
+                        value = bare(name, args, device)
+                    elif label == "train.py":
+                        value = toolkit(name, args, data, Path(tmp) / f"run_{name.replace('/', '_')}_{r}")
+                    else:
+                        value = torchcfm_step(args, device)
+                    best[label] = max(best.get(label, 0.0), value)
+                    print(f"  {name} {label} repeat {r}: {value:.2f} images/s", flush=True)
+            overhead = 100 * (1 - best["train.py"] / best["bare"])
+            line = (f"{name}: bare {best['bare']:.2f}, train.py {best['train.py']:.2f} images/s "
+                    f"(overhead {overhead:+.1f}%)")
+            if "torchcfm" in best:
+                line += f"; torchcfm {best['torchcfm']:.2f} images/s (train.py / torchcfm = " \
+                        f"{best['train.py'] / best['torchcfm']:.3f})"
+            print(line, flush=True)
+
+
+if __name__ == "__main__":
+    main()

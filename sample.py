@@ -1,0 +1,261 @@
+"""Sample a trained checkpoint with the chosen solver, steps, time schedule and guidance.
+
+    accelerate launch sample.py --weights runs/NAME/checkpoints/step_0400000 --n-samples 50000 --save-dir out/ \\
+        [-c runs/NAME/config.yaml] [--solver heun] [--steps 50] [--schedule cosine] [--cfg-scale 1.5] [--seed 0]
+    python sample.py --weights runs/default/checkpoints/step_0003000 --n-samples 2000 --save-dir out/moons
+
+Sample k's noise (and its random class label) comes from seed (S, k): image k is the same for any
+--bspp and any number of processes. Processes share the missing indices; files are named by global
+index and written whole (temporary name, then rename), so an interrupted run continues where it
+stopped and every sample is written exactly once. Outputs in --save-dir: images as NNNNNN.png
+(uint8, rounded), fields and vectors as NNNNNN.npy; --npz also writes samples.npz (N, H, W, C
+uint8, as clean-fid and the ADM evaluator read it) and 2-D data get samples.npy and scatter.png;
+--grid K writes grid.png of the first K images; info.json records what was computed (solver, steps,
+NFE: exact for fixed-grid solvers, the mean per batch of this run for adaptive ones; seed, weights).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from tqdm import tqdm
+
+from config import UserError, check_names, load_config
+from data import build_dataset, data_info
+from data.images import save_grid, to_uint8
+from flows.schedules import parse_schedule
+from flows.solvers import ADAPTIVE, SOLVERS, check_solver, generate
+from models import build_model
+from models.checkpoint import load_weights, read_metadata
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description="Sample a trained flow-matching checkpoint. Options not given here come from the config's "
+                    "sample section (-c, or the checkpoint's own config.yaml), then key.sub=value overrides.",
+        epilog=__doc__.split("\n\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--weights", required=True, help="a checkpoint folder (runs/NAME/checkpoints/step_N) or a "
+                                                    ".safetensors file")
+    p.add_argument("-c", "--config", help="config YAML (default: config.yaml beside the weights)")
+    p.add_argument("--n-samples", type=int, required=True, help="number of samples N")
+    p.add_argument("--save-dir", required=True, help="output folder; re-running continues an interrupted run")
+    p.add_argument("--solver", help="euler, midpoint, heun, rk4 (fixed grid) or dopri5, ... (adaptive)")
+    p.add_argument("--steps", type=int, help="intervals of the time grid (fixed-grid solvers; default 100)")
+    p.add_argument("--schedule", help="time grid: linear, cosine, polynomial, inverse_cubic, inverse_exp, "
+                                      "logit_normal[:mean=M,std=S], edm[:rho=R], sd3_shift[:shift=S]")
+    p.add_argument("--cfg-scale", type=float, help="classifier-free guidance scale (1: none)")
+    p.add_argument("--class-labels", nargs="+", metavar="LABEL",
+                   help="labels for class-conditional models, cycled over the samples, or 'random' (uniform "
+                        "from (seed, k)); default: random")
+    p.add_argument("--bspp", type=int, help="batch size per process (does not change the samples)")
+    p.add_argument("--seed", type=int, help="base seed S: sample k's noise comes from (S, k)")
+    p.add_argument("--atol", type=float, help="adaptive solvers' absolute tolerance")
+    p.add_argument("--rtol", type=float, help="adaptive solvers' relative tolerance")
+    p.add_argument("--raw", action="store_true", help="use the raw weights (model.safetensors), not the EMA")
+    p.add_argument("--npz", action="store_true", help="also write samples.npz (N, H, W, C uint8)")
+    p.add_argument("--grid", type=int, default=0, metavar="K", help="also write grid.png of the first K samples")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides, e.g. sample.atol=1e-6")
+    return p.parse_intermixed_args(argv)
+
+
+def resolve(args: argparse.Namespace):
+    """Config (flags over the config's sample section), the weights file and what the data looked like."""
+    weights = Path(args.weights)
+    if weights.is_dir():
+        weights = weights / ("model.safetensors" if args.raw else "ema.safetensors")
+    config = Path(args.config) if args.config else weights.parent / "config.yaml"
+    if not weights.is_file():
+        raise UserError(f"weights {weights} do not exist; give --weights a checkpoint folder or a .safetensors file")
+    if not config.is_file():
+        raise UserError(f"no config at {config}; give the run's config.yaml with -c")
+    cfg = load_config(config, args.overrides)
+    check_names(cfg)
+    s = cfg.sample
+    for key in ("solver", "steps", "schedule", "cfg_scale", "bspp", "seed", "atol", "rtol"):
+        value = getattr(args, key)
+        if value is not None:
+            setattr(s, "batch_size" if key == "bspp" else key, value)
+    if s.steps is None and s.solver not in ADAPTIVE:
+        s.steps = 100
+    check_solver(s.solver, s.steps)
+    parse_schedule(s.schedule)
+    if args.n_samples <= 0:
+        raise UserError(f"--n-samples must be positive, got {args.n_samples}")
+    if s.batch_size <= 0:
+        raise UserError(f"--bspp must be positive, got {s.batch_size}")
+    meta = read_metadata(weights)
+    if "data_shape" not in meta:  # weights from elsewhere: read the sizes from the data, as training did
+        meta = data_info(cfg, build_dataset(cfg))
+    return cfg, weights, meta
+
+
+def class_labels(args, n: int, num_classes: int, seed: int) -> torch.Tensor | None:
+    """Label of every sample 0..n-1: the given list cycled, or uniform from a generator seeded by (seed, k)."""
+    if not num_classes:
+        if args.class_labels:
+            raise UserError("--class-labels given but the model is unconditional (trained without model.class_cond)")
+        return None
+    if not args.class_labels or args.class_labels == ["random"]:
+        return torch.tensor([int(torch.randint(num_classes, (), generator=_generator(seed, k, 1))) for k in range(n)])
+    try:
+        given = [int(v) for v in args.class_labels]
+    except ValueError:
+        raise UserError(f"--class-labels must be integers or 'random', got {' '.join(args.class_labels)}") from None
+    if min(given) < 0 or max(given) >= num_classes:
+        raise UserError(f"--class-labels must lie in [0, {num_classes - 1}] for this model, got {given}")
+    return torch.tensor(given).repeat(-(-n // len(given)))[:n]
+
+
+def _generator(seed: int, k: int, stream: int = 0) -> torch.Generator:
+    """The generator of sample k: one per (seed, k, stream), stream 0 the noise and 1 the label."""
+    return torch.Generator().manual_seed((seed * 2**32 + k) * 2 + stream)
+
+
+def noise(seed: int, indices: list[int], shape: tuple[int, ...]) -> torch.Tensor:
+    """x0 of the given samples: each drawn on the CPU from its own generator, whatever the batch."""
+    return torch.stack([torch.randn(shape, generator=_generator(seed, k)) for k in indices])
+
+
+def file_of(save_dir: Path, k: int, kind: str) -> Path:
+    return save_dir / f"{k:06d}.{'png' if kind == 'image' else 'npy'}"
+
+
+def write_sample(path: Path, x: torch.Tensor, kind: str, meta: dict[str, str]) -> None:
+    """One sample, written whole: images as uint8 PNG; fields in their own units and vectors as .npy."""
+    from PIL import Image
+
+    tmp = path.with_name(f".tmp_{path.name}")
+    if kind == "image":
+        array = to_uint8(x).permute(1, 2, 0).numpy()
+        Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array).save(tmp, format="PNG")
+    else:
+        if kind == "field":
+            mean, std = torch.tensor(json.loads(meta["field_mean"])), torch.tensor(json.loads(meta["field_std"]))
+            x = x * std[:, None, None] + mean[:, None, None]
+        with open(tmp, "wb") as f:
+            np.save(f, x.numpy())
+    os.replace(tmp, path)
+
+
+def read_sample(path: Path) -> np.ndarray:
+    from PIL import Image
+
+    return np.asarray(Image.open(path)) if path.suffix == ".png" else np.load(path)
+
+
+def write_npz(save_dir: Path, n: int, kind: str) -> Path:
+    """samples.npz with arr_0 (N, H, W, C) uint8, streamed one image at a time (never all in memory)."""
+    first = read_sample(file_of(save_dir, 0, kind))
+    shape = (n, *first.shape[:2], first.shape[2] if first.ndim == 3 else 1)
+    path, tmp = save_dir / "samples.npz", save_dir / ".tmp_samples.npz"
+    with zipfile.ZipFile(tmp, "w", allowZip64=True) as archive, archive.open("arr_0.npy", "w", force_zip64=True) as f:
+        np.lib.format.write_array_header_1_0(f, {"descr": "|u1", "fortran_order": False, "shape": shape})
+        for k in range(n):
+            f.write(read_sample(file_of(save_dir, k, kind)).astype(np.uint8).reshape(shape[1:]).tobytes())
+    os.replace(tmp, path)
+    return path
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    try:
+        sample(args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def sample(args: argparse.Namespace) -> None:
+    cfg, weights, meta = resolve(args)
+    s, n = cfg.sample, args.n_samples
+    shape, num_classes, kind = tuple(json.loads(meta["data_shape"])), int(meta["num_classes"]), meta["kind"]
+    labels = class_labels(args, n, num_classes, s.seed)
+    if s.cfg_scale != 1 and not num_classes:
+        raise UserError(f"--cfg-scale {s.cfg_scale} asks for classifier-free guidance but the model is unconditional "
+                        "(trained without model.class_cond); leave --cfg-scale 1")
+
+    # Processes and output folder.
+    cpu_multiprocess = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    accelerator = Accelerator(cpu=cpu_multiprocess)
+    save_dir = Path(args.save_dir)
+    try:
+        save_dir.mkdir(parents=True, exist_ok=True)
+        probe = save_dir / f".write_test_{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"save dir {save_dir} is not writable ({e.strerror}); choose another --save-dir") from None
+    # Every process lists what is missing before any of them writes.
+    missing = [k for k in range(n) if not file_of(save_dir, k, kind).exists()]
+    accelerator.wait_for_everyone()
+    mine = missing[accelerator.process_index::accelerator.num_processes]
+
+    # Model.
+    model = build_model(cfg, shape, num_classes)
+    load_weights(model, weights)
+    # Vectors are integrated in float64: float32 matrix products differ in the last bit with the batch size,
+    # which would make sample k depend on --bspp; images are rounded to uint8, which absorbs those bits.
+    dtype = torch.float64 if kind == "vector" else torch.float32
+    model.to(accelerator.device, dtype).eval()
+    steps = s.steps if s.solver not in ADAPTIVE else None
+    what = (f"{s.solver}, {f'{steps} steps, {s.schedule} schedule' if steps else f'atol {s.atol}, rtol {s.rtol}'}, "
+            f"cfg scale {s.cfg_scale}, seed {s.seed}")
+    if accelerator.is_main_process:
+        print(f"{weights}: {n} samples ({n - len(missing)} already in {save_dir}), {what}, "
+              f"{accelerator.num_processes} process(es) on {accelerator.device}")
+
+    # Sampling.
+    bar = tqdm(total=len(mine), unit="sample", disable=not accelerator.is_main_process, dynamic_ncols=True)
+    nfe, start = [], time.perf_counter()
+    for first in range(0, len(mine), s.batch_size):
+        batch = mine[first: first + s.batch_size]
+        x0 = noise(s.seed, batch, shape).to(accelerator.device, dtype)
+        y = None if labels is None else labels[batch].to(accelerator.device)
+        out = generate(model, x0, steps, s.solver, y=y, schedule=s.schedule, cfg_scale=s.cfg_scale,
+                       atol=s.atol, rtol=s.rtol)
+        nfe.append(out.nfe)
+        for k, x in zip(batch, out.x.float().cpu()):  # vectors: float64 rounded to float32
+            write_sample(file_of(save_dir, k, kind), x, kind, meta)
+        bar.update(len(batch))
+        bar.set_postfix(samples_s=f"{bar.n / (time.perf_counter() - start):.1f}", nfe=out.nfe)
+    bar.close()
+    accelerator.wait_for_everyone()
+
+    # Collected outputs, from the files (the same whoever wrote them).
+    if accelerator.is_main_process:
+        written = [file_of(save_dir, k, kind) for k in range(n)]
+        if kind == "vector":
+            points = np.stack([read_sample(p) for p in written])
+            np.save(save_dir / "samples.npy", points)
+            from data.toy import TOY, plot_points
+
+            data = build_dataset(cfg).x[:n] if cfg.data.name in TOY else torch.empty(0, points.shape[1])
+            plot_points(torch.from_numpy(points), data, save_dir / "scatter.png", title=f"{n} samples, {what}")
+        if args.npz and kind == "image":
+            print(f"wrote {write_npz(save_dir, n, kind)}")
+        if args.grid and kind == "image":
+            images = [torch.from_numpy(read_sample(p)) for p in written[: args.grid]]
+            images = torch.stack([x[None] if x.dim() == 2 else x.permute(2, 0, 1) for x in images])
+            save_grid(images, save_dir / "grid.png", rows=max(1, round(len(images) ** 0.5)))
+        info = {"weights": str(weights), "n_samples": n, "solver": s.solver, "steps": steps,
+                "schedule": s.schedule if steps else None,
+                "nfe": (steps * SOLVERS[s.solver][1] if steps else None) or (sum(nfe) / len(nfe) if nfe else None),
+                "cfg_scale": s.cfg_scale, "seed": s.seed, "atol": s.atol if not steps else None,
+                "rtol": s.rtol if not steps else None, "class_labels": args.class_labels or "random",
+                "processes": accelerator.num_processes, "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+        (save_dir / "info.json").write_text(json.dumps(info, indent=1))
+        print(f"done: {n} samples in {save_dir} ({what}, NFE {info['nfe']})")
+    accelerator.end_training()
+
+
+if __name__ == "__main__":
+    main()
