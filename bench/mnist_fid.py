@@ -13,6 +13,7 @@ reference statistics in ../shared/data/mnist/t10k-fid-stats-clean.npz were made;
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 import tempfile
 import time
@@ -50,6 +51,53 @@ def fid_of_folder(folder: Path, reference: Path) -> float:
                                        mode="clean", description="inception ")
     ref = np.load(reference)
     return float(fid.frechet_distance(features.mean(0), np.cov(features, rowvar=False), ref["mu"], ref["sigma"]))
+
+
+class _Resized(torch.utils.data.Dataset):
+    """uint8 images (N, 1 or 3, H, W) as clean-fid's "clean" mode reads image files: RGB (gray replicated),
+    each channel resized to 299×299 by PIL's bicubic filter in float, values in [0, 255]."""
+
+    def __init__(self, images: torch.Tensor):
+        from cleanfid.resize import build_resizer
+
+        self.images, self.resize = images, build_resizer("clean")
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        image = self.images[i].expand(3, -1, -1).permute(1, 2, 0).numpy()
+        return torch.from_numpy(self.resize(image)).permute(2, 0, 1)
+
+
+def inception_features(images: torch.Tensor, device: torch.device, batch_size: int = 250,
+                       num_workers: int = 0) -> np.ndarray:
+    """clean-fid's Inception features (N, 2048) of uint8 images held in memory; the same numbers as
+    writing them as PNG files and calling clean-fid on the folder."""
+    from cleanfid import fid
+
+    loader = torch.utils.data.DataLoader(_Resized(images.cpu()), batch_size=batch_size, num_workers=num_workers)
+    return np.concatenate([fid.get_batch_features(batch, _inception(device), device) for batch in loader])
+
+
+@functools.cache
+def _inception(device: torch.device):
+    from cleanfid import fid
+
+    return fid.build_feature_extractor("clean", device=device, use_dataparallel=False)
+
+
+def statistics(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    return features.mean(0), np.cov(features, rowvar=False)
+
+
+def frechet(features: np.ndarray, reference: tuple[np.ndarray, np.ndarray]) -> float:
+    """clean-fid's Fréchet distance, written out: newer scipy's sqrtm no longer takes clean-fid's `disp`."""
+    from scipy import linalg
+
+    (mu1, sigma1), (mu2, sigma2) = statistics(features), reference
+    covmean = linalg.sqrtm(sigma1 @ sigma2).real
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
 
 
 def main() -> None:

@@ -1,15 +1,19 @@
 """Sample quality against NFE for every solver × time schedule, and sampling throughput beside torchdiffeq.
 
-    python bench/solvers_nfe.py [-e RUN_DIR] [--out bench/out/solvers_nfe]
-    python bench/solvers_nfe.py --throughput-run runs/mnist_15min     # + samples/s beside torchdiffeq's odeint
+    python bench/solvers_nfe.py [-e RUN_DIR] [--out bench/out/solvers_nfe]                     # 2-D, W2
+    python bench/solvers_nfe.py --mnist-run runs/mnist_15min [--device cuda] [--n 1000]        # MNIST, FID
+    python bench/solvers_nfe.py ... --throughput                   # + samples/s beside torchdiffeq's odeint
 
-Quality: a trained 2-D run (default: the quick-start model, trained into --out if missing), EMA
-weights; 2,000 samples from fixed noise; W2 (exact OT) to 2,000 fresh data points. Every fixed-grid
-solver × schedule at every reachable NFE in {1, 2, 4, 8, 16, 32, 64, 100}, and dopri5 at several
-tolerances. The target is Euler-100's W2 (within 5%): the combination reaching it with the fewest NFE
-is named. Throughput: samples/s of `flows.generate` (Euler, fixed NFE) and of torchdiffeq's `odeint`
-called directly with the same method and grid, on the same model and noise, alternated, best of 3.
-Writes table.md and nfe.png into --out.
+Quality, 2-D: a trained 2-D run (default: the quick-start model, trained into --out if missing), EMA
+weights; 2,000 samples from fixed noise; W2 (exact OT) to 2,000 fresh data points.
+Quality, MNIST: an MNIST run's newest checkpoint, EMA weights; --n samples from fixed noise; FID with
+clean-fid's Inception network (mode "clean") against the 10,000 MNIST test digits (the statistics file
+in ../shared/data/mnist, or --mnist-data computed in memory the same way).
+Every fixed-grid solver × schedule at every reachable NFE in {1, 2, 4, 8, 16, 32, 64, 100}, and dopri5
+at several tolerances. The target is Euler-100's quality (within 5%): the combination reaching it with
+the fewest NFE is named. Throughput: samples/s of `flows.generate` (Euler, fixed NFE) and of
+torchdiffeq's `odeint` called directly with the same method and grid, on the same model and noise,
+alternated, best of 3. Writes table.md and nfe.png into --out.
 """
 
 from __future__ import annotations
@@ -21,12 +25,15 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 
 from config import load_config  # noqa: E402
+from data.images import load_mnist, to_uint8  # noqa: E402
 from data.toy import TOY  # noqa: E402
 from flows.couplings import w2_distance  # noqa: E402
 from flows.schedules import SCHEDULES  # noqa: E402
@@ -36,55 +43,102 @@ from models.checkpoint import list_checkpoints, load_weights, read_metadata  # n
 
 NFES = [1, 2, 4, 8, 16, 32, 64, 100]
 TOLERANCES = [1e-2, 1e-3, 1e-4, 1e-5]
+MNIST = ROOT.parent / "shared" / "data" / "mnist"
 
 
-def load_ema(run: Path):
+def load_ema(run: Path, device: torch.device):
     _, checkpoint = list_checkpoints(run)[-1]
     cfg = load_config(checkpoint / "config.yaml")
     meta = read_metadata(checkpoint / "ema.safetensors")
     shape = tuple(json.loads(meta["data_shape"]))
     model = build_model(cfg, shape, int(meta["num_classes"]))
     load_weights(model, checkpoint / "ema.safetensors")
-    return cfg, model.eval(), shape
+    return cfg, model.to(device).eval(), shape, checkpoint
 
 
-def quality(args) -> list[str]:
-    run = Path(args.exp) if args.exp else Path(args.out) / "moons_run"
-    if not list_checkpoints(run):
-        subprocess.run([sys.executable, str(ROOT / "train.py"), "-e", str(run), "train.trackers=[]",
-                        "train.preview_every=0"], check=True)
-    cfg, model, shape = load_ema(run)
-    x0 = torch.randn(2000, *shape, generator=torch.Generator().manual_seed(123))
-    data = TOY[cfg.data.name](2000, torch.Generator().manual_seed(456), torch.device("cpu"))
-    floor = w2_distance(TOY[cfg.data.name](2000, torch.Generator().manual_seed(789), torch.device("cpu")), data)
+def sweep(model, x0: torch.Tensor, score) -> tuple[dict, dict]:
+    """score(samples) for every solver × schedule × reachable NFE, and for dopri5 at each tolerance."""
     results: dict[tuple[str, str], dict[int, float]] = {}
     for solver, (_, evals) in SOLVERS.items():
         for schedule in SCHEDULES:
-            results[solver, schedule] = {nfe: w2_distance(generate(model, x0, nfe // evals, solver,
-                                                                   schedule=schedule).x, data)
+            results[solver, schedule] = {nfe: score(generate(model, x0, nfe // evals, solver, schedule=schedule).x)
                                          for nfe in NFES if nfe % evals == 0}
+            print(f"  {solver:8s} {schedule:13s} " + " ".join(f"{v:8.3f}" for v in results[solver, schedule].values()),
+                  flush=True)
     adaptive = {}
     for tol in TOLERANCES:
         out = generate(model, x0, None, "dopri5", atol=tol, rtol=tol)
-        adaptive[tol] = (out.nfe, w2_distance(out.x, data))
-    target = results["euler", "linear"][100]
-    best = min(((nfe, solver, schedule, w2) for (solver, schedule), row in results.items()
-                for nfe, w2 in row.items() if w2 <= 1.05 * target), key=lambda r: (r[0], r[3]))
-    lines = [f"Run {run}, EMA weights; W2 of 2,000 samples to 2,000 fresh {cfg.data.name} points "
-             f"(floor, data to data: {floor:.3f}); Euler-100 target {target:.3f} (+5%: {1.05 * target:.3f}).", "",
+        adaptive[tol] = (out.nfe, score(out.x))
+    return results, adaptive
+
+
+def table(results, adaptive, metric: str, header: str) -> tuple[list[str], float]:
+    target = results["euler", "linear"][NFES[-1]]
+    best = min(((nfe, solver, schedule, value) for (solver, schedule), row in results.items()
+                for nfe, value in row.items() if value <= 1.05 * target), key=lambda r: (r[0], r[3]))
+    lines = [header + f" Euler-100 target {target:.3f} (+5%: {1.05 * target:.3f}).", "",
              "| solver | schedule | " + " | ".join(f"NFE {n}" for n in NFES) + " |",
              "|---|---|" + "---:|" * len(NFES)]
     for (solver, schedule), row in results.items():
         lines.append(f"| {solver} | {schedule} | " + " | ".join(f"{row[n]:.3f}" if n in row else "" for n in NFES)
                      + " |")
-    lines += ["", "| dopri5 atol = rtol | NFE | W2 |", "|---|---:|---:|"]
-    lines += [f"| {tol:g} | {nfe} | {w2:.3f} |" for tol, (nfe, w2) in adaptive.items()]
-    lines += ["", f"Fewest NFE within 5% of Euler-100: **{best[1]} + {best[2]} at NFE {best[0]}** (W2 {best[3]:.3f})."]
-    plot(results, adaptive, target, Path(args.out) / "nfe.png")
+    lines += ["", f"| dopri5 atol = rtol | NFE | {metric} |", "|---|---:|---:|"]
+    lines += [f"| {tol:g} | {nfe} | {value:.3f} |" for tol, (nfe, value) in adaptive.items()]
+    lines += ["", f"Fewest NFE within 5% of Euler-100: **{best[1]} + {best[2]} at NFE {best[0]}** "
+                  f"({metric} {best[3]:.3f})."]
+    return lines, target
+
+
+def quality_2d(args) -> list[str]:
+    run = Path(args.exp) if args.exp else Path(args.out) / "moons_run"
+    if not list_checkpoints(run):
+        subprocess.run([sys.executable, str(ROOT / "train.py"), "-e", str(run), "train.trackers=[]",
+                        "train.preview_every=0"], check=True)
+    cfg, model, shape, _ = load_ema(run, torch.device("cpu"))
+    x0 = torch.randn(2000, *shape, generator=torch.Generator().manual_seed(123))
+    data = TOY[cfg.data.name](2000, torch.Generator().manual_seed(456), torch.device("cpu"))
+    floor = w2_distance(TOY[cfg.data.name](2000, torch.Generator().manual_seed(789), torch.device("cpu")), data)
+    results, adaptive = sweep(model, x0, lambda x: w2_distance(x, data))
+    lines, target = table(results, adaptive, "W2", f"Run {run}, EMA weights; W2 of 2,000 samples to 2,000 fresh "
+                                                   f"{cfg.data.name} points (floor, data to data: {floor:.3f});")
+    plot(results, adaptive, target, "W2 to data", Path(args.out) / "nfe.png")
     return lines
 
 
-def plot(results, adaptive, target: float, path: Path) -> None:
+def quality_mnist(args) -> list[str]:
+    from mnist_fid import frechet, inception_features, statistics
+
+    device = torch.device(args.device)
+    _, model, shape, checkpoint = load_ema(Path(args.mnist_run), device)
+    if (Path(args.mnist_data) / "t10k-fid-stats-clean.npz").exists():
+        ref = np.load(Path(args.mnist_data) / "t10k-fid-stats-clean.npz")
+        reference, source = (ref["mu"], ref["sigma"]), "t10k-fid-stats-clean.npz"
+    else:
+        real = load_mnist(Path(args.mnist_data), "test", download=False).images
+        reference = statistics(inception_features(real, device, num_workers=args.workers))
+        source = "computed here from the 10,000 test digits"
+        np.savez(Path(args.out) / "t10k-mu.npz", mu=reference[0], sigma_diag=np.diag(reference[1]))
+    x0 = torch.randn(args.n, *shape, generator=torch.Generator().manual_seed(0)).to(device)
+    timings = {"seconds": 0.0}
+
+    def score(x: torch.Tensor) -> float:
+        start = time.perf_counter()
+        value = frechet(inception_features(to_uint8(x.cpu()), device, num_workers=args.workers), reference)
+        timings["seconds"] += time.perf_counter() - start
+        return value
+
+    start = time.perf_counter()
+    results, adaptive = sweep(model, x0, score)
+    elapsed = time.perf_counter() - start
+    where = torch.cuda.get_device_name() if device.type == "cuda" else f"{torch.get_num_threads()} CPU threads"
+    lines, target = table(results, adaptive, "FID", f"{checkpoint}, EMA weights; FID (clean-fid, clean mode) of "
+                          f"{args.n} samples to the 10,000 MNIST test digits ({source}); {where}, "
+                          f"{elapsed:.0f} s in all, {timings['seconds']:.0f} s of it Inception.")
+    plot(results, adaptive, target, f"FID ({args.n} samples)", Path(args.out) / "nfe.png")
+    return lines
+
+
+def plot(results, adaptive, target: float, ylabel: str, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -95,10 +149,10 @@ def plot(results, adaptive, target: float, path: Path) -> None:
         for schedule in SCHEDULES:
             row = results[solver, schedule]
             ax.plot(list(row), list(row.values()), marker=".", label=schedule)
-        ax.plot([nfe for nfe, _ in adaptive.values()], [w2 for _, w2 in adaptive.values()], "k*--", label="dopri5")
+        ax.plot([nfe for nfe, _ in adaptive.values()], [v for _, v in adaptive.values()], "k*--", label="dopri5")
         ax.axhline(target, color="gray", lw=0.8)
         ax.set(xscale="log", yscale="log", xlabel="NFE", title=solver)
-    axes[0].set_ylabel("W2 to data")
+    axes[0].set_ylabel(ylabel)
     axes[0].legend(fontsize=7)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -108,9 +162,15 @@ def plot(results, adaptive, target: float, path: Path) -> None:
 def throughput(args) -> list[str]:
     from torchdiffeq import odeint
 
-    _, model, shape = load_ema(Path(args.throughput_run))
-    x0 = torch.randn(args.batch, *shape, generator=torch.Generator().manual_seed(0))
-    grid = torch.linspace(0, 1, args.steps + 1)
+    device = torch.device(args.device)
+    run = Path(args.mnist_run or args.exp or Path(args.out) / "moons_run")
+    _, model, shape, _ = load_ema(run, device)
+    x0 = torch.randn(args.batch, *shape, generator=torch.Generator().manual_seed(0)).to(device)
+    grid = torch.linspace(0, 1, args.steps + 1, device=device)
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
 
     def ours():
         return generate(model, x0, args.steps, "euler").x
@@ -122,11 +182,13 @@ def throughput(args) -> list[str]:
     best = {"flows.generate": 0.0, "torchdiffeq.odeint": 0.0}
     for _ in range(3):
         for name, fn in (("flows.generate", ours), ("torchdiffeq.odeint", direct)):
+            sync()
             start = time.perf_counter()
             fn()
+            sync()
             best[name] = max(best[name], args.batch / (time.perf_counter() - start))
-    return ["", f"Throughput, {args.throughput_run}, Euler {args.steps} NFE, batch {args.batch}, "
-                f"{torch.get_num_threads()} threads: "
+    where = torch.cuda.get_device_name() if device.type == "cuda" else f"{torch.get_num_threads()} CPU threads"
+    return ["", f"Throughput, {run}, Euler {args.steps} NFE, batch {args.batch}, {where}: "
             + ", ".join(f"{name} {value:.1f} samples/s" for name, value in best.items())
             + f" (ratio {best['flows.generate'] / best['torchdiffeq.odeint']:.3f})"]
 
@@ -134,17 +196,22 @@ def throughput(args) -> list[str]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("-e", "--exp", help="a 2-D run folder (default: train the quick-start model into --out)")
+    p.add_argument("--mnist-run", help="an MNIST run folder: FID instead of the 2-D W2")
+    p.add_argument("--mnist-data", default=str(MNIST), help="folder with the MNIST test files (and its FID stats)")
+    p.add_argument("--n", type=int, default=1000, help="MNIST samples per FID")
+    p.add_argument("--workers", type=int, default=0, help="data loader workers for the Inception resizing")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default="bench/out/solvers_nfe")
-    p.add_argument("--throughput-run", help="run folder of the model to time (e.g. an MNIST run)")
+    p.add_argument("--throughput", action="store_true", help="also time flows.generate beside torchdiffeq's odeint")
     p.add_argument("--steps", type=int, default=20, help="Euler steps for the throughput comparison")
     p.add_argument("--batch", type=int, default=64)
     args = p.parse_args()
-    lines = quality(args)
-    if args.throughput_run:
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    lines = quality_mnist(args) if args.mnist_run else quality_2d(args)
+    if args.throughput:
         lines += throughput(args)
     text = "\n".join(lines)
     print(text)
-    Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "table.md").write_text(text + "\n")
 
 

@@ -64,9 +64,12 @@ def time_steps(step, steps: int, warmup: int, device: torch.device) -> float:
 
 def bare(name: str, args, device: torch.device) -> float:
     cfg = load_config(None, [f"model.name={name}"])
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # as train.py sets them
     torch.manual_seed(0)
     model = build_model(cfg, SHAPE).to(device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
+    if args.compile:
+        model = torch.compile(model)
     x1 = torch.rand(args.batch, *SHAPE, device=device) * 2 - 1
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.mixed_precision)
 
@@ -89,8 +92,10 @@ def toolkit(name: str, args, data: Path, run: Path) -> float:
                  f"train.log_every={args.steps}", "train.preview_every=0", "train.preview_images=1",
                  "train.preview_steps=1", f"train.checkpoint_every={2 * args.steps}", "train.trackers=[]",
                  f"train.mixed_precision={args.mixed_precision}", f"train.compile={args.compile}"]
-    subprocess.run([sys.executable, str(ROOT / "train.py"), "-e", str(run), *overrides], check=True,
-                   capture_output=True)
+    done = subprocess.run([sys.executable, str(ROOT / "train.py"), "-e", str(run), *overrides], capture_output=True,
+                          text=True)
+    if done.returncode:
+        raise SystemExit(f"train.py failed:\n{done.stderr[-3000:]}")
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     return rows[-1]["samples_per_s"]  # steps [steps + 1, 2·steps]
 
@@ -132,7 +137,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--mixed-precision", default="no", choices=["no", "bf16", "fp16"])
-    p.add_argument("--compile", action="store_true", help="train.compile=true (torch.compile) for train.py")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (train.compile=true for train.py)")
     args = p.parse_args()
     device = torch.device(args.device)
     try:
