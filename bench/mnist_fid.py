@@ -1,7 +1,7 @@
 """Real FID (clean-fid, Inception-v3) of a trained MNIST run against the 10,000 MNIST test digits.
 
     ../shared/tools/inception-offline .venv/bin/python        # once per machine: clean-fid's network, offline
-    python bench/mnist_fid.py -e runs/NAME [--n 1000] [--solver euler] [--steps 100] [--real]
+    python bench/mnist_fid.py -e runs/NAME [--n 1000] [--solver euler] [--steps 100] [--schedule linear] [--real]
 
 Protocol: the run's newest checkpoint, EMA weights; n samples from fixed noise (seed 0), integrated
 with the given solver and steps; each written as an RGB PNG (gray replicated), exactly as the
@@ -30,6 +30,7 @@ sys.path.insert(0, str(ROOT))
 from config import load_config  # noqa: E402
 from data.images import load_mnist, to_uint8  # noqa: E402
 from flows import generate  # noqa: E402
+from flows.solvers import ADAPTIVE  # noqa: E402
 from models import build_model  # noqa: E402
 from models.checkpoint import list_checkpoints, load_weights  # noqa: E402
 
@@ -105,11 +106,15 @@ def main() -> None:
     p.add_argument("-e", "--exp", required=True, help="run folder of an MNIST training run")
     p.add_argument("--n", type=int, default=1000)
     p.add_argument("--solver", default="euler")
-    p.add_argument("--steps", type=int, default=100)
+    p.add_argument("--steps", type=int, help="fixed-grid steps (default 100; none for adaptive solvers)")
+    p.add_argument("--tol", type=float, default=1e-5, help="atol = rtol of an adaptive solver")
+    p.add_argument("--schedule", default="linear", help="time grid of a fixed-grid solver (flows/schedules.py)")
     p.add_argument("--batch", type=int, default=250)
     p.add_argument("--reference", default=str(SHARED / "t10k-fid-stats-clean.npz"))
     p.add_argument("--real", action="store_true", help="also score n real test digits (the small-sample floor)")
     args = p.parse_args()
+    if args.steps is None and args.solver not in ADAPTIVE:
+        args.steps = 100
 
     run = Path(args.exp)
     step, checkpoint = list_checkpoints(run)[-1]
@@ -117,7 +122,8 @@ def main() -> None:
     model = build_model(cfg, (1, 28, 28), 10 if cfg.model.class_cond else 0)
     load_weights(model, checkpoint / "ema.safetensors")
     model.eval()
-    print(f"{checkpoint}: step {step}, EMA weights, {args.n} samples, {args.solver} {args.steps} steps")
+    print(f"{checkpoint}: step {step}, EMA weights, {args.n} samples, {args.solver} {args.steps} steps, "
+          f"{args.schedule} grid")
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "generated"
@@ -128,7 +134,8 @@ def main() -> None:
             for first in tqdm(range(0, args.n, args.batch), desc="sampling"):
                 n = min(args.batch, args.n - first)
                 y = torch.arange(first, first + n) % 10 if cfg.model.class_cond else None
-                out = generate(model, torch.randn(n, 1, 28, 28, generator=g), args.steps, args.solver, y=y)
+                out = generate(model, torch.randn(n, 1, 28, 28, generator=g), args.steps, args.solver, y=y,
+                               schedule=args.schedule, atol=args.tol, rtol=args.tol)
                 write_pngs(to_uint8(out.x), folder, first)
                 nfe = out.nfe
         print(f"sampled {args.n} in {time.perf_counter() - start:.0f} s ({nfe} NFE)")

@@ -5,7 +5,7 @@
     python bench/solvers_nfe.py ... --throughput                   # + samples/s beside torchdiffeq's odeint
 
 Quality, 2-D: a trained 2-D run (default: the quick-start model, trained into --out if missing), EMA
-weights; 2,000 samples from fixed noise; W2 (exact OT) to 2,000 fresh data points.
+weights; --n samples from fixed noise; W2 (exact OT) to --n fresh data points.
 Quality, MNIST: an MNIST run's newest checkpoint, EMA weights; --n samples from fixed noise; FID with
 clean-fid's Inception network (mode "clean") against the 10,000 MNIST test digits (the statistics file
 in ../shared/data/mnist, or --mnist-data computed in memory the same way).
@@ -95,11 +95,11 @@ def quality_2d(args) -> list[str]:
         subprocess.run([sys.executable, str(ROOT / "train.py"), "-e", str(run), "train.trackers=[]",
                         "train.preview_every=0"], check=True)
     cfg, model, shape, _ = load_ema(run, torch.device("cpu"))
-    x0 = torch.randn(2000, *shape, generator=torch.Generator().manual_seed(123))
-    data = TOY[cfg.data.name](2000, torch.Generator().manual_seed(456), torch.device("cpu"))
-    floor = w2_distance(TOY[cfg.data.name](2000, torch.Generator().manual_seed(789), torch.device("cpu")), data)
+    x0 = torch.randn(args.n, *shape, generator=torch.Generator().manual_seed(123))
+    data = TOY[cfg.data.name](args.n, torch.Generator().manual_seed(456), torch.device("cpu"))
+    floor = w2_distance(TOY[cfg.data.name](args.n, torch.Generator().manual_seed(789), torch.device("cpu")), data)
     results, adaptive = sweep(model, x0, lambda x: w2_distance(x, data))
-    lines, target = table(results, adaptive, "W2", f"Run {run}, EMA weights; W2 of 2,000 samples to 2,000 fresh "
+    lines, target = table(results, adaptive, "W2", f"Run {run}, EMA weights; W2 of {args.n} samples to {args.n} fresh "
                                                    f"{cfg.data.name} points (floor, data to data: {floor:.3f});")
     plot(results, adaptive, target, "W2 to data", Path(args.out) / "nfe.png")
     return lines
@@ -198,7 +198,7 @@ def main() -> None:
     p.add_argument("-e", "--exp", help="a 2-D run folder (default: train the quick-start model into --out)")
     p.add_argument("--mnist-run", help="an MNIST run folder: FID instead of the 2-D W2")
     p.add_argument("--mnist-data", default=str(MNIST), help="folder with the MNIST test files (and its FID stats)")
-    p.add_argument("--n", type=int, default=1000, help="MNIST samples per FID")
+    p.add_argument("--n", type=int, default=1000, help="samples per W2 or FID")
     p.add_argument("--workers", type=int, default=0, help="data loader workers for the Inception resizing")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default="bench/out/solvers_nfe")
