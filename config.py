@@ -91,6 +91,10 @@ class TrainConfig:
     preview_images: int = 64  # images in a preview grid (class-conditional models: one row per class shown)
     preview_steps: int = 100  # Euler steps for previews
     checkpoint_every: int = 1_000  # steps between checkpoints (the last step is always saved)
+    eval_every: int = 0  # at checkpoints whose step is a multiple of this, a small-N FID (images) or W2 (2-D); 0: off
+    eval_n: int = 1_000  # samples of that check (EMA weights, fixed noise, Euler with train.preview_steps steps)
+    eval_ref: str = ""  # its reference, as evaluate.py --ref (empty: the run's dataset, statistics cached once)
+    eval_features: str = "inception"  # 'inception' (FID) or 'pixels' (a fast stand-in for smoke runs)
     keep_last: int = 3  # checkpoints kept besides the permanent ones
     keep_every: int = 0  # also keep every checkpoint whose step is a multiple of this (0: none)
 
@@ -240,7 +244,8 @@ def _validate(cfg: Config) -> None:
     t = cfg.train
     positive = {"train.steps": t.steps, "train.batch_size": t.batch_size, "train.grad_accum": t.grad_accum,
                 "train.log_every": t.log_every, "train.checkpoint_every": t.checkpoint_every,
-                "train.t_bins": t.t_bins, "train.preview_steps": t.preview_steps, "train.keep_last": t.keep_last}
+                "train.t_bins": t.t_bins, "train.preview_steps": t.preview_steps, "train.keep_last": t.keep_last,
+                "train.eval_n": t.eval_n}
     for key, value in positive.items():
         if value <= 0:
             raise UserError(f"config key {key} must be positive, got {value}")
@@ -279,6 +284,10 @@ def check_names(cfg: Config) -> None:
     check_name(PATHS, cfg.flow.path, "flow.path")
     check_name(COUPLINGS, cfg.flow.coupling, "flow.coupling")
     check_name(TIME_DENSITIES, cfg.flow.time_density, "flow.time_density")
+    if cfg.train.eval_every:
+        from metrics import FEATURES
+
+        check_name(FEATURES, cfg.train.eval_features, "train.eval_features")
 
 
 # ---------------------------------------------------------------------------------------------

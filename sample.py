@@ -30,10 +30,10 @@ from accelerate import Accelerator
 from tqdm import tqdm
 
 from config import UserError, check_names, load_config
-from data import build_dataset, data_info
+from data import build_dataset, build_source, data_info
 from data.images import save_grid, to_uint8
 from flows.schedules import parse_schedule
-from flows.solvers import ADAPTIVE, SOLVERS, check_solver, generate
+from flows.solvers import ADAPTIVE, SOLVERS, check_solver, class_labels, generate, noise
 from models import build_model
 from models.checkpoint import load_weights, read_metadata
 
@@ -98,33 +98,6 @@ def resolve(args: argparse.Namespace):
     return cfg, weights, meta
 
 
-def class_labels(args, n: int, num_classes: int, seed: int) -> torch.Tensor | None:
-    """Label of every sample 0..n-1: the given list cycled, or uniform from a generator seeded by (seed, k)."""
-    if not num_classes:
-        if args.class_labels:
-            raise UserError("--class-labels given but the model is unconditional (trained without model.class_cond)")
-        return None
-    if not args.class_labels or args.class_labels == ["random"]:
-        return torch.tensor([int(torch.randint(num_classes, (), generator=_generator(seed, k, 1))) for k in range(n)])
-    try:
-        given = [int(v) for v in args.class_labels]
-    except ValueError:
-        raise UserError(f"--class-labels must be integers or 'random', got {' '.join(args.class_labels)}") from None
-    if min(given) < 0 or max(given) >= num_classes:
-        raise UserError(f"--class-labels must lie in [0, {num_classes - 1}] for this model, got {given}")
-    return torch.tensor(given).repeat(-(-n // len(given)))[:n]
-
-
-def _generator(seed: int, k: int, stream: int = 0) -> torch.Generator:
-    """The generator of sample k: one per (seed, k, stream), stream 0 the noise and 1 the label."""
-    return torch.Generator().manual_seed((seed * 2**32 + k) * 2 + stream)
-
-
-def noise(seed: int, indices: list[int], shape: tuple[int, ...]) -> torch.Tensor:
-    """x0 of the given samples: each drawn on the CPU from its own generator, whatever the batch."""
-    return torch.stack([torch.randn(shape, generator=_generator(seed, k)) for k in indices])
-
-
 def file_of(save_dir: Path, k: int, kind: str) -> Path:
     return save_dir / f"{k:06d}.{'png' if kind == 'image' else 'npy'}"
 
@@ -178,7 +151,7 @@ def sample(args: argparse.Namespace) -> None:
     cfg, weights, meta = resolve(args)
     s, n = cfg.sample, args.n_samples
     shape, num_classes, kind = tuple(json.loads(meta["data_shape"])), int(meta["num_classes"]), meta["kind"]
-    labels = class_labels(args, n, num_classes, s.seed)
+    labels = class_labels(args.class_labels, n, num_classes, s.seed)
     if s.cfg_scale != 1 and not num_classes:
         raise UserError(f"--cfg-scale {s.cfg_scale} asks for classifier-free guidance but the model is unconditional "
                         "(trained without model.class_cond); leave --cfg-scale 1")
@@ -199,13 +172,14 @@ def sample(args: argparse.Namespace) -> None:
     accelerator.wait_for_everyone()
     mine = missing[accelerator.process_index::accelerator.num_processes]
 
-    # Model.
+    # Model and source.
     model = build_model(cfg, shape, num_classes)
     load_weights(model, weights)
     # Vectors are integrated in float64: float32 matrix products differ in the last bit with the batch size,
     # which would make sample k depend on --bspp; images are rounded to uint8, which absorbs those bits.
     dtype = torch.float64 if kind == "vector" else torch.float32
     model.to(accelerator.device, dtype).eval()
+    source = None if cfg.data.source == "gaussian" else build_source(cfg, shape)
     steps = s.steps if s.solver not in ADAPTIVE else None
     what = (f"{s.solver}, {f'{steps} steps, {s.schedule} schedule' if steps else f'atol {s.atol}, rtol {s.rtol}'}, "
             f"cfg scale {s.cfg_scale}, seed {s.seed}")
@@ -218,7 +192,7 @@ def sample(args: argparse.Namespace) -> None:
     nfe, start = [], time.perf_counter()
     for first in range(0, len(mine), s.batch_size):
         batch = mine[first: first + s.batch_size]
-        x0 = noise(s.seed, batch, shape).to(accelerator.device, dtype)
+        x0 = noise(s.seed, batch, shape, source).to(accelerator.device, dtype)
         y = None if labels is None else labels[batch].to(accelerator.device)
         out = generate(model, x0, steps, s.solver, y=y, schedule=s.schedule, cfg_scale=s.cfg_scale,
                        atol=s.atol, rtol=s.rtol)

@@ -20,6 +20,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
@@ -99,6 +100,34 @@ def save_preview(path: Path, ema_model, dataset, source, cfg: Config, device: to
     save_grid(getattr(dataset, "to_uint8", to_uint8)(out.x), path, rows, row_labels=labels)
 
 
+@torch.no_grad()
+def sample_quality(ema_model, dataset, source, cfg: Config, device: torch.device, num_classes: int,
+                   cache: dict) -> dict[str, float]:
+    """train.eval_n samples of the EMA model from fixed noise (Euler, train.preview_steps steps): FID against
+    train.eval_ref (default: the dataset, its statistics computed once) for images, W2 to as many dataset
+    points for 2-D data. `cache` keeps the feature network and the reference between calls."""
+    from metrics import build_features, frechet_distance, w2
+    from metrics.fid import default_stats_dir, load_reference
+
+    t, n = cfg.train, cfg.train.eval_n
+    g = torch.Generator(device).manual_seed(1)
+    x0 = source(n, g, device)
+    y = torch.arange(n, device=device) % num_classes if num_classes else None
+    chunks = [generate(ema_model, x0[i: i + 250], steps=t.preview_steps, solver="euler",
+                       y=None if y is None else y[i: i + 250]).x for i in range(0, n, 250)]
+    x = torch.cat(chunks)
+    if len(dataset.shape) == 1:
+        pick = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(1))[:n]
+        return {"w2": w2(x.cpu(), dataset.x[pick])}
+    if "reference" not in cache:
+        cache["features"] = build_features(t.eval_features, device=device)
+        cache["reference"] = load_reference(t.eval_ref or None, cache["features"], tuple(dataset.shape[-2:]),
+                                            default_stats_dir(), cfg, dataset)
+    features, reference = cache["features"](to_uint8(x).cpu()), cache["reference"]
+    name = "fid" if t.eval_features == "inception" else f"fid_{t.eval_features}"
+    return {name: frechet_distance(features.mean(0), np.cov(features, rowvar=False), reference.mu, reference.sigma)}
+
+
 def train(cfg: Config, run_dir: Path) -> None:
     t = cfg.train
     torch.backends.cuda.matmul.allow_tf32 = True  # set once, here: TF32 matmuls on Ampere and newer
@@ -135,6 +164,9 @@ def train(cfg: Config, run_dir: Path) -> None:
     if cfg.flow.label_dropout > 0 and not num_classes:
         raise UserError("flow.label_dropout drops class labels, which an unconditional model does not have; "
                         "set model.class_cond=true or flow.label_dropout=0")
+    if t.eval_every and data_info(cfg, dataset)["kind"] == "field":
+        raise UserError("train.eval_every measures FID of images or W2 of points; these data are fields: set "
+                        "train.eval_every=0")
     if cfg.data.hflip and len(dataset.shape) != 3:
         raise UserError(f"data.hflip applies to images but {cfg.data.name} has shape {dataset.shape}; remove it")
 
@@ -184,7 +216,7 @@ def train(cfg: Config, run_dir: Path) -> None:
         torch.set_num_threads(torch.get_num_threads() - 1)
     batches = micro_steps(loader, objective, shard, t.seed, step * t.grad_accum, device, ahead,
                           labels=num_classes > 0, hflip=cfg.data.hflip, memory_format=memory_format)
-    loss_by_time = LossByTime(t.t_bins, device)
+    loss_by_time, eval_cache = LossByTime(t.t_bins, device), {}
     loss_sum, nonfinite = torch.zeros((), device=device), torch.zeros((), dtype=torch.bool, device=device)
     accelerator.init_trackers("tensorboard", config=_flat(to_dict(cfg)))
     bar = tqdm(total=t.steps, initial=step, disable=not accelerator.is_main_process, dynamic_ncols=True)
@@ -240,6 +272,14 @@ def train(cfg: Config, run_dir: Path) -> None:
             if accelerator.is_main_process:
                 prune_checkpoints(run_dir, t.keep_last, t.keep_every)
             log(f"checkpoint: {path}")
+            if t.eval_every and (step % t.eval_every == 0 or last):
+                if accelerator.is_main_process:
+                    quality = sample_quality(ema.model, dataset, source, cfg, device, num_classes, eval_cache)
+                    log.metrics(step, quality)
+                    accelerator.log({f"eval/{k}": v for k, v in quality.items()}, step=step)
+                    log(f"eval: {', '.join(f'{k} {v:.4g}' for k, v in quality.items())} ({t.eval_n} samples, "
+                        f"Euler {t.preview_steps} steps, EMA)")
+                accelerator.wait_for_everyone()
         if logged:  # samples/s counts training alone, not previews and checkpoints
             timer, steps_timed = time.perf_counter(), 0
     bar.close()
@@ -295,9 +335,12 @@ class RunLog:
             self._append("log.txt", f"[{time.strftime('%Y-%m-%d %H:%M:%S')}] {message}")
 
     def metrics(self, step: int, metrics: dict) -> None:
-        """A metrics.jsonl row, and a short line in log.txt (the console has the progress bar)."""
+        """A metrics.jsonl row, and for training metrics a short line in log.txt (the console has the progress
+        bar)."""
         if self.enabled:
             self._append("metrics.jsonl", json.dumps({"step": step, **metrics}))
+            if "loss" not in metrics:
+                return
             self._append("log.txt", f"[{time.strftime('%Y-%m-%d %H:%M:%S')}] step {step} loss {metrics['loss']:.5f} "
                                     f"lr {metrics['lr']:.3g} grad_norm {metrics['grad_norm']:.3f} "
                                     f"samples/s {metrics['samples_per_s']:.0f}")

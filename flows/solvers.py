@@ -94,13 +94,14 @@ def integrate(velocity: Velocity, x0: torch.Tensor, grid: torch.Tensor, solver: 
 
 @torch.no_grad()
 def integrate_adaptive(velocity: Velocity, x0: torch.Tensor, solver: str = "dopri5", atol: float = 1e-5,
-                       rtol: float = 1e-5) -> SolverResult:
-    """Integrate from t = 0 to 1 with an adaptive torchdiffeq method; NFE is the true number of calls."""
+                       rtol: float = 1e-5, t0: float = 0.0, t1: float = 1.0) -> SolverResult:
+    """Integrate from t0 to t1 (0 to 1 by default) with an adaptive torchdiffeq method; NFE is the true
+    number of calls."""
     from torchdiffeq import odeint
 
     v = _Counted(velocity)
     x = x0 if x0.dtype == torch.float64 else x0.float()
-    ends = torch.tensor([0.0, 1.0], dtype=x.dtype, device=x.device)
+    ends = torch.tensor([t0, t1], dtype=x.dtype, device=x.device)
     out = odeint(lambda t, x: v(x, t), x, ends, method=solver, atol=atol, rtol=rtol)
     return SolverResult(x=out[-1], nfe=v.calls)
 
@@ -157,3 +158,35 @@ def generate(model: Callable, x0: torch.Tensor, steps: int | None = 100, solver:
     if solver in ADAPTIVE:
         return integrate_adaptive(velocity, x0, solver, atol, rtol)
     return integrate(velocity, x0, time_grid(schedule, steps).to(x0.device), solver)
+
+# Per-sample randomness: sample k's noise and label depend on (seed, k) only.
+
+
+def class_labels(given: list[str] | None, n: int, num_classes: int, seed: int) -> torch.Tensor | None:
+    """Label of every sample 0..n-1: the given list cycled, or uniform from a generator seeded by (seed, k)."""
+    if not num_classes:
+        if given:
+            raise UserError("--class-labels given but the model is unconditional (trained without model.class_cond)")
+        return None
+    if not given or given == ["random"]:
+        return torch.tensor([int(torch.randint(num_classes, (), generator=_generator(seed, k, 1))) for k in range(n)])
+    try:
+        labels = [int(v) for v in given]
+    except ValueError:
+        raise UserError(f"--class-labels must be integers or 'random', got {' '.join(given)}") from None
+    if min(labels) < 0 or max(labels) >= num_classes:
+        raise UserError(f"--class-labels must lie in [0, {num_classes - 1}] for this model, got {labels}")
+    return torch.tensor(labels).repeat(-(-n // len(labels)))[:n]
+
+
+def _generator(seed: int, k: int, stream: int = 0) -> torch.Generator:
+    """The generator of sample k: one per (seed, k, stream), stream 0 the noise and 1 the label."""
+    return torch.Generator().manual_seed((seed * 2**32 + k) * 2 + stream)
+
+
+def noise(seed: int, indices: list[int], shape: tuple[int, ...], source: Callable | None = None) -> torch.Tensor:
+    """x0 of the given samples: each drawn on the CPU from its own generator, whatever the batch; standard
+    normal, or one draw of `source(n, generator, device)` (a 2-D source distribution such as 8gaussians)."""
+    if source is not None:
+        return torch.cat([source(1, _generator(seed, k), torch.device("cpu")) for k in indices])
+    return torch.stack([torch.randn(shape, generator=_generator(seed, k)) for k in indices])

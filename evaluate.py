@@ -1,0 +1,561 @@
+"""FID report of a run: every checkpoint × sampler (solver, steps, schedule) × guidance scale, protocol recorded.
+
+    accelerate launch evaluate.py -e runs/NAME [--checkpoints all|last|STEP,...] [--samplers euler:10,heun:25,dopri5]
+        [--n-samples 50000] [--ref NAME[:SPLIT]|FOLDER|FILE.npz] [--mode clean] [--kid] [--bpd] [--seed 0] [--bspp 256]
+    python evaluate.py -e runs/mnist --samplers euler:10,rk4:2,midpoint:8:cosine --n-samples 1000 \\
+        --ref ../shared/data/mnist/t10k-fid-stats-clean.npz
+    python evaluate.py --folder samples/ --ref cifar10:train             # images made elsewhere
+
+For each row, N samples are generated in memory with the same `generate` and per-sample noise as
+sample.py (sample k from seed (S, k), shared out over the processes), turned into uint8 images and
+scored with clean-fid's Inception features against the reference: clean-fid's precomputed statistics
+by name (cifar10:train, ffhq, ... downloaded on first use), a folder of images or an .npz (statistics
+mu/sigma, or images arr_0), or by default the run's own dataset, whose statistics are computed once
+and cached in --stats-dir. 2-D runs get W2 (exact OT) and MMD to N dataset points instead.
+
+A sampler is SOLVER[:STEPS][:SCHEDULE]: euler:10, heun:25:cosine, rk4:4:logit_normal:mean=0,std=1,
+dopri5 (adaptive: no steps; tolerances from --atol/--rtol). NFE is exact for fixed-grid solvers and
+the mean number of model calls per batch for adaptive ones.
+
+Results go to RUN/eval/: report.json (one row per protocol, with every setting, NFE, seconds and
+library versions), report.csv, report.md (a table per protocol, best row marked) and fid.png (metric
+against training step per sampler, and against NFE per checkpoint). A row already in report.json is
+not recomputed (ask for --kid or --bpd and rows without them are); each row is added when done, so an
+interrupted evaluation continues where it stopped; the report is written under a lock and atomically.
+
+Offline: clean-fid's Inception network is read from /tmp/inception-2015-12-05.pt (clean-fid's own
+location); without network copy the file there first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import fcntl
+import io
+import json
+import os
+import platform
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from tqdm import tqdm
+
+from config import UserError, load_config
+from data import build_dataset, build_source, data_info
+from data.images import to_uint8
+from flows.likelihood import log_likelihood
+from flows.schedules import parse_schedule
+from flows.solvers import ADAPTIVE, SOLVERS, check_solver, class_labels, generate, noise
+from metrics import build_features, fid, frechet_distance, kernel_inception_distance, mmd, w2
+from metrics.fid import CLEANFID_NAMES, MODES, Reference
+from models import build_model
+from models.checkpoint import list_checkpoints, load_weights, read_metadata
+
+# The settings that define a row: a row with the same values is the same measurement.
+KEY = ("step", "weights", "solver", "steps", "schedule", "atol", "rtol", "cfg_scale", "n_samples", "seed",
+       "reference", "mode", "features")
+# Columns of report.csv and report.md, in order.
+COLUMNS = ("step", "weights", "solver", "steps", "schedule", "cfg_scale", "nfe", "fid", "kid", "kid_std", "w2",
+           "mmd", "bpd", "n_samples", "seed", "reference", "mode", "features", "seconds")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description="FID (or, for 2-D data, W2 and MMD) of every checkpoint of a run for every sampler setting, as a "
+                    "report in RUN/eval/ that records the whole protocol.",
+        epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-e", "--exp", help="run folder (with checkpoints/step_N)")
+    p.add_argument("--folder", help="score the images in this folder instead of a run (needs --ref)")
+    p.add_argument("--checkpoints", default="all", help="all, last, or training steps: 5000,10000 (default: all)")
+    p.add_argument("--samplers", nargs="+", help="SOLVER[:STEPS][:SCHEDULE], comma-separated or several "
+                                                 "(default: the config's sample section)")
+    p.add_argument("--cfg-scale", type=float, nargs="+", help="guidance scales (class-conditional models; default 1)")
+    p.add_argument("--weights", choices=("ema", "raw", "both"), default="ema", help="EMA weights (default) or raw")
+    p.add_argument("--n-samples", type=int, default=50_000, help="samples per row (default 50000)")
+    p.add_argument("--ref", help="clean-fid dataset NAME[:SPLIT] (" + ", ".join(CLEANFID_NAMES) + "), a folder of "
+                                 "images or an .npz (mu/sigma or arr_0 images); default: the run's dataset")
+    p.add_argument("--mode", default="clean", choices=MODES, help="clean-fid mode (default clean)")
+    p.add_argument("--features", default="inception", help="inception (FID) or pixels (a fast stand-in for tests)")
+    p.add_argument("--kid", action="store_true", help="also kernel inception distance (mean ± std over subsets)")
+    p.add_argument("--bpd", action="store_true", help="also bits per dimension of --bpd-n dataset items")
+    p.add_argument("--bpd-n", type=int, default=1000, help="data items for --bpd (default 1000)")
+    p.add_argument("--bpd-tol", type=float, default=1e-5, help="dopri5 tolerance of --bpd (default 1e-5)")
+    p.add_argument("--seed", type=int, default=0, help="base seed S: sample k's noise comes from (S, k)")
+    p.add_argument("--bspp", type=int, default=256, help="batch size per process (does not change fixed-grid samples)")
+    p.add_argument("--atol", type=float, help="adaptive solvers' absolute tolerance (default: the config's)")
+    p.add_argument("--rtol", type=float, help="adaptive solvers' relative tolerance (default: the config's)")
+    p.add_argument("--stats-dir", default=str(fid.default_stats_dir()), help="cache of reference statistics "
+                                                                         "(default %(default)s)")
+    p.add_argument("--out", help="report folder (default RUN/eval)")
+    return p.parse_args(argv)
+
+
+@dataclass(frozen=True)
+class Sampler:
+    solver: str
+    steps: int | None
+    schedule: str
+
+    @property
+    def label(self) -> str:
+        if self.steps is None:
+            return self.solver
+        return f"{self.solver}:{self.steps}" + ("" if self.schedule == "linear" else f":{self.schedule}")
+
+
+def parse_samplers(texts: list[str]) -> list[Sampler]:
+    """'euler:10,heun:25:cosine' (and schedule parameters such as logit_normal:mean=0,std=1) -> samplers."""
+    pieces = [piece for text in texts for piece in text.split(",") if piece]
+    specs: list[str] = []
+    for piece in pieces:  # 'std=1' after 'logit_normal:mean=0' continues the previous sampler's schedule
+        if specs and "=" in piece.split(":")[0]:
+            specs[-1] += "," + piece
+        else:
+            specs.append(piece)
+    samplers = []
+    for spec in specs:
+        solver, _, rest = spec.partition(":")
+        steps_text, _, schedule = rest.partition(":")
+        steps = None
+        if steps_text:
+            try:
+                steps = int(steps_text)
+            except ValueError:
+                raise UserError(f"sampler '{spec}': steps must be an integer (SOLVER[:STEPS][:SCHEDULE], "
+                                "e.g. euler:10 or heun:25:cosine)") from None
+        if steps is None and solver in SOLVERS:
+            steps = 100
+        check_solver(solver, steps)
+        parse_schedule(schedule or "linear")
+        samplers.append(Sampler(solver, steps, schedule or "linear"))
+    return samplers
+
+
+def select_checkpoints(run: Path, spec: str) -> list[tuple[int, Path]]:
+    found = list_checkpoints(run)
+    if not found:
+        raise UserError(f"run dir {run} has no checkpoints (checkpoints/step_N); train first or give the run's folder")
+    if spec == "all":
+        return found
+    if spec == "last":
+        return found[-1:]
+    try:
+        wanted = [int(s) for s in spec.split(",")]
+    except ValueError:
+        raise UserError(f"--checkpoints must be all, last or training steps such as 5000,10000; got {spec}") from None
+    steps = dict(found)
+    missing = [s for s in wanted if s not in steps]
+    if missing:
+        raise UserError(f"run dir {run} has no checkpoint at step {missing[0]}; it has {', '.join(map(str, steps))}")
+    return [(s, steps[s]) for s in wanted]
+
+
+# Report: one row per protocol in report.json; csv, md and png made from it.
+
+
+def key_of(row: dict) -> tuple:
+    return tuple(json.dumps(row.get(k)) for k in KEY)
+
+
+class Report:
+    """RUN/eval/report.json and the files made from it; every change is made under a lock and written atomically."""
+
+    def __init__(self, folder: Path):
+        self.folder, self.path = folder, folder / "report.json"
+
+    def rows(self) -> list[dict]:
+        if not self.path.is_file():
+            return []
+        try:
+            return json.loads(self.path.read_text())["rows"]
+        except (json.JSONDecodeError, KeyError):
+            raise UserError(f"{self.path} is not a report written by evaluate.py; move it away to start a new "
+                            "one") from None
+
+    def find(self, key: tuple) -> dict | None:
+        return next((r for r in self.rows() if key_of(r) == key), None)
+
+    @contextmanager
+    def _locked(self):
+        self.folder.mkdir(parents=True, exist_ok=True)
+        with open(self.folder / ".lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+    def add(self, row: dict) -> None:
+        with self._locked():  # another evaluation may have added rows since we read: merge, then replace
+            rows = [r for r in self.rows() if key_of(r) != key_of(row)] + [row]
+            rows.sort(key=lambda r: (r["step"] or 0, r["weights"] or "", r["solver"], r["nfe"] or 0, r["cfg_scale"]))
+            _write(self.path, json.dumps({"rows": rows}, indent=1))
+            self.render(rows)
+
+    def render(self, rows: list[dict]) -> None:
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+        _write(self.folder / "report.csv", buffer.getvalue())
+        _write(self.folder / "report.md", markdown(rows))
+        plot(rows, self.folder / "fid.png")
+
+
+def _write(path: Path, text: str | bytes) -> None:
+    tmp = path.with_name(f".tmp_{os.getpid()}_{path.name}")
+    tmp.write_bytes(text.encode() if isinstance(text, str) else text)
+    os.replace(tmp, path)
+
+
+def metric_of(rows: list[dict]) -> str:
+    return "fid" if any(r.get("fid") is not None for r in rows) else "w2"
+
+
+def _groups(rows: list[dict]) -> dict[tuple, list[dict]]:
+    """Rows comparable with one another: same number of samples, seed, reference, mode and features."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["n_samples"], r["seed"], r["reference"], r["mode"], r["features"]), []).append(r)
+    return groups
+
+
+def _fmt(value, digits: int = 2) -> str:
+    return "" if value is None else f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = ["# Evaluation report", ""]
+    for (n, seed, reference, mode, features), group in _groups(rows).items():
+        metric = metric_of(group)
+        best = min(group, key=lambda r: r[metric])
+        lines += [f"## {n} samples, seed {seed}, against {reference}" + (f" ({features})" if mode else ""),
+                  "", f"Lower is better; ★ marks the best row by {metric.upper()}.", ""]
+        extra = [c for c in ("kid", "mmd", "bpd") if any(r.get(c) is not None for r in group)]
+        head = ["step", "weights", "sampler", "cfg", "NFE", metric.upper(), *[c.upper() for c in extra], "seconds"]
+        lines += ["| " + " | ".join(head) + " |", "|" + "---|" * 3 + "---:|" * (len(head) - 3)]
+        for r in group:
+            sampler = Sampler(r["solver"], r["steps"], r["schedule"] or "linear").label
+            if r["steps"] is None:
+                sampler += f" (atol {r['atol']:g}, rtol {r['rtol']:g})"
+            cells = [str(r["step"]), r["weights"] or "", sampler, _fmt(r["cfg_scale"], 1), _fmt(r["nfe"], 1),
+                     _fmt(r[metric], 2 if metric == "fid" else 4)]
+            for c in extra:
+                if c == "kid" and r.get("kid") is not None:
+                    cells.append(f"{r['kid'] * 1e3:.2f} ± {r['kid_std'] * 1e3:.2f} (×10⁻³)")
+                else:
+                    cells.append(_fmt(r.get(c), 4 if c == "mmd" else 3))
+            cells.append(f"{r['seconds']:.0f}")
+            if r is best:
+                cells = [f"**{c}**" if c else c for c in cells]
+                cells[0] = "★ " + cells[0]
+            lines.append("| " + " | ".join(cells) + " |")
+        first = group[0]
+        lines += ["", f"Protocol: {first['protocol']}", ""]
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    """Metric against training step (a line per sampler) and against NFE (a line per checkpoint), for the
+    largest group of comparable rows."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    group = max(_groups(rows).values(), key=len)
+    metric = metric_of(group)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    by_sampler: dict[str, list[dict]] = {}
+    by_checkpoint: dict[str, list[dict]] = {}
+    for r in group:
+        label = Sampler(r["solver"], r["steps"], r["schedule"] or "linear").label
+        label += f", cfg {r['cfg_scale']:g}" if r["cfg_scale"] != 1 else ""
+        by_sampler.setdefault(label + (f" ({r['weights']})" if r["weights"] != "ema" else ""), []).append(r)
+        by_checkpoint.setdefault(f"step {r['step']} ({r['weights']})" + (f", cfg {r['cfg_scale']:g}"
+                                                                          if r["cfg_scale"] != 1 else ""), []).append(r)
+    for label, rs in by_sampler.items():
+        rs = sorted(rs, key=lambda r: r["step"])
+        left.plot([r["step"] for r in rs], [r[metric] for r in rs], "o-", label=label)
+    for label, rs in by_checkpoint.items():
+        rs = sorted(rs, key=lambda r: r["nfe"])
+        right.plot([r["nfe"] for r in rs], [r[metric] for r in rs], "o-", label=label)
+    n, reference, features = group[0]["n_samples"], group[0]["reference"], group[0]["features"]
+    name = metric.upper() + (f" ({features})" if features and not features.startswith("inception") else "")
+    left.set(xlabel="training step", ylabel=name, title=f"{name} against training step, per sampler")
+    right.set(xlabel="NFE (velocity evaluations)", ylabel=name, xscale="log",
+              title=f"{name} against NFE, per checkpoint")
+    for ax in (left, right):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"{n} samples against {reference}", fontsize=9)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    plt.close(fig)
+    _write(path, buffer.getvalue())
+
+
+def versions() -> dict[str, str]:
+    found = {"python": platform.python_version()}
+    for name in ("torch", "accelerate", "clean-fid", "torchdiffeq", "numpy", "scipy"):
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            found[name] = "not installed"
+    head = Path(__file__).resolve().parent / ".git"
+    if head.is_dir():
+        import subprocess
+
+        commit = subprocess.run(["git", "-C", str(head.parent), "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True).stdout.strip()
+        found["toolkit"] = commit or "unknown"
+    return found
+
+
+# Work shared by the processes.
+
+
+def gather_indexed(accelerator: Accelerator, local: torch.Tensor, n: int) -> torch.Tensor:
+    """Rows that process r computed for indices r, r + W, r + 2W, ... gathered back into index order (n, ...)."""
+    world = accelerator.num_processes
+    m = -(-n // world)
+    padded = torch.zeros(m, *local.shape[1:], dtype=local.dtype, device=accelerator.device)
+    padded[: len(local)] = local.to(accelerator.device)
+    everything = accelerator.gather(padded).cpu().reshape(world, m, *local.shape[1:])
+    return everything.transpose(0, 1).reshape(world * m, *local.shape[1:])[:n]
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    try:
+        if args.folder:
+            score_folder(args)
+        else:
+            evaluate(args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def score_folder(args: argparse.Namespace) -> None:
+    """FID (and KID) of images made elsewhere against --ref, printed; with --out also added to a report."""
+    folder = Path(args.folder)
+    if not folder.is_dir():
+        raise UserError(f"--folder {folder} is not a folder of images")
+    if not args.ref:
+        raise UserError("--folder needs --ref: a clean-fid dataset name, a folder of images or an .npz")
+    start = time.perf_counter()
+    images = fid.read_image_folder(folder)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    extractor = build_features(args.features, args.mode, device)
+    reference = fid.load_reference(args.ref, extractor, tuple(images.shape[-2:]), Path(args.stats_dir),
+                                   need_features=args.kid)
+    features = extractor(images)
+    row = {"step": None, "weights": None, "solver": str(folder), "steps": None, "schedule": None, "atol": None,
+           "rtol": None, "cfg_scale": 1.0, "nfe": None, "n_samples": len(images), "seed": None,
+           "reference": reference.name, "mode": args.mode, "features": extractor.key}
+    row.update(image_metrics(features, reference, args.kid, args.seed))
+    row.update(seconds=time.perf_counter() - start, versions=versions(), date=time.strftime("%Y-%m-%d %H:%M:%S"),
+               protocol=f"{len(images)} images of {folder}, {extractor.description}")
+    kid = f", KID {row['kid']:.5f} ± {row['kid_std']:.5f}" if args.kid else ""
+    print(f"{folder}: {len(images)} images, FID {row['fid']:.3f}{kid} against {reference.name}")
+    if args.out:
+        Report(Path(args.out)).add(row)
+
+
+def image_metrics(features: np.ndarray, reference: Reference, kid: bool, seed: int) -> dict:
+    out = {"fid": frechet_distance(features.mean(0), np.cov(features, rowvar=False), reference.mu, reference.sigma)}
+    if kid:
+        out["kid"], out["kid_std"] = kernel_inception_distance(features, reference.features, seed=seed)
+    return out
+
+
+def evaluate(args: argparse.Namespace) -> None:
+    if not args.exp:
+        raise UserError("give a run folder with -e RUN_DIR, or images with --folder DIR --ref REFERENCE")
+    run = Path(args.exp)
+    if not run.is_dir():
+        raise UserError(f"run dir {run} does not exist; give the folder train.py wrote (-e)")
+    checkpoints = select_checkpoints(run, args.checkpoints)
+    if args.n_samples < 2 or args.bspp <= 0 or args.bpd_n <= 0:
+        raise UserError("--n-samples must be at least 2, and --bspp and --bpd-n positive")
+    cfg = load_config(checkpoints[-1][1] / "config.yaml")
+    s = cfg.sample
+    default = s.solver if s.solver in ADAPTIVE else f"{s.solver}:{s.steps or 100}:{s.schedule}"
+    samplers = parse_samplers(args.samplers or [default])
+    atol, rtol = args.atol or s.atol, args.rtol or s.rtol
+    weights_kinds = ["ema", "raw"] if args.weights == "both" else [args.weights]
+
+    # Processes, data and what the samples look like.
+    cpu_multiprocess = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    accelerator = Accelerator(cpu=cpu_multiprocess)
+    main_process = accelerator.is_main_process
+    meta = read_metadata(checkpoints[-1][1] / "ema.safetensors")
+    dataset = None
+    if "data_shape" not in meta or args.ref is None or args.bpd or meta.get("kind") == "vector":
+        dataset = build_dataset(cfg)
+        meta = meta if "data_shape" in meta else data_info(cfg, dataset)
+    shape, num_classes, kind = tuple(json.loads(meta["data_shape"])), int(meta["num_classes"]), meta["kind"]
+    if kind == "field":
+        raise UserError("FID needs images; this run's data are fields (data.name=fields), which have no Inception "
+                        "reference; use sample.py and compare the fields directly")
+    cfg_scales = args.cfg_scale or [s.cfg_scale]
+    if any(w != 1 for w in cfg_scales) and not num_classes:
+        raise UserError(f"--cfg-scale {cfg_scales} asks for classifier-free guidance but the model is unconditional "
+                        "(trained without model.class_cond); leave --cfg-scale out")
+    labels = class_labels(None, args.n_samples, num_classes, args.seed)
+    source = None if cfg.data.source == "gaussian" else build_source(cfg, shape)
+
+    # Reference.
+    extractor, reference, points = None, None, None
+    if kind == "image":
+        extractor = build_features(args.features, args.mode, accelerator.device)
+        if main_process:  # computes (and caches) what the other processes then read
+            reference = fid.load_reference(args.ref, extractor, shape[-2:], Path(args.stats_dir), cfg, dataset,
+                                           args.kid)
+        accelerator.wait_for_everyone()
+        if not main_process:
+            reference = fid.load_reference(args.ref, extractor, shape[-2:], Path(args.stats_dir), cfg, dataset,
+                                           args.kid)
+        reference_name, mode, features_key = reference.name, args.mode, extractor.key
+        protocol = (f"{args.n_samples} samples per row from noise seeded by ({args.seed}, k), "
+                    f"uint8 images, {extractor.description} features, Fréchet distance to {reference.name}"
+                    + ("; KID: unbiased MMD² with the cubic kernel over 100 subsets of up to 1000" if args.kid else ""))
+    else:
+        if args.n_samples > len(dataset):
+            raise UserError(f"--n-samples {args.n_samples} exceeds the {len(dataset)} points of the dataset")
+        pick = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(args.seed))[: args.n_samples]
+        points = dataset[pick][0].double()
+        reference_name, mode, features_key = f"{cfg.data.name} ({args.n_samples} dataset points)", None, None
+        protocol = (f"{args.n_samples} samples per row from noise seeded by ({args.seed}, k), W2 by exact optimal "
+                    f"assignment and MMD² (Gaussian kernels, bandwidths 0.1-5) to {args.n_samples} points of the "
+                    f"dataset drawn with seed {args.seed}")
+    if args.bpd and cfg.data.source != "gaussian":
+        raise UserError(f"--bpd needs the standard normal source; this run starts from data.source="
+                        f"{cfg.data.source}, whose density is not known")
+    if args.bpd:
+        protocol += (f"; bits/dim of {args.bpd_n} dataset items by the instantaneous change of variables "
+                     f"(dopri5, atol = rtol = {args.bpd_tol:g}), "
+                     + ("uniform dequantization, Hutchinson divergence" if kind == "image" else "exact divergence"))
+    report = Report(Path(args.out) if args.out else run / "eval")
+
+    # Rows.
+    rows = [(step, path, w, sampler, scale) for step, path in checkpoints for w in weights_kinds
+            for sampler in samplers for scale in cfg_scales]
+    if main_process:
+        print(f"{run}: {len(rows)} rows ({len(checkpoints)} checkpoints × {len(weights_kinds)} weights × "
+              f"{len(samplers)} samplers × {len(cfg_scales)} cfg scales), {args.n_samples} samples each, "
+              f"{accelerator.num_processes} process(es) on {accelerator.device}; report in {report.folder}")
+    loaded, bpd_of = None, {}
+    for step, path, w, sampler, scale in rows:
+        adaptive = sampler.steps is None
+        row = {"step": step, "weights": w, "solver": sampler.solver, "steps": sampler.steps,
+               "schedule": None if adaptive else sampler.schedule, "atol": atol if adaptive else None,
+               "rtol": rtol if adaptive else None, "cfg_scale": float(scale), "n_samples": args.n_samples,
+               "seed": args.seed, "reference": reference_name, "mode": mode, "features": features_key}
+        done = report.find(key_of(row))
+        wanted = ["fid" if kind == "image" else "w2"] + (["kid"] if args.kid and kind == "image" else []) \
+            + (["bpd"] if args.bpd else [])
+        if done is not None and all(done.get(k) is not None for k in wanted):
+            if main_process:
+                print(f"  step {step} {w} {sampler.label} cfg {scale:g}: already in the report "
+                      f"({metric_of([done]).upper()} {done[metric_of([done])]:.4g})")
+            continue
+        accelerator.wait_for_everyone()  # every process has read the report before any row is added
+
+        if loaded != (step, w):
+            model_cfg = load_config(path / "config.yaml")
+            model = build_model(model_cfg, shape, num_classes)
+            load_weights(model, path / ("ema.safetensors" if w == "ema" else "model.safetensors"))
+            dtype = torch.float64 if kind == "vector" else torch.float32
+            model.to(accelerator.device, dtype).eval()
+            loaded = (step, w)
+        start = time.perf_counter()
+        out = sample_row(accelerator, model, row, sampler, shape, kind, labels, extractor, args.bspp, dtype,
+                         source)
+        if kind == "image":
+            metrics = image_metrics(out["values"].numpy(), reference, args.kid, args.seed)
+        else:
+            metrics = {"w2": w2(out["values"], points), "mmd": mmd(out["values"], points)}
+        if args.bpd:  # a property of the checkpoint, not of the sampler: computed once per weights
+            if (step, w) not in bpd_of:
+                bpd_of[(step, w)] = bits_per_dim(accelerator, model, dataset, kind, args)
+            metrics["bpd"] = bpd_of[(step, w)]
+        row.update(nfe=out["nfe"], **metrics)
+        row.update(bspp=args.bspp, processes=accelerator.num_processes, device=str(accelerator.device),
+                   checkpoint=str(path), seconds=time.perf_counter() - start, versions=versions(),
+                   date=time.strftime("%Y-%m-%d %H:%M:%S"), protocol=protocol)
+        if main_process:
+            report.add(row)
+            shown = ", ".join(f"{k.upper()} {v:.4g}" for k, v in metrics.items() if k != "kid_std")
+            print(f"  step {step} {w} {sampler.label} cfg {scale:g}: {shown} (NFE {out['nfe']:g}, "
+                  f"{row['seconds']:.0f} s)")
+        accelerator.wait_for_everyone()
+    if main_process:
+        if not report.path.is_file():
+            report.render(report.rows())
+        print(f"report: {report.folder / 'report.md'}, {report.folder / 'fid.png'}")
+    accelerator.end_training()
+
+
+def sample_row(accelerator, model, row: dict, sampler: Sampler, shape, kind: str, labels, extractor, bspp: int,
+               dtype, source=None) -> dict:
+    """This process's share of the row's samples (indices rank, rank + W, ...), generated in memory and reduced
+    to features (images) or kept (points); all of them gathered in index order, and the mean NFE per batch."""
+    n = row["n_samples"]
+    mine = list(range(accelerator.process_index, n, accelerator.num_processes))
+    values, nfe = [], []
+    bar = tqdm(total=n, unit="sample", disable=not accelerator.is_main_process, dynamic_ncols=True, leave=False,
+               desc=f"step {row['step']} {sampler.label}")
+    start = time.perf_counter()
+    for first in range(0, len(mine), bspp):
+        batch = mine[first: first + bspp]
+        x0 = noise(row["seed"], batch, shape, source).to(accelerator.device, dtype)
+        y = None if labels is None else labels[batch].to(accelerator.device)
+        out = generate(model, x0, sampler.steps, sampler.solver, y=y, schedule=sampler.schedule,
+                       cfg_scale=row["cfg_scale"], atol=row["atol"] or 1e-5, rtol=row["rtol"] or 1e-5)
+        nfe.append(out.nfe)
+        x = out.x.cpu()
+        values.append(torch.from_numpy(extractor(to_uint8(x.float()))) if kind == "image" else x.double())
+        bar.update(len(batch) * accelerator.num_processes)
+        bar.set_postfix(samples_s=f"{bar.n / (time.perf_counter() - start):.1f}", nfe=out.nfe)
+    bar.close()
+    width = (values[0].shape[1:] if values else (extractor.dim,) if kind == "image" else shape)
+    local = torch.cat(values) if values else torch.zeros(0, *width, dtype=torch.float64)
+    counts = accelerator.gather(torch.tensor([float(sum(nfe)), float(len(nfe))], device=accelerator.device))
+    counts = counts.reshape(-1, 2).sum(0).tolist()
+    mean_nfe = counts[0] / counts[1] if sampler.steps is None else sampler.steps * SOLVERS[sampler.solver][1]
+    return {"values": gather_indexed(accelerator, local, n), "nfe": mean_nfe}
+
+
+def bits_per_dim(accelerator, model, dataset, kind: str, args) -> float:
+    """Mean bits/dim of the first --bpd-n items of a seeded permutation of the dataset, shared over processes,
+    integrated with dopri5 at --bpd-tol: fixed-grid solvers of a few steps are far too coarse backwards."""
+    n = min(args.bpd_n, len(dataset))
+    pick = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(args.seed + 1))[:n]
+    mine = pick[accelerator.process_index::accelerator.num_processes]
+    total = torch.zeros(2, dtype=torch.float64, device=accelerator.device)
+    dtype = next(model.parameters()).dtype
+    conditional = getattr(model, "label_embed", None) is not None
+    for first in range(0, len(mine), args.bspp):
+        idx = mine[first: first + args.bspp]
+        x, y = dataset[idx]
+        y = y.to(accelerator.device) if conditional and y is not None else None
+        out = log_likelihood(lambda x, t, y=y: model(x, t, y), x.to(accelerator.device, dtype), None, "dopri5",
+                             atol=args.bpd_tol, rtol=args.bpd_tol, dequantize=kind == "image",
+                             generator=torch.Generator().manual_seed(args.seed * 2**32 + int(idx[0])))
+        total += torch.tensor([out.bpd.sum().item(), len(idx)], dtype=torch.float64, device=accelerator.device)
+    total = accelerator.reduce(total, "sum")
+    return float(total[0] / total[1])
+
+if __name__ == "__main__":
+    main()

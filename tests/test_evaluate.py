@@ -1,0 +1,270 @@
+"""evaluate.py and the metrics behind it: FID/KID against direct computations, bits/dim, W2/MMD, the report."""
+
+import itertools
+import json
+import math
+import sys
+
+import numpy as np
+import pytest
+import torch
+from conftest import run_script
+from scipy import linalg
+from test_images import make_folder
+
+import evaluate
+from flows.likelihood import log_likelihood, standard_normal_log_p
+from metrics import fid as fid_module
+from metrics import frechet_distance, kernel_inception_distance, mmd, w2
+from metrics.fid import PixelFeatures, Reference
+
+
+def direct_fid(a: np.ndarray, b: np.ndarray) -> float:
+    """Fréchet distance by another route: Tr((Σ₁Σ₂)^½) as the sum of square roots of Σ₁Σ₂'s eigenvalues."""
+    s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    eig = np.clip(linalg.eigvals(s1 @ s2).real, 0, None)
+    return float(((a.mean(0) - b.mean(0)) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.sqrt(eig).sum())
+
+
+def stats(x):
+    return x.mean(0), np.cov(x, rowvar=False)
+
+
+def test_fid_is_zero_against_itself_and_matches_a_direct_computation():
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(400, 12)) @ rng.normal(size=(12, 12))
+    b = 0.8 * a[::-1] + 0.5 + rng.normal(size=a.shape) * 0.3
+    assert abs(frechet_distance(*stats(a), *stats(a))) < 1e-8
+    assert frechet_distance(*stats(a), *stats(b)) == pytest.approx(direct_fid(a, b), rel=1e-8)
+    # The same through image features: a set of images against the reference made from itself.
+    images = torch.randint(0, 256, (300, 1, 16, 16), dtype=torch.uint8)
+    features = PixelFeatures()(images)
+    reference = Reference.of(features, "itself")
+    assert abs(frechet_distance(*stats(features), reference.mu, reference.sigma)) < 1e-6
+    brighter = PixelFeatures()(images.clamp(max=200) + 40)
+    assert frechet_distance(*stats(brighter), reference.mu, reference.sigma) == pytest.approx(
+        direct_fid(brighter, features), rel=1e-6)
+
+
+def test_kid_is_the_unbiased_polynomial_mmd():
+    rng = np.random.default_rng(1)
+    a, b = rng.normal(size=(30, 5)), rng.normal(size=(30, 5)) + 1
+    # One subset of every point: the estimate is the plain unbiased MMD² (the order of points does not matter).
+    k = lambda x, y: (x @ y / 5 + 1) ** 3  # noqa: E731
+    m = len(a)
+    within = sum(k(a[i], a[j]) + k(b[i], b[j]) for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
+    across = sum(k(a[i], b[j]) for i in range(m) for j in range(m)) / m**2
+    mean, std = kernel_inception_distance(a, b, subsets=1, subset_size=m)
+    assert mean == pytest.approx(within - 2 * across, rel=1e-10) and std == 0
+    same, _ = kernel_inception_distance(a, rng.normal(size=(30, 5)), subsets=50)
+    assert abs(same) < 0.1 * mean
+
+
+def test_w2_and_mmd_equal_brute_force_on_tiny_sets():
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(2, 6, 2, generator=g, dtype=torch.float64)
+    b = b + 0.5
+    best = min(((a[list(p)] - b).square().sum(1).mean()) for p in itertools.permutations(range(6)))
+    assert w2(a, b) == pytest.approx(best.sqrt().item(), rel=1e-12)
+    h = 0.7
+    k = lambda x, y: math.exp(-float((x - y).square().sum()) / (2 * h * h))  # noqa: E731
+    within = sum(k(a[i], a[j]) + k(b[i], b[j]) for i in range(6) for j in range(6) if i != j) / 30
+    across = sum(k(a[i], b[j]) for i in range(6) for j in range(6)) / 36
+    assert mmd(a, b, bandwidths=(h,)) == pytest.approx(within - 2 * across, rel=1e-10)
+
+
+def test_bits_per_dim_of_a_zero_velocity_flow_is_the_standard_normal_nll():
+    x = torch.randn(7, 2, dtype=torch.float64)
+    zero = lambda x, t: torch.zeros_like(x)  # noqa: E731
+    expected = -standard_normal_log_p(x) / (2 * math.log(2))
+    for solver, steps in (("euler", 3), ("rk4", 2)):
+        assert torch.equal(log_likelihood(zero, x, steps, solver).bpd, expected)
+    assert torch.allclose(log_likelihood(zero, x, None, "dopri5").bpd, expected, rtol=1e-12, atol=0)
+    images = torch.rand(3, 1, 4, 4) * 2 - 1
+    out = log_likelihood(zero, images, 2, "heun")  # Hutchinson's estimator for 16 dimensions and more
+    assert torch.allclose(out.bpd, -standard_normal_log_p(images.double()).float() / (16 * math.log(2)))
+    # Dequantized 8-bit images: the NLL of the dequantized point plus D log(256 / 2) nats.
+    pixels = torch.randint(0, 256, (3, 1, 4, 4)).float() / 127.5 - 1
+    g = torch.Generator().manual_seed(0)
+    out = log_likelihood(zero, pixels, 1, "euler", dequantize=True, generator=g)
+    noise = torch.rand(pixels.shape, generator=torch.Generator().manual_seed(0))
+    x = (torch.round((pixels + 1) * 127.5) + noise) * (2 / 256) - 1
+    nll = -standard_normal_log_p(x) + 16 * math.log(128)
+    assert torch.allclose(out.bpd, nll / (16 * math.log(2)))
+
+
+def test_bits_per_dim_of_a_scaling_flow_matches_its_closed_form():
+    # dx/dt = k x carries N(0, I) to N(0, e^{2k} I): log p₁(x) = log N(x e^{-k}) − D k.
+    k, x = 0.7, torch.randn(5, 3, dtype=torch.float64)
+    exact = standard_normal_log_p(x * math.exp(-k)) - 3 * k
+    out = log_likelihood(lambda x, t: k * x, x, None, "dopri5", atol=1e-9, rtol=1e-9)
+    assert torch.allclose(out.log_p, exact, atol=1e-7) and out.nfe > 0
+
+
+def test_samplers_parse_with_schedule_parameters():
+    got = evaluate.parse_samplers(["euler:10,heun:25:cosine", "rk4:4:logit_normal:mean=0,std=1,dopri5", "midpoint"])
+    assert [s.label for s in got] == ["euler:10", "heun:25:cosine", "rk4:4:logit_normal:mean=0,std=1", "dopri5",
+                                      "midpoint:100"]
+
+
+# End to end.
+
+
+@pytest.fixture(scope="module")
+def toy_run(tmp_path_factory):
+    run = tmp_path_factory.mktemp("toy") / "run"
+    out = run_script("train.py", "-e", str(run), "model.width=32", "model.depth=2", "model.time_dim=16",
+                     "train.batch_size=32", "data.size=512", "train.steps=20", "train.checkpoint_every=10",
+                     "train.trackers=[]", "train.preview_every=0", "train.preview_n=16", "train.preview_steps=2")
+    assert out.returncode == 0, out.stderr
+    return run
+
+
+@pytest.fixture(scope="module")
+def image_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("images")
+    make_folder(root / "data", {"a": [(8, 8)] * 6, "b": [(8, 8)] * 6})
+    out = run_script("train.py", "-e", str(root / "run"), "data.name=imagefolder", f"data.path={root / 'data'}",
+                     "model.name=DiT-S/4", "model.width=16", "model.depth=1", "model.heads=2", "train.batch_size=4",
+                     "train.steps=2", "train.checkpoint_every=1", "train.trackers=[]", "train.preview_images=4",
+                     "train.preview_steps=1")
+    assert out.returncode == 0, out.stderr
+    return root / "run"
+
+
+def rows_of(run):
+    return json.loads((run / "eval" / "report.json").read_text())["rows"]
+
+
+PROTOCOL = {"step", "weights", "solver", "steps", "schedule", "atol", "rtol", "cfg_scale", "nfe", "n_samples", "seed",
+            "reference", "mode", "features", "seconds", "versions", "date", "protocol", "checkpoint", "bspp",
+            "processes", "device"}
+
+
+def test_2d_report_has_every_row_and_field_and_is_not_recomputed(toy_run):
+    args = ["-e", str(toy_run), "--samplers", "euler:4,dopri5", "--n-samples", "200", "--bpd", "--bpd-n", "50"]
+    out = run_script("evaluate.py", *args)
+    assert out.returncode == 0, out.stderr
+    rows = rows_of(toy_run)
+    assert len(rows) == 4 and {(r["step"], r["solver"]) for r in rows} == {(10, "euler"), (20, "euler"),
+                                                                           (10, "dopri5"), (20, "dopri5")}
+    for r in rows:
+        assert PROTOCOL <= set(r) and r["w2"] > 0 and r["mmd"] is not None and math.isfinite(r["bpd"])
+        assert {"torch", "accelerate", "clean-fid", "numpy", "scipy"} <= set(r["versions"])
+    assert {r["nfe"] for r in rows if r["solver"] == "euler"} == {4}
+    assert all(r["nfe"] > 4 and r["atol"] == r["rtol"] == 1e-5 for r in rows if r["solver"] == "dopri5")
+    assert all(r["atol"] is None and r["schedule"] == "linear" for r in rows if r["solver"] == "euler")
+    for name in ("report.csv", "report.md", "fid.png"):
+        assert (toy_run / "eval" / name).stat().st_size > 0
+    assert "★" in (toy_run / "eval" / "report.md").read_text()
+    before = (toy_run / "eval" / "report.json").read_bytes()
+    again = run_script("evaluate.py", *args)
+    assert again.returncode == 0 and again.stdout.count("already in the report") == 4, again.stdout
+    assert (toy_run / "eval" / "report.json").read_bytes() == before
+
+
+def test_two_processes_give_the_same_rows_as_one(toy_run, tmp_path):
+    args = ["evaluate.py", "-e", str(toy_run), "--checkpoints", "last", "--samplers", "heun:3", "--n-samples", "101",
+            "--bspp", "16"]
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    one = run_script(*args, "--out", str(tmp_path / "one"))
+    two = run_script(*args, "--out", str(tmp_path / "two"), launcher=launcher)
+    assert one.returncode == 0 and two.returncode == 0, one.stderr + two.stderr
+    (a,), (b,) = (json.loads((tmp_path / d / "report.json").read_text())["rows"] for d in ("one", "two"))
+    assert b["processes"] == 2 and a["w2"] == b["w2"] and a["mmd"] == b["mmd"] and a["nfe"] == b["nfe"] == 6
+
+
+def test_an_interrupted_evaluation_continues_where_it_stopped(image_run, tmp_path, monkeypatch):
+    args = ["-e", str(image_run), "--samplers", "euler:2,heun:1", "--n-samples", "12", "--features", "pixels",
+            "--kid", "--stats-dir", str(tmp_path / "stats"), "--out", str(tmp_path / "eval")]
+    real, calls = evaluate.sample_row, []
+
+    def dies_on_the_third_row(*a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(evaluate, "sample_row", dies_on_the_third_row)
+    with pytest.raises(KeyboardInterrupt):
+        evaluate.main(args)
+    first = json.loads((tmp_path / "eval" / "report.json").read_text())["rows"]
+    assert len(first) == 2 and list((tmp_path / "stats").glob("*.npz"))  # reference statistics were cached
+    monkeypatch.setattr(evaluate, "sample_row", real)
+    evaluate.main(args)
+    rows = json.loads((tmp_path / "eval" / "report.json").read_text())["rows"]
+    assert len(rows) == 4 and all(r in rows for r in first)  # the two done rows untouched, two more added
+    assert {(r["step"], r["solver"]) for r in rows} == {(1, "euler"), (2, "euler"), (1, "heun"), (2, "heun")}
+    assert all(r["fid"] >= 0 and r["kid_std"] >= 0 and r["features"] == "pixels" for r in rows)
+    assert "12 images" in rows[0]["reference"]
+
+
+def test_folder_of_images_is_scored_against_a_reference(image_run, tmp_path):
+    make_folder(tmp_path / "mine", {"": [(8, 8)] * 5})
+    out = run_script("evaluate.py", "--folder", str(tmp_path / "mine"), "--ref", str(tmp_path / "mine"),
+                     "--features", "pixels", "--stats-dir", str(tmp_path / "stats"))
+    assert out.returncode == 0, out.stderr
+    assert "5 images, FID 0.000" in out.stdout or "5 images, FID -0.000" in out.stdout, out.stdout
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--samplers", "eulr:10"], "error: unknown solver 'eulr'; did you mean 'euler'?"),
+    (["--ref", "/nonexistent/stats.npz"], "error: reference /nonexistent/stats.npz does not exist"),
+    (["--ref", "{big}"], "error: reference {big} holds 16x16 images but the samples are 8x8"),
+    (["--checkpoints", "7"], "error: run dir {run} has no checkpoint at step 7; it has 1, 2"),
+])
+def test_bad_input_is_one_clear_line(image_run, tmp_path, args, message):
+    make_folder(tmp_path / "big", {"": [(16, 16)] * 3})
+    fill = {"big": tmp_path / "big", "run": image_run}
+    args = [a.format(**fill) for a in args]
+    out = run_script("evaluate.py", "-e", str(image_run), "--n-samples", "4", "--features", "pixels",
+                     "--stats-dir", str(tmp_path / "stats"), "--out", str(tmp_path / "eval"), *args)
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+    assert out.stderr.strip().splitlines()[-1].startswith(message.format(**fill)), out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1, out.stderr
+
+
+def test_run_without_checkpoints_is_one_clear_line(tmp_path):
+    (tmp_path / "empty").mkdir()
+    out = run_script("evaluate.py", "-e", str(tmp_path / "empty"))
+    assert out.returncode == 2 and out.stderr.strip() == (
+        f"error: run dir {tmp_path / 'empty'} has no checkpoints (checkpoints/step_N); train first or give the "
+        "run's folder")
+
+
+def test_missing_inception_offline_says_where_to_put_it(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(fid_module, "INCEPTION_FILE", tmp_path / "inception-2015-12-05.pt")
+
+    def offline():
+        raise OSError("network is unreachable")
+
+    monkeypatch.setattr(fid_module, "_download_inception", offline)
+    fid_module._inception.cache_clear()
+    make_folder(tmp_path / "mine", {"": [(8, 8)] * 3})
+    with pytest.raises(SystemExit) as stop:
+        evaluate.main(["--folder", str(tmp_path / "mine"), "--ref", str(tmp_path / "mine")])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and err.startswith(
+        f"error: clean-fid's Inception network is not at {tmp_path / 'inception-2015-12-05.pt'} and could not be "
+        "downloaded (OSError); on a machine without network copy inception-2015-12-05.pt there"), err
+
+
+def test_training_logs_a_small_n_quality_check_at_checkpoints(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # where the reference statistics are cached
+    out = run_script("train.py", "-e", str(tmp_path / "toy"), "model.width=16", "model.depth=1", "model.time_dim=8",
+                     "train.batch_size=16", "data.size=256", "train.steps=10", "train.checkpoint_every=5",
+                     "train.eval_every=5", "train.eval_n=64", "train.trackers=[]", "train.preview_every=0",
+                     "train.preview_n=16", "train.preview_steps=2")
+    assert out.returncode == 0, out.stderr
+    rows = [json.loads(line) for line in (tmp_path / "toy" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "w2" in r] == [5, 10] and all(r["w2"] > 0 for r in rows if "w2" in r)
+    make_folder(tmp_path / "data", {"": [(8, 8)] * 8})
+    out = run_script("train.py", "-e", str(tmp_path / "img"), "data.name=imagefolder", f"data.path={tmp_path / 'data'}",
+                     "model.name=DiT-S/4", "model.width=16", "model.depth=1", "model.heads=2", "train.batch_size=4",
+                     "train.steps=2", "train.eval_every=2", "train.eval_n=8", "train.eval_features=pixels",
+                     "train.trackers=[]", "train.preview_images=4", "train.preview_steps=1")
+    assert out.returncode == 0, out.stderr
+    rows = [json.loads(line) for line in (tmp_path / "img" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "fid_pixels" in r] == [2]
+    assert len(list((tmp_path / "cache" / "fm-toolkit" / "fid-stats").glob("imagefolder_*pixels*.npz"))) == 1
