@@ -268,3 +268,26 @@ def test_training_logs_a_small_n_quality_check_at_checkpoints(tmp_path, monkeypa
     rows = [json.loads(line) for line in (tmp_path / "img" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "fid_pixels" in r] == [2]
     assert len(list((tmp_path / "cache" / "fm-toolkit" / "fid-stats").glob("imagefolder_*pixels*.npz"))) == 1
+
+
+def _add_rows(folder, first):
+    report = evaluate.Report(folder)
+    for k in range(first, first + 15):
+        report.add({"step": k, "weights": "ema", "solver": "euler", "steps": 1, "schedule": "linear", "atol": None,
+                    "rtol": None, "cfg_scale": 1.0, "nfe": 1, "n_samples": 2, "seed": 0, "reference": "r",
+                    "mode": None, "features": None, "w2": float(k), "seconds": 0.0, "protocol": "test"})
+
+
+def test_two_evaluations_writing_at_once_lose_no_row(tmp_path):
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    writers = [ctx.Process(target=_add_rows, args=(tmp_path, first)) for first in (0, 100)]
+    for w in writers:
+        w.start()
+    for w in writers:
+        w.join(120)
+        assert w.exitcode == 0
+    rows = json.loads((tmp_path / "report.json").read_text())["rows"]
+    assert sorted(r["step"] for r in rows) == [*range(15), *range(100, 115)]
+    assert not list(tmp_path.glob(".tmp_*"))  # no half-written file left behind

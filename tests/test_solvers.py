@@ -113,3 +113,15 @@ def test_bad_solver_arguments_fail_with_one_sentence():
         generate(model, torch.zeros(2, 2), 0, "rk4")
     with pytest.raises(UserError, match="the model is unconditional"):
         generate(model, torch.zeros(2, 2), 3, "euler", y=torch.tensor([0, 1]), cfg_scale=1.5)
+
+
+def test_noise_from_a_2d_source_is_drawn_per_sample():
+    from config import load_config
+    from data import build_source
+    from flows.solvers import noise
+
+    source = build_source(load_config(None, ["data.source=8gaussians"]), (2,))
+    together = noise(3, [0, 1, 2, 3], (2,), source)
+    assert torch.equal(together[2:], noise(3, [2, 3], (2,), source))  # sample k does not depend on its batch
+    radius = together.norm(dim=1)
+    assert not torch.equal(together, noise(3, [0, 1, 2, 3], (2,))) and (radius > 1).all()  # not the Gaussian
