@@ -51,10 +51,13 @@ class ModelConfig:
     dropout: float | None = None  # UNet dropout
     time_dim: int = 64  # MLP: size of the sinusoidal timestep embedding
     class_cond: bool = False  # condition on the dataset's class labels (their number is read from the data)
+    latent_channels: int | None = None  # autoencoders: channels of the latent (preset: 4)
 
 
 @dataclass
 class FlowConfig:
+    objective: str = "cfm"  # 'cfm' (flow matching) or 'autoencoder' (a KL autoencoder for latent flow matching)
+    kl_weight: float = 1e-3  # autoencoder: β of ‖D(z) − x‖² + β·KL, both per pixel
     path: str = "linear"  # probability path, a key of flows.PATHS
     sigma_min: float = 0.0  # noise left at t=1 (I-CFM); 0 is rectified flow
     coupling: str = "independent"  # pairing of noise and data: 'independent' or 'ot' (minibatch OT-CFM)
@@ -276,11 +279,16 @@ def check_names(cfg: Config) -> None:
     """Check every registry name in the config before any data or GPU work."""
     from data import DATASETS, SOURCES
     from flows import COUPLINGS, PATHS, TIME_DENSITIES
-    from models import MODELS
+    from models import AUTOENCODERS, MODELS
 
     check_name(DATASETS, cfg.data.name, "data.name")
     check_name(SOURCES, cfg.data.source, "data.source")
-    check_name(MODELS, cfg.model.name, "model.name")
+    if cfg.flow.objective not in ("cfm", "autoencoder"):
+        raise UserError(f"config key flow.objective must be cfm or autoencoder, got '{cfg.flow.objective}'")
+    if cfg.flow.objective == "autoencoder":
+        check_name(AUTOENCODERS, cfg.model.name, "model.name")
+    else:
+        check_name(MODELS, cfg.model.name, "model.name")
     check_name(PATHS, cfg.flow.path, "flow.path")
     check_name(COUPLINGS, cfg.flow.coupling, "flow.coupling")
     check_name(TIME_DENSITIES, cfg.flow.time_density, "flow.time_density")

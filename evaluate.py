@@ -389,6 +389,9 @@ def evaluate(args: argparse.Namespace) -> None:
     if args.n_samples < 2 or args.bspp <= 0 or args.bpd_n <= 0:
         raise UserError("--n-samples must be at least 2, and --bspp and --bpd-n positive")
     cfg = load_config(checkpoints[-1][1] / "config.yaml")
+    if cfg.flow.objective == "autoencoder":
+        raise UserError(f"run {run} trained an autoencoder (flow.objective=autoencoder), not a flow; train a latent "
+                        "flow model on it and evaluate that")
     s = cfg.sample
     default = s.solver if s.solver in ADAPTIVE else f"{s.solver}:{s.steps or 100}:{s.schedule}"
     samplers = parse_samplers(args.samplers or [default])

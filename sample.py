@@ -79,6 +79,9 @@ def resolve(args: argparse.Namespace):
         raise UserError(f"no config at {config}; give the run's config.yaml with -c")
     cfg = load_config(config, args.overrides)
     check_names(cfg)
+    if cfg.flow.objective == "autoencoder":
+        raise UserError(f"{weights} is an autoencoder (flow.objective=autoencoder), not a flow; train a latent flow "
+                        "model on it and sample that")
     s = cfg.sample
     for key in ("solver", "steps", "schedule", "cfg_scale", "bspp", "seed", "atol", "rtol"):
         value = getattr(args, key)

@@ -31,7 +31,7 @@ from data import build_dataset, build_loader, build_source, data_info
 from data.images import random_hflip, save_grid, to_uint8
 from data.toy import plot_points
 from flows import BatchShard, LossByTime, build_objective, generate
-from models import build_model
+from models import build_autoencoder, build_model
 from models.checkpoint import checkpoint_name, list_checkpoints, load_checkpoint, prune_checkpoints, save_checkpoint
 from models.ema import EMA
 
@@ -98,6 +98,29 @@ def save_preview(path: Path, ema_model, dataset, source, cfg: Config, device: to
     x0 = source(rows * cols, g, device)
     out = generate(ema_model, x0, steps=t.preview_steps, solver="euler", y=y)
     save_grid(getattr(dataset, "to_uint8", to_uint8)(out.x), path, rows, row_labels=labels)
+
+
+@torch.no_grad()
+def save_reconstructions(path: Path, autoencoder, dataset, cfg: Config, device: torch.device) -> None:
+    """A grid of fixed dataset images (odd rows) above their reconstructions from the latent means (even rows)."""
+    n = min(cfg.train.preview_images, len(dataset))
+    cols = max(1, round(n ** 0.5))
+    rows = -(-n // cols)
+    x, _ = dataset[torch.arange(rows * cols) % len(dataset)]
+    reconstruction, _ = autoencoder(x.to(device))
+    pairs = torch.stack([x.view(rows, cols, *x.shape[1:]), reconstruction.cpu().view(rows, cols, *x.shape[1:])], 1)
+    save_grid(getattr(dataset, "to_uint8", to_uint8)(pairs.flatten(0, 2)), path, 2 * rows,
+              row_labels=["data", "recon."] * rows)
+
+
+@torch.no_grad()
+def latent_statistics(autoencoder, dataset, device: torch.device, n: int = 1024) -> dict[str, str]:
+    """The latent shape, and the shift and scale that make the latent means of up to n fixed dataset items zero
+    mean and unit variance (latent flow matching trains on (z − shift) · scale), as weight-file metadata."""
+    idx = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0))[:n]
+    z = torch.cat([autoencoder.encode(dataset[chunk][0].to(device)).mean.float().cpu() for chunk in idx.split(256)])
+    return {"latent_shape": json.dumps(list(z.shape[1:])), "latent_shift": repr(z.mean().item()),
+            "latent_scale": repr(1 / z.std().item())}
 
 
 @torch.no_grad()
@@ -170,9 +193,14 @@ def train(cfg: Config, run_dir: Path) -> None:
     if cfg.data.hflip and len(dataset.shape) != 3:
         raise UserError(f"data.hflip applies to images but {cfg.data.name} has shape {dataset.shape}; remove it")
 
+    autoencoding = cfg.flow.objective == "autoencoder"
+    if autoencoding and (num_classes or t.eval_every):
+        raise UserError("an autoencoder (flow.objective=autoencoder) is trained without model.class_cond and "
+                        "train.eval_every; remove them")
+
     # Model and EMA.
     set_seed(t.seed)
-    model = build_model(cfg, dataset.shape, num_classes)
+    model = build_autoencoder(cfg, dataset.shape) if autoencoding else build_model(cfg, dataset.shape, num_classes)
     memory_format = torch.channels_last if t.channels_last and len(dataset.shape) == 3 else torch.contiguous_format
     model.to(memory_format=memory_format)
     ema = EMA(model, t.ema_decay, t.ema_warmup)
@@ -188,7 +216,8 @@ def train(cfg: Config, run_dir: Path) -> None:
     data_meta = data_info(cfg, dataset)  # written into the weight files: sampling needs no data
 
     # Objective.
-    objective = build_objective(cfg, source, num_classes)
+    objective = build_objective(cfg, source, num_classes,
+                                model.latent_shape(dataset.shape) if autoencoding else ())
     shard = BatchShard.from_accelerator(accelerator)
 
     # Resume from the newest complete checkpoint.
@@ -264,11 +293,15 @@ def train(cfg: Config, run_dir: Path) -> None:
         if (t.preview_every > 0 and step % t.preview_every == 0) or last:
             if accelerator.is_main_process:
                 path = run_dir / "samples" / f"{checkpoint_name(step)}.png"
-                save_preview(path, ema.model, dataset, source, cfg, device, step, num_classes)
+                if autoencoding:
+                    save_reconstructions(path, ema.model, dataset, cfg, device)
+                else:
+                    save_preview(path, ema.model, dataset, source, cfg, device, step, num_classes)
                 log(f"preview: {path}")
             accelerator.wait_for_everyone()
         if step % t.checkpoint_every == 0 or last:
-            path = save_checkpoint(accelerator, run_dir, step, model, ema.model, to_yaml(cfg), data_meta)
+            meta = {**data_meta, **latent_statistics(ema.model, dataset, device)} if autoencoding else data_meta
+            path = save_checkpoint(accelerator, run_dir, step, model, ema.model, to_yaml(cfg), meta)
             if accelerator.is_main_process:
                 prune_checkpoints(run_dir, t.keep_last, t.keep_every)
             log(f"checkpoint: {path}")

@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 from config import Config
 from flows.couplings import BatchShard, IndependentCoupling, MinibatchOTCoupling
-from flows.objective import FlowMatchingObjective, LossByTime, ObjectiveOutput
+from flows.objective import AutoencoderObjective, FlowMatchingObjective, LossByTime, ObjectiveOutput
 from flows.paths import LinearPath, PathSample
 from flows.solvers import SOLVERS, SolverResult, generate, integrate
 from flows.timesteps import LogitNormalTime, ModeTime, UniformTime
@@ -24,7 +24,12 @@ TIME_DENSITIES = {
 }
 
 
-def build_objective(cfg: Config, source: Callable, num_classes: int = 0) -> FlowMatchingObjective:
+def build_objective(cfg: Config, source: Callable, num_classes: int = 0,
+                    latent_shape: tuple[int, ...] = ()) -> FlowMatchingObjective | AutoencoderObjective:
+    """The training objective of cfg.flow.objective: flow matching, or an autoencoder's (which needs the
+    shape of its latent)."""
+    if cfg.flow.objective == "autoencoder":
+        return AutoencoderObjective(cfg.flow.kl_weight, latent_shape)
     return FlowMatchingObjective(
         path=PATHS[cfg.flow.path](cfg),
         coupling=COUPLINGS[cfg.flow.coupling](),
@@ -35,6 +40,6 @@ def build_objective(cfg: Config, source: Callable, num_classes: int = 0) -> Flow
     )
 
 
-__all__ = ["PATHS", "COUPLINGS", "TIME_DENSITIES", "SOLVERS", "build_objective", "BatchShard",
+__all__ = ["AutoencoderObjective", "PATHS", "COUPLINGS", "TIME_DENSITIES", "SOLVERS", "build_objective", "BatchShard",
            "FlowMatchingObjective", "LossByTime", "ObjectiveOutput", "PathSample", "SolverResult",
            "generate", "integrate", "LinearPath", "IndependentCoupling", "MinibatchOTCoupling"]

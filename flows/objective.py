@@ -19,19 +19,20 @@ from flows.couplings import BatchShard
 @dataclass
 class Draw:
     """The randomness of one micro-step for this process's data: the noise x0 paired with each x1
-    (N, ...), the times t (N,) and the labels after dropout (N,) or None."""
+    (N, ...), the times t (N,) and the labels after dropout (N,) or None. For the autoencoder
+    objective x0 is the reparameterization noise ε of the latent and t is None."""
 
     x0: torch.Tensor
-    t: torch.Tensor
+    t: torch.Tensor | None
     y: torch.Tensor | None
 
 
 @dataclass
 class ObjectiveOutput:
-    """Per-sample loss (N,) in fp32 and the times t (N,) at which it was taken."""
+    """Per-sample loss (N,) in fp32 and the times t (N,) at which it was taken (None: no time)."""
 
     loss: torch.Tensor
-    t: torch.Tensor
+    t: torch.Tensor | None
 
 
 class FlowMatchingObjective:
@@ -71,6 +72,26 @@ class FlowMatchingObjective:
         return self.loss(model, x1, self.draw(x1, y, generator, shard))
 
 
+class AutoencoderObjective:
+    """‖D(z) − x‖² averaged over pixels + β·KL(q(z|x) ‖ N(0, I)) / pixels, per sample, z = μ + σ·ε
+    (Kingma & Welling 2014, eq. 10, with a weighted KL as in Rombach et al. 2022). ε of the global batch is
+    drawn from the micro-step's generator, like every draw."""
+
+    def __init__(self, kl_weight: float, latent_shape: tuple[int, ...]):
+        self.kl_weight, self.latent_shape = kl_weight, latent_shape
+
+    def draw(self, x1: torch.Tensor, y: torch.Tensor | None, generator: torch.Generator,
+             shard: BatchShard = BatchShard()) -> Draw:
+        eps = torch.randn(x1.shape[0] * shard.world, *self.latent_shape, generator=generator, device=x1.device)
+        return Draw(x0=shard.local(eps), t=None, y=None)
+
+    def loss(self, model: Callable, x1: torch.Tensor, draw: Draw) -> ObjectiveOutput:
+        reconstruction, posterior = model(x1, draw.x0)
+        pixels = x1[0].numel()
+        loss = (reconstruction.float() - x1.float()).square().flatten(1).mean(1)
+        return ObjectiveOutput(loss=loss + self.kl_weight * posterior.kl().float() / pixels, t=None)
+
+
 class LossByTime:
     """Running sums of the per-sample loss in `bins` equal bins of t, kept on the device (no host
     sync per step) and read out, summed over processes, at log time."""
@@ -81,6 +102,8 @@ class LossByTime:
         self.counts = torch.zeros(bins, device=device)
 
     def add(self, out: ObjectiveOutput) -> None:
+        if out.t is None:
+            return
         idx = (out.t.detach() * self.bins).long().clamp_(0, self.bins - 1)
         self.sums.index_add_(0, idx, out.loss.detach().float())
         self.counts.index_add_(0, idx, torch.ones_like(out.t, dtype=torch.float))

@@ -9,7 +9,7 @@ from __future__ import annotations
 from torch import nn
 
 from config import Config, UserError
-from models import dit, mlp, unet
+from models import autoencoder, dit, mlp, unet
 
 # name -> (model class, preset arguments)
 MODELS = {
@@ -18,8 +18,12 @@ MODELS = {
     **{name: (dit.DiT, kwargs) for name, kwargs in dit.PRESETS.items()},
 }
 
+# Autoencoders for latent flow matching (trained with flow.objective=autoencoder): name -> preset arguments.
+AUTOENCODERS = autoencoder.PRESETS
+
 # Config keys that change a preset -> the argument they set, per model class.
 _OVERRIDES = {
+    autoencoder.AutoencoderKL: dict(width="channels", depth="num_res_blocks", latent_channels="latent_channels"),
     mlp.MLP: dict(width="width", depth="depth", time_dim="time_dim"),
     unet.UNet: dict(width="channels", depth="num_res_blocks", dropout="dropout"),
     dit.DiT: dict(width="width", depth="depth", heads="heads"),
@@ -28,13 +32,16 @@ _OVERRIDES = {
 
 def model_arguments(cfg: Config) -> tuple[type[nn.Module], dict]:
     """The class of cfg.model.name and its arguments: the preset, changed by the model.* keys that are set."""
-    cls, kwargs = MODELS[cfg.model.name]
-    kwargs = dict(kwargs)
+    if cfg.model.name in AUTOENCODERS:
+        cls, kwargs = autoencoder.AutoencoderKL, dict(AUTOENCODERS[cfg.model.name])
+    else:
+        cls, kwargs = MODELS[cfg.model.name]
+        kwargs = dict(kwargs)
     for key, argument in _OVERRIDES[cls].items():
         value = getattr(cfg.model, key)
         if value is not None:
             kwargs[argument] = value
-    ignored = [key for key in ("width", "depth", "heads", "dropout")
+    ignored = [key for key in ("width", "depth", "heads", "dropout", "latent_channels")
                if getattr(cfg.model, key) is not None and key not in _OVERRIDES[cls]]
     if ignored:
         raise UserError(f"config key model.{ignored[0]} does not apply to model.name '{cfg.model.name}'; remove it")
@@ -59,3 +66,15 @@ def build_model(cfg: Config, data_shape: tuple[int, ...], num_classes: int = 0) 
         return dit.DiT(channels, (height, width), num_classes=num_classes, **kwargs)
     except ValueError as e:  # sizes that do not fit the architecture, e.g. a side not divisible by the patch
         raise UserError(f"model.name '{cfg.model.name}' does not fit data of shape {data_shape}: {e}") from None
+
+
+def build_autoencoder(cfg: Config, data_shape: tuple[int, ...]) -> autoencoder.AutoencoderKL:
+    """The autoencoder named by cfg.model.name (a key of AUTOENCODERS) for images of `data_shape`."""
+    if len(data_shape) != 3:
+        raise UserError(f"an autoencoder takes images (N, C, H, W) but the data have shape {data_shape}")
+    cls, kwargs = model_arguments(cfg)
+    model = cls(data_shape[0], **kwargs)
+    if data_shape[1] % model.factor or data_shape[2] % model.factor:
+        raise UserError(f"model.name '{cfg.model.name}' downsamples by {model.factor} but the images are "
+                        f"{data_shape[1]}x{data_shape[2]}; choose a resolution divisible by {model.factor}")
+    return model
