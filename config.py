@@ -115,12 +115,21 @@ class SampleConfig:
 
 
 @dataclass
+class LatentConfig:
+    autoencoder: str = ""  # latent flow matching: an autoencoder checkpoint folder (empty: the flow lives on pixels)
+    scale: float = 0.0  # latents are (z - shift) * scale; 0: the scale and shift stored in the autoencoder checkpoint
+    shift: float = 0.0  # used when latent.scale is set
+    sample_posterior: bool = False  # encode to a sample of q(z|x) instead of its mean
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     flow: FlowConfig = field(default_factory=FlowConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    latent: LatentConfig = field(default_factory=LatentConfig)
 
 
 # ---------------------------------------------------------------------------------------------

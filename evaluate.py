@@ -51,6 +51,7 @@ from tqdm import tqdm
 from config import UserError, load_config
 from data import build_dataset, build_source, data_info
 from data.images import to_uint8
+from flows.latent import build_space
 from flows.likelihood import log_likelihood
 from flows.schedules import parse_schedule
 from flows.solvers import ADAPTIVE, SOLVERS, check_solver, class_labels, generate, noise
@@ -407,7 +408,13 @@ def evaluate(args: argparse.Namespace) -> None:
     if "data_shape" not in meta or args.ref is None or args.bpd or meta.get("kind") == "vector":
         dataset = build_dataset(cfg)
         meta = meta if "data_shape" in meta else data_info(cfg, dataset)
-    shape, num_classes, kind = tuple(json.loads(meta["data_shape"])), int(meta["num_classes"]), meta["kind"]
+    # The flow's state (data or latents) and the images that `space` decodes it to.
+    shape, num_classes, kind = tuple(json.loads(meta.get("latent_shape", meta["data_shape"]))), \
+        int(meta["num_classes"]), meta["kind"]
+    image_shape = tuple(json.loads(meta["data_shape"]))
+    space = build_space(cfg, image_shape).to(accelerator.device)
+    if args.bpd and cfg.latent.autoencoder:
+        raise UserError("--bpd of a latent flow would measure the latents, not the images; leave --bpd out")
     if kind == "field":
         raise UserError("FID needs images; this run's data are fields (data.name=fields), which have no Inception "
                         "reference; use sample.py and compare the fields directly")
@@ -423,11 +430,11 @@ def evaluate(args: argparse.Namespace) -> None:
     if kind == "image":
         extractor = build_features(args.features, args.mode, accelerator.device)
         if main_process:  # computes (and caches) what the other processes then read
-            reference = fid.load_reference(args.ref, extractor, shape[-2:], Path(args.stats_dir), cfg, dataset,
+            reference = fid.load_reference(args.ref, extractor, image_shape[-2:], Path(args.stats_dir), cfg, dataset,
                                            args.kid)
         accelerator.wait_for_everyone()
         if not main_process:
-            reference = fid.load_reference(args.ref, extractor, shape[-2:], Path(args.stats_dir), cfg, dataset,
+            reference = fid.load_reference(args.ref, extractor, image_shape[-2:], Path(args.stats_dir), cfg, dataset,
                                            args.kid)
         reference_name, mode, features_key = reference.name, args.mode, extractor.key
         protocol = (f"{args.n_samples} samples per row from noise seeded by ({args.seed}, k), "
@@ -484,7 +491,7 @@ def evaluate(args: argparse.Namespace) -> None:
             loaded = (step, w)
         start = time.perf_counter()
         out = sample_row(accelerator, model, row, sampler, shape, kind, labels, extractor, args.bspp, dtype,
-                         source)
+                         source, space)
         if kind == "image":
             metrics = image_metrics(out["values"].numpy(), reference, args.kid, args.seed)
         else:
@@ -511,7 +518,7 @@ def evaluate(args: argparse.Namespace) -> None:
 
 
 def sample_row(accelerator, model, row: dict, sampler: Sampler, shape, kind: str, labels, extractor, bspp: int,
-               dtype, source=None) -> dict:
+               dtype, source=None, space=None) -> dict:
     """This process's share of the row's samples (indices rank, rank + W, ...), generated in memory and reduced
     to features (images) or kept (points); all of them gathered in index order, and the mean NFE per batch."""
     n = row["n_samples"]
@@ -527,7 +534,7 @@ def sample_row(accelerator, model, row: dict, sampler: Sampler, shape, kind: str
         out = generate(model, x0, sampler.steps, sampler.solver, y=y, schedule=sampler.schedule,
                        cfg_scale=row["cfg_scale"], atol=row["atol"] or 1e-5, rtol=row["rtol"] or 1e-5)
         nfe.append(out.nfe)
-        x = out.x.cpu()
+        x = (out.x if space is None else space.decode(out.x)).cpu()
         values.append(torch.from_numpy(extractor(to_uint8(x.float()))) if kind == "image" else x.double())
         bar.update(len(batch) * accelerator.num_processes)
         bar.set_postfix(samples_s=f"{bar.n / (time.perf_counter() - start):.1f}", nfe=out.nfe)

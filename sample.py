@@ -32,6 +32,7 @@ from tqdm import tqdm
 from config import UserError, check_names, load_config
 from data import build_dataset, build_source, data_info
 from data.images import save_grid, to_uint8
+from flows.latent import build_space
 from flows.schedules import parse_schedule
 from flows.solvers import ADAPTIVE, SOLVERS, check_solver, class_labels, generate, noise
 from models import build_model
@@ -153,7 +154,9 @@ def main(argv: list[str] | None = None) -> None:
 def sample(args: argparse.Namespace) -> None:
     cfg, weights, meta = resolve(args)
     s, n = cfg.sample, args.n_samples
-    shape, num_classes, kind = tuple(json.loads(meta["data_shape"])), int(meta["num_classes"]), meta["kind"]
+    # The flow's state: the data, or the latents of a frozen autoencoder that `space` decodes.
+    shape, num_classes, kind = tuple(json.loads(meta.get("latent_shape", meta["data_shape"]))), \
+        int(meta["num_classes"]), meta["kind"]
     labels = class_labels(args.class_labels, n, num_classes, s.seed)
     if s.cfg_scale != 1 and not num_classes:
         raise UserError(f"--cfg-scale {s.cfg_scale} asks for classifier-free guidance but the model is unconditional "
@@ -183,6 +186,7 @@ def sample(args: argparse.Namespace) -> None:
     dtype = torch.float64 if kind == "vector" else torch.float32
     model.to(accelerator.device, dtype).eval()
     source = None if cfg.data.source == "gaussian" else build_source(cfg, shape)
+    space = build_space(cfg, tuple(json.loads(meta["data_shape"]))).to(accelerator.device)
     steps = s.steps if s.solver not in ADAPTIVE else None
     what = (f"{s.solver}, {f'{steps} steps, {s.schedule} schedule' if steps else f'atol {s.atol}, rtol {s.rtol}'}, "
             f"cfg scale {s.cfg_scale}, seed {s.seed}")
@@ -200,7 +204,7 @@ def sample(args: argparse.Namespace) -> None:
         out = generate(model, x0, steps, s.solver, y=y, schedule=s.schedule, cfg_scale=s.cfg_scale,
                        atol=s.atol, rtol=s.rtol)
         nfe.append(out.nfe)
-        for k, x in zip(batch, out.x.float().cpu()):  # vectors: float64 rounded to float32
+        for k, x in zip(batch, space.decode(out.x).float().cpu()):  # vectors: float64 rounded to float32
             write_sample(file_of(save_dir, k, kind), x, kind, meta)
         bar.update(len(batch))
         bar.set_postfix(samples_s=f"{bar.n / (time.perf_counter() - start):.1f}", nfe=out.nfe)

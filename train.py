@@ -31,6 +31,7 @@ from data import build_dataset, build_loader, build_source, data_info
 from data.images import random_hflip, save_grid, to_uint8
 from data.toy import plot_points
 from flows import BatchShard, LossByTime, build_objective, generate
+from flows.latent import build_space
 from models import build_autoencoder, build_model
 from models.checkpoint import checkpoint_name, list_checkpoints, load_checkpoint, prune_checkpoints, save_checkpoint
 from models.ema import EMA
@@ -79,9 +80,10 @@ def prepare_run_dir(run_dir: Path) -> None:
 
 @torch.no_grad()
 def save_preview(path: Path, ema_model, dataset, source, cfg: Config, device: torch.device, step: int,
-                 num_classes: int) -> None:
+                 num_classes: int, space) -> None:
     """Samples of the EMA model from fixed noise: 2-D points drawn over the data, or a grid of images
-    (class-conditional models: one row per class shown, at most 10 classes spread over the range)."""
+    (class-conditional models: one row per class shown, at most 10 classes spread over the range);
+    latents are decoded by `space`."""
     t = cfg.train
     g = torch.Generator(device).manual_seed(0)
     if len(dataset.shape) == 1:
@@ -97,7 +99,7 @@ def save_preview(path: Path, ema_model, dataset, source, cfg: Config, device: to
         y, labels = classes.repeat_interleave(cols).to(device), [str(c) for c in classes.tolist()]
     x0 = source(rows * cols, g, device)
     out = generate(ema_model, x0, steps=t.preview_steps, solver="euler", y=y)
-    save_grid(getattr(dataset, "to_uint8", to_uint8)(out.x), path, rows, row_labels=labels)
+    save_grid(getattr(dataset, "to_uint8", to_uint8)(space.decode(out.x)), path, rows, row_labels=labels)
 
 
 @torch.no_grad()
@@ -124,7 +126,7 @@ def latent_statistics(autoencoder, dataset, device: torch.device, n: int = 1024)
 
 
 @torch.no_grad()
-def sample_quality(ema_model, dataset, source, cfg: Config, device: torch.device, num_classes: int,
+def sample_quality(ema_model, dataset, source, cfg: Config, device: torch.device, num_classes: int, space,
                    cache: dict) -> dict[str, float]:
     """train.eval_n samples of the EMA model from fixed noise (Euler, train.preview_steps steps): FID against
     train.eval_ref (default: the dataset, its statistics computed once) for images, W2 to as many dataset
@@ -138,7 +140,7 @@ def sample_quality(ema_model, dataset, source, cfg: Config, device: torch.device
     y = torch.arange(n, device=device) % num_classes if num_classes else None
     chunks = [generate(ema_model, x0[i: i + 250], steps=t.preview_steps, solver="euler",
                        y=None if y is None else y[i: i + 250]).x for i in range(0, n, 250)]
-    x = torch.cat(chunks)
+    x = space.decode(torch.cat(chunks))
     if len(dataset.shape) == 1:
         pick = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(1))[:n]
         return {"w2": w2(x.cpu(), dataset.x[pick])}
@@ -158,6 +160,8 @@ def train(cfg: Config, run_dir: Path) -> None:
 
     # Accelerator and run folder.
     prepare_run_dir(run_dir)
+    if cfg.latent.autoencoder:  # saved configs must find it from anywhere
+        cfg.latent.autoencoder = str(Path(cfg.latent.autoencoder).resolve())
     trackers = [name for name in t.trackers if name != "wandb" or _wandb_installed()]
     # Without CUDA, accelerate runs several processes only when told to use the CPU (gloo).
     cpu_multiprocess = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
@@ -175,11 +179,13 @@ def train(cfg: Config, run_dir: Path) -> None:
     if "wandb" in t.trackers and "wandb" not in trackers:
         log("wandb is not installed (pip install wandb); logging to the other trackers only")
 
-    # Data.
+    # Data, and the space the flow lives in: pixels, or the latents of a frozen autoencoder.
     dataset = build_dataset(cfg)
-    source = build_source(cfg, dataset.shape)
+    space = build_space(cfg, dataset.shape).to(device)
+    source = build_source(cfg, space.shape)
     log(f"data: {cfg.data.name}, {len(dataset)} samples of shape {dataset.shape}, {dataset.num_classes} classes; "
-        f"source: {cfg.data.source}")
+        f"source: {cfg.data.source}" + (f"; latents of shape {space.shape} from {cfg.latent.autoencoder}"
+                                        if cfg.latent.autoencoder else ""))
 
     num_classes = dataset.num_classes if cfg.model.class_cond else 0
     if cfg.model.class_cond and not dataset.num_classes:
@@ -194,14 +200,15 @@ def train(cfg: Config, run_dir: Path) -> None:
         raise UserError(f"data.hflip applies to images but {cfg.data.name} has shape {dataset.shape}; remove it")
 
     autoencoding = cfg.flow.objective == "autoencoder"
-    if autoencoding and (num_classes or t.eval_every):
-        raise UserError("an autoencoder (flow.objective=autoencoder) is trained without model.class_cond and "
-                        "train.eval_every; remove them")
+    if autoencoding and (num_classes or t.eval_every or cfg.latent.autoencoder):
+        raise UserError("an autoencoder (flow.objective=autoencoder) is trained on pixels without model.class_cond "
+                        "and train.eval_every; remove them (and latent.autoencoder)")
 
     # Model and EMA.
     set_seed(t.seed)
-    model = build_autoencoder(cfg, dataset.shape) if autoencoding else build_model(cfg, dataset.shape, num_classes)
-    memory_format = torch.channels_last if t.channels_last and len(dataset.shape) == 3 else torch.contiguous_format
+    model = build_autoencoder(cfg, dataset.shape) if autoencoding else build_model(cfg, space.shape, num_classes)
+    latent_shape = model.latent_shape(dataset.shape) if autoencoding else space.shape
+    memory_format = torch.channels_last if t.channels_last and len(space.shape) == 3 else torch.contiguous_format
     model.to(memory_format=memory_format)
     ema = EMA(model, t.ema_decay, t.ema_warmup)
     ema.model.to(device)
@@ -214,10 +221,11 @@ def train(cfg: Config, run_dir: Path) -> None:
         f"{world} process(es) on {device}, mixed precision {t.mixed_precision}")
 
     data_meta = data_info(cfg, dataset)  # written into the weight files: sampling needs no data
+    if cfg.latent.autoencoder:
+        data_meta["latent_shape"] = json.dumps(list(space.shape))
 
     # Objective.
-    objective = build_objective(cfg, source, num_classes,
-                                model.latent_shape(dataset.shape) if autoencoding else ())
+    objective = build_objective(cfg, source, num_classes, latent_shape)
     shard = BatchShard.from_accelerator(accelerator)
 
     # Resume from the newest complete checkpoint.
@@ -244,7 +252,7 @@ def train(cfg: Config, run_dir: Path) -> None:
     if ahead and device.type == "cpu" and torch.get_num_threads() > 1:
         torch.set_num_threads(torch.get_num_threads() - 1)
     batches = micro_steps(loader, objective, shard, t.seed, step * t.grad_accum, device, ahead,
-                          labels=num_classes > 0, hflip=cfg.data.hflip, memory_format=memory_format)
+                          labels=num_classes > 0, hflip=cfg.data.hflip, memory_format=memory_format, space=space)
     loss_by_time, eval_cache = LossByTime(t.t_bins, device), {}
     loss_sum, nonfinite = torch.zeros((), device=device), torch.zeros((), dtype=torch.bool, device=device)
     accelerator.init_trackers("tensorboard", config=_flat(to_dict(cfg)))
@@ -296,7 +304,7 @@ def train(cfg: Config, run_dir: Path) -> None:
                 if autoencoding:
                     save_reconstructions(path, ema.model, dataset, cfg, device)
                 else:
-                    save_preview(path, ema.model, dataset, source, cfg, device, step, num_classes)
+                    save_preview(path, ema.model, dataset, source, cfg, device, step, num_classes, space)
                 log(f"preview: {path}")
             accelerator.wait_for_everyone()
         if step % t.checkpoint_every == 0 or last:
@@ -307,7 +315,8 @@ def train(cfg: Config, run_dir: Path) -> None:
             log(f"checkpoint: {path}")
             if t.eval_every and (step % t.eval_every == 0 or last):
                 if accelerator.is_main_process:
-                    quality = sample_quality(ema.model, dataset, source, cfg, device, num_classes, eval_cache)
+                    quality = sample_quality(ema.model, dataset, source, cfg, device, num_classes, space,
+                                             eval_cache)
                     log.metrics(step, quality)
                     accelerator.log({f"eval/{k}": v for k, v in quality.items()}, step=step)
                     log(f"eval: {', '.join(f'{k} {v:.4g}' for k, v in quality.items())} ({t.eval_n} samples, "
@@ -321,9 +330,10 @@ def train(cfg: Config, run_dir: Path) -> None:
 
 
 def micro_steps(loader, objective, shard: BatchShard, seed: int, first: int, device: torch.device, ahead: bool,
-                labels: bool = True, hflip: bool = False, memory_format: torch.memory_format = torch.contiguous_format):
+                labels: bool = True, hflip: bool = False, memory_format: torch.memory_format = torch.contiguous_format,
+                space=None):
     """Yields (x1, draw) for micro-steps first, first+1, ...: the data (with its labels when `labels`,
-    randomly mirrored with `hflip`) and all training randomness.
+    randomly mirrored with `hflip`, encoded by `space` for latent flow matching) and all training randomness.
 
     Micro-step k's draws come from a generator seeded by (seed, k), the same on every process, so
     they depend neither on the number of processes nor on where training was resumed. With `ahead`
@@ -338,6 +348,8 @@ def micro_steps(loader, objective, shard: BatchShard, seed: int, first: int, dev
         if hflip:  # drawn for the global batch, like every draw, so that it does not depend on the processes
             x1 = random_hflip(x1, shard.local(torch.rand(x1.shape[0] * shard.world, generator=generator,
                                                          device=device) < 0.5))
+        if space is not None:
+            x1 = space.encode(x1, generator)
         x1 = x1.contiguous(memory_format=memory_format)
         return x1, objective.draw(x1, y, generator, shard)
 
