@@ -120,6 +120,8 @@ class LatentConfig:
     scale: float = 0.0  # latents are (z - shift) * scale; 0: the scale and shift stored in the autoencoder checkpoint
     shift: float = 0.0  # used when latent.scale is set
     sample_posterior: bool = False  # encode to a sample of q(z|x) instead of its mean
+    cache: bool = True  # encode the dataset once into cached shards (reused across runs) instead of every step
+    cache_dir: str = ""  # where the latent caches live (empty: ~/.cache/fm-toolkit/latents)
 
 
 @dataclass

@@ -29,6 +29,7 @@ from tqdm import tqdm
 from config import Config, UserError, check_names, load_config, save_config, to_dict, to_yaml
 from data import build_dataset, build_loader, build_source, data_info
 from data.images import random_hflip, save_grid, to_uint8
+from data.latents import encode_dataset
 from data.toy import plot_points
 from flows import BatchShard, LossByTime, build_objective, generate
 from flows.latent import build_space
@@ -221,6 +222,18 @@ def train(cfg: Config, run_dir: Path) -> None:
         f"{world} process(es) on {device}, mixed precision {t.mixed_precision}")
 
     data_meta = data_info(cfg, dataset)  # written into the weight files: sampling needs no data
+
+    # Latent flow matching reads the dataset's latents from a cache, encoded once (or encodes every step).
+    train_data, encode_per_step = dataset, space if cfg.latent.autoencoder else None
+    if cfg.latent.autoencoder and cfg.latent.cache:
+        if cfg.latent.sample_posterior:
+            raise UserError("the latent cache stores posterior means; latent.sample_posterior=true needs "
+                            "latent.cache=false")
+        cache_dir = Path(cfg.latent.cache_dir) if cfg.latent.cache_dir else None
+        train_data, encoded = encode_dataset(cfg, dataset, space, accelerator, cache_dir)
+        encode_per_step = None
+        log(f"latent cache: {len(train_data)} latents {'encoded' if encoded else 'reused'}"
+            + (" (images and their mirrors)" if cfg.data.hflip else ""))
     if cfg.latent.autoencoder:
         data_meta["latent_shape"] = json.dumps(list(space.shape))
 
@@ -241,7 +254,7 @@ def train(cfg: Config, run_dir: Path) -> None:
         return
 
     # Loop.
-    loader = iter(build_loader(dataset, micro_batch, accelerator.process_index, world, seed=t.seed,
+    loader = iter(build_loader(train_data, micro_batch, accelerator.process_index, world, seed=t.seed,
                                start=step * t.grad_accum, num_workers=cfg.data.num_workers,
                                pin_memory=device.type == "cuda"))
     # The OT solve runs on the CPU: on one process, prepare it for the next micro-step while this one trains.
@@ -252,7 +265,8 @@ def train(cfg: Config, run_dir: Path) -> None:
     if ahead and device.type == "cpu" and torch.get_num_threads() > 1:
         torch.set_num_threads(torch.get_num_threads() - 1)
     batches = micro_steps(loader, objective, shard, t.seed, step * t.grad_accum, device, ahead,
-                          labels=num_classes > 0, hflip=cfg.data.hflip, memory_format=memory_format, space=space)
+                          labels=num_classes > 0, hflip=cfg.data.hflip and train_data is dataset,
+                          memory_format=memory_format, space=encode_per_step)
     loss_by_time, eval_cache = LossByTime(t.t_bins, device), {}
     loss_sum, nonfinite = torch.zeros((), device=device), torch.zeros((), dtype=torch.bool, device=device)
     accelerator.init_trackers("tensorboard", config=_flat(to_dict(cfg)))

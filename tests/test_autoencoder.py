@@ -74,7 +74,8 @@ def test_a_few_hundred_cpu_steps_on_mnist_reconstruct_digits(tmp_path):
     assert out.returncode == 2 and "is an autoencoder (flow.objective=autoencoder), not a flow" in out.stderr
 
 
-def test_latent_flow_matching_trains_samples_and_evaluates_decoded_images(tmp_path):
+def test_latent_flow_matching_trains_samples_and_evaluates_decoded_images(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # where the latent cache goes
     make_folder(tmp_path / "data", {"": [(8, 8)] * 8})
     data = ["data.name=imagefolder", f"data.path={tmp_path / 'data'}", "train.trackers=[]", "train.batch_size=4"]
     out = run_script("train.py", "-e", str(tmp_path / "ae"), *data, "flow.objective=autoencoder",
@@ -86,6 +87,12 @@ def test_latent_flow_matching_trains_samples_and_evaluates_decoded_images(tmp_pa
                      "train.preview_images=4", "train.preview_steps=2")
     assert out.returncode == 0, out.stderr
     flow = tmp_path / "flow" / "checkpoints" / "step_0000002"
+    assert "latent cache: 8 latents encoded" in (tmp_path / "flow" / "log.txt").read_text()
+    out = run_script("train.py", "-e", str(tmp_path / "flipped"), *data, f"latent.autoencoder={ae}", "data.hflip=true",
+                     "model.name=unet-mnist", "model.width=8", "train.steps=1", "train.preview_images=4",
+                     "train.preview_steps=1")
+    assert out.returncode == 0, out.stderr
+    assert "latent cache: 16 latents encoded (images and their mirrors)" in (tmp_path / "flipped/log.txt").read_text()
     assert json.loads(read_metadata(flow / "ema.safetensors")["latent_shape"]) == [4, 2, 2]
     out = run_script("sample.py", "--weights", str(flow), "--n-samples", "3", "--steps", "2",
                      "--save-dir", str(tmp_path / "samples"))
@@ -97,3 +104,57 @@ def test_latent_flow_matching_trains_samples_and_evaluates_decoded_images(tmp_pa
     assert out.returncode == 0, out.stderr
     rows = json.loads((tmp_path / "flow" / "eval" / "report.json").read_text())["rows"]
     assert len(rows) == 2 and all(r["fid"] >= 0 for r in rows)
+
+
+class CountingSpace:
+    """A LatentSpace whose encoder counts its calls (and can die after a number of them)."""
+
+    def __init__(self, space, die_after=None):
+        self.space, self.calls, self.die_after = space, 0, die_after
+        self.name, self.shift, self.scale = space.name, space.shift, space.scale
+        outer = self
+
+        class Encoder:
+            def encode(self, x):
+                outer.calls += 1
+                if outer.die_after is not None and outer.calls > outer.die_after:
+                    raise KeyboardInterrupt
+                return space.autoencoder.encode(x)
+
+        self.autoencoder = Encoder()
+
+
+def test_latent_cache_is_written_once_reused_and_rebuilt_for_another_autoencoder(tmp_path, monkeypatch):
+    from data import latents
+    from flows.latent import build_space
+
+    monkeypatch.setattr(latents, "SHARD", 4)  # 10 images: shards of 4, 4 and 2
+    make_folder(tmp_path / "data", {"": [(8, 8)] * 10})
+    data = ["data.name=imagefolder", f"data.path={tmp_path / 'data'}", "train.trackers=[]", "train.batch_size=4"]
+    out = run_script("train.py", "-e", str(tmp_path / "ae"), *data, "flow.objective=autoencoder",
+                     "model.name=ae-mnist", "model.width=8", "train.steps=2", "train.checkpoint_every=1",
+                     "train.keep_last=2", "train.preview_images=4")
+    assert out.returncode == 0, out.stderr
+    cfg = load_config(None, data[:2] + [f"latent.autoencoder={tmp_path / 'ae/checkpoints/step_0000001'}"])
+    dataset = build_dataset(cfg)
+    space = CountingSpace(build_space(cfg, dataset.shape))
+    cached, encoded = latents.encode_dataset(cfg, dataset, space, cache_dir=tmp_path / "cache", batch_size=4)
+    assert encoded and space.calls == 3 and len(cached) == 10 and cached.shape == (4, 2, 2)
+    expected = (space.space.autoencoder.encode(dataset[torch.arange(10)][0]).mean - space.shift) * space.scale
+    assert torch.allclose(cached[torch.arange(10)][0], expected, atol=1e-6)
+    again = CountingSpace(build_space(cfg, dataset.shape))
+    _, encoded = latents.encode_dataset(cfg, dataset, again, cache_dir=tmp_path / "cache", batch_size=4)
+    assert not encoded and again.calls == 0  # reused: not one encoder call
+    # Another autoencoder (the next checkpoint): a new cache, killed after its first shard.
+    cfg.latent.autoencoder = str(tmp_path / "ae/checkpoints/step_0000002")
+    dying = CountingSpace(build_space(cfg, dataset.shape), die_after=1)
+    with pytest.raises(KeyboardInterrupt):
+        latents.encode_dataset(cfg, dataset, dying, cache_dir=tmp_path / "cache", batch_size=4)
+    folders = sorted((tmp_path / "cache").iterdir())
+    new = next(f for f in folders if not (f / "manifest.json").exists())
+    assert [p.name for p in new.iterdir()] == ["shard_00000.safetensors"]  # complete shards only, no manifest
+    finishing = CountingSpace(build_space(cfg, dataset.shape))
+    rebuilt, encoded = latents.encode_dataset(cfg, dataset, finishing, cache_dir=tmp_path / "cache", batch_size=4)
+    assert encoded and finishing.calls == 2 and len(folders) == 2  # the two missing shards, in a second folder
+    fresh = (finishing.space.autoencoder.encode(dataset[torch.arange(10)][0]).mean - finishing.shift) * finishing.scale
+    assert torch.allclose(rebuilt[torch.arange(10)][0], fresh, atol=1e-6)
