@@ -125,6 +125,13 @@ class LatentConfig:
 
 
 @dataclass
+class LatentCFMConfig:
+    encoder: str = ""  # Latent-CFM: an autoencoder checkpoint whose frozen encoder's features condition the velocity
+    dim: int = 16  # size of the stochastic condition c drawn from q(c|features)
+    beta: float = 1e-3  # weight of KL(q(c|features) ‖ N(0, I)) in the loss
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -132,6 +139,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     latent: LatentConfig = field(default_factory=LatentConfig)
+    latentcfm: LatentCFMConfig = field(default_factory=LatentCFMConfig)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -54,7 +54,7 @@ from data.images import to_uint8
 from flows.latent import build_space
 from flows.likelihood import log_likelihood
 from flows.schedules import parse_schedule
-from flows.solvers import ADAPTIVE, SOLVERS, check_solver, class_labels, generate, noise
+from flows.solvers import ADAPTIVE, SOLVERS, check_solver, class_labels, condition, generate, noise
 from metrics import build_features, fid, frechet_distance, kernel_inception_distance, mmd, w2
 from metrics.fid import CLEANFID_NAMES, MODES, Reference
 from models import build_model
@@ -484,7 +484,7 @@ def evaluate(args: argparse.Namespace) -> None:
 
         if loaded != (step, w):
             model_cfg = load_config(path / "config.yaml")
-            model = build_model(model_cfg, shape, num_classes)
+            model = build_model(model_cfg, shape, num_classes, int(meta.get("feature_dim", 0)))
             load_weights(model, path / ("ema.safetensors" if w == "ema" else "model.safetensors"))
             dtype = torch.float64 if kind == "vector" else torch.float32
             model.to(accelerator.device, dtype).eval()
@@ -532,7 +532,8 @@ def sample_row(accelerator, model, row: dict, sampler: Sampler, shape, kind: str
         x0 = noise(row["seed"], batch, shape, source).to(accelerator.device, dtype)
         y = None if labels is None else labels[batch].to(accelerator.device)
         out = generate(model, x0, sampler.steps, sampler.solver, y=y, schedule=sampler.schedule,
-                       cfg_scale=row["cfg_scale"], atol=row["atol"] or 1e-5, rtol=row["rtol"] or 1e-5)
+                       cfg_scale=row["cfg_scale"], atol=row["atol"] or 1e-5, rtol=row["rtol"] or 1e-5,
+                       cond=condition(model, row["seed"], batch))
         nfe.append(out.nfe)
         x = (out.x if space is None else space.decode(out.x)).cpu()
         values.append(torch.from_numpy(extractor(to_uint8(x.float()))) if kind == "image" else x.double())

@@ -32,9 +32,9 @@ from tqdm import tqdm
 from config import UserError, check_names, load_config
 from data import build_dataset, build_source, data_info
 from data.images import save_grid, to_uint8
-from flows.latent import build_space
+from flows.latent import build_feature_encoder, build_space
 from flows.schedules import parse_schedule
-from flows.solvers import ADAPTIVE, SOLVERS, check_solver, class_labels, generate, noise
+from flows.solvers import ADAPTIVE, SOLVERS, check_solver, class_labels, condition, generate, noise
 from models import build_model
 from models.checkpoint import load_weights, read_metadata
 
@@ -64,6 +64,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--raw", action="store_true", help="use the raw weights (model.safetensors), not the EMA")
     p.add_argument("--npz", action="store_true", help="also write samples.npz (N, H, W, C uint8)")
     p.add_argument("--grid", type=int, default=0, metavar="K", help="also write grid.png of the first K samples")
+    p.add_argument("--condition-images", metavar="DIR", help="Latent-CFM models: sample k shares the encoder features "
+                                                             "of image k mod R of DIR (default: c from the prior)")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides, e.g. sample.atol=1e-6")
     return p.parse_intermixed_args(argv)
 
@@ -142,6 +144,27 @@ def write_npz(save_dir: Path, n: int, kind: str) -> Path:
     return path
 
 
+def reference_features(args, cfg, meta: dict, device: torch.device) -> torch.Tensor | None:
+    """Features of --condition-images under the Latent-CFM model's frozen encoder (R, F), or None."""
+    if not args.condition_images:
+        return None
+    if "feature_dim" not in meta:
+        raise UserError("--condition-images conditions Latent-CFM models (trained with latentcfm.encoder); this "
+                        "model is not one")
+    from data.images import to_model_range
+    from metrics.fid import read_image_folder
+
+    folder, data_shape = Path(args.condition_images), tuple(json.loads(meta["data_shape"]))
+    if not folder.is_dir():
+        raise UserError(f"--condition-images {folder} is not a folder of images")
+    images = read_image_folder(folder)
+    if tuple(images.shape[1:]) != data_shape:
+        raise UserError(f"--condition-images {folder} holds images of shape {tuple(images.shape[1:])} but the model "
+                        f"was trained on {data_shape}; give images of the training data's size and channels")
+    encoder = build_feature_encoder(cfg, data_shape).to(device)
+    return encoder(to_model_range(images).to(device))
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     try:
@@ -179,13 +202,14 @@ def sample(args: argparse.Namespace) -> None:
     mine = missing[accelerator.process_index::accelerator.num_processes]
 
     # Model and source.
-    model = build_model(cfg, shape, num_classes)
+    model = build_model(cfg, shape, num_classes, int(meta.get("feature_dim", 0)))
     load_weights(model, weights)
     # Vectors are integrated in float64: float32 matrix products differ in the last bit with the batch size,
     # which would make sample k depend on --bspp; images are rounded to uint8, which absorbs those bits.
     dtype = torch.float64 if kind == "vector" else torch.float32
     model.to(accelerator.device, dtype).eval()
     source = None if cfg.data.source == "gaussian" else build_source(cfg, shape)
+    references = reference_features(args, cfg, meta, accelerator.device)
     space = build_space(cfg, tuple(json.loads(meta["data_shape"]))).to(accelerator.device)
     steps = s.steps if s.solver not in ADAPTIVE else None
     what = (f"{s.solver}, {f'{steps} steps, {s.schedule} schedule' if steps else f'atol {s.atol}, rtol {s.rtol}'}, "
@@ -202,7 +226,7 @@ def sample(args: argparse.Namespace) -> None:
         x0 = noise(s.seed, batch, shape, source).to(accelerator.device, dtype)
         y = None if labels is None else labels[batch].to(accelerator.device)
         out = generate(model, x0, steps, s.solver, y=y, schedule=s.schedule, cfg_scale=s.cfg_scale,
-                       atol=s.atol, rtol=s.rtol)
+                       atol=s.atol, rtol=s.rtol, cond=condition(model, s.seed, batch, references))
         nfe.append(out.nfe)
         for k, x in zip(batch, space.decode(out.x).float().cpu()):  # vectors: float64 rounded to float32
             write_sample(file_of(save_dir, k, kind), x, kind, meta)
@@ -232,7 +256,9 @@ def sample(args: argparse.Namespace) -> None:
                 "nfe": (steps * SOLVERS[s.solver][1] if steps else None) or (sum(nfe) / len(nfe) if nfe else None),
                 "cfg_scale": s.cfg_scale, "seed": s.seed, "atol": s.atol if not steps else None,
                 "rtol": s.rtol if not steps else None, "class_labels": args.class_labels or "random",
-                "processes": accelerator.num_processes, "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+                "processes": accelerator.num_processes,
+                "condition": args.condition_images or ("prior" if "feature_dim" in meta else None),
+                "date": time.strftime("%Y-%m-%d %H:%M:%S")}
         (save_dir / "info.json").write_text(json.dumps(info, indent=1))
         print(f"done: {n} samples in {save_dir} ({what}, NFE {info['nfe']})")
     accelerator.end_training()

@@ -32,7 +32,7 @@ from data.images import random_hflip, save_grid, to_uint8
 from data.latents import encode_dataset
 from data.toy import plot_points
 from flows import BatchShard, LossByTime, build_objective, generate
-from flows.latent import build_space
+from flows.latent import build_feature_encoder, build_space
 from models import build_autoencoder, build_model
 from models.checkpoint import checkpoint_name, list_checkpoints, load_checkpoint, prune_checkpoints, save_checkpoint
 from models.ema import EMA
@@ -99,8 +99,16 @@ def save_preview(path: Path, ema_model, dataset, source, cfg: Config, device: to
         classes = torch.linspace(0, num_classes - 1, rows).round().long()
         y, labels = classes.repeat_interleave(cols).to(device), [str(c) for c in classes.tolist()]
     x0 = source(rows * cols, g, device)
-    out = generate(ema_model, x0, steps=t.preview_steps, solver="euler", y=y)
+    out = generate(ema_model, x0, steps=t.preview_steps, solver="euler", y=y, cond=prior_condition(ema_model, x0, g))
     save_grid(getattr(dataset, "to_uint8", to_uint8)(space.decode(out.x)), path, rows, row_labels=labels)
+
+
+def prior_condition(model, x0: torch.Tensor, generator: torch.Generator) -> dict:
+    """Latent-CFM models sample their condition c from the prior N(0, I); other models take none."""
+    condition = getattr(model, "feature_cond", None)
+    if condition is None:
+        return {}
+    return {"c": torch.randn(len(x0), condition.cond_dim, generator=generator, device=x0.device)}
 
 
 @torch.no_grad()
@@ -139,8 +147,10 @@ def sample_quality(ema_model, dataset, source, cfg: Config, device: torch.device
     g = torch.Generator(device).manual_seed(1)
     x0 = source(n, g, device)
     y = torch.arange(n, device=device) % num_classes if num_classes else None
+    cond = prior_condition(ema_model, x0, g)
     chunks = [generate(ema_model, x0[i: i + 250], steps=t.preview_steps, solver="euler",
-                       y=None if y is None else y[i: i + 250]).x for i in range(0, n, 250)]
+                       y=None if y is None else y[i: i + 250], cond={k: v[i: i + 250] for k, v in cond.items()}).x
+              for i in range(0, n, 250)]
     x = space.decode(torch.cat(chunks))
     if len(dataset.shape) == 1:
         pick = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(1))[:n]
@@ -161,8 +171,10 @@ def train(cfg: Config, run_dir: Path) -> None:
 
     # Accelerator and run folder.
     prepare_run_dir(run_dir)
-    if cfg.latent.autoencoder:  # saved configs must find it from anywhere
-        cfg.latent.autoencoder = str(Path(cfg.latent.autoencoder).resolve())
+    for section in (cfg.latent, cfg.latentcfm):  # saved configs must find the autoencoders from anywhere
+        for key in ("autoencoder", "encoder"):
+            if getattr(section, key, ""):
+                setattr(section, key, str(Path(getattr(section, key)).resolve()))
     trackers = [name for name in t.trackers if name != "wandb" or _wandb_installed()]
     # Without CUDA, accelerate runs several processes only when told to use the CPU (gloo).
     cpu_multiprocess = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
@@ -184,6 +196,8 @@ def train(cfg: Config, run_dir: Path) -> None:
     dataset = build_dataset(cfg)
     space = build_space(cfg, dataset.shape).to(device)
     source = build_source(cfg, space.shape)
+    features = build_feature_encoder(cfg, dataset.shape)  # Latent-CFM's frozen encoder, or None
+    features = features.to(device) if features is not None else None
     log(f"data: {cfg.data.name}, {len(dataset)} samples of shape {dataset.shape}, {dataset.num_classes} classes; "
         f"source: {cfg.data.source}" + (f"; latents of shape {space.shape} from {cfg.latent.autoencoder}"
                                         if cfg.latent.autoencoder else ""))
@@ -207,7 +221,10 @@ def train(cfg: Config, run_dir: Path) -> None:
 
     # Model and EMA.
     set_seed(t.seed)
-    model = build_autoencoder(cfg, dataset.shape) if autoencoding else build_model(cfg, space.shape, num_classes)
+    if autoencoding:
+        model = build_autoencoder(cfg, dataset.shape)
+    else:
+        model = build_model(cfg, space.shape, num_classes, features.dim if features else 0)
     latent_shape = model.latent_shape(dataset.shape) if autoencoding else space.shape
     memory_format = torch.channels_last if t.channels_last and len(space.shape) == 3 else torch.contiguous_format
     model.to(memory_format=memory_format)
@@ -236,9 +253,11 @@ def train(cfg: Config, run_dir: Path) -> None:
             + (" (images and their mirrors)" if cfg.data.hflip else ""))
     if cfg.latent.autoencoder:
         data_meta["latent_shape"] = json.dumps(list(space.shape))
+    if features is not None:  # sampling draws c of this size from the prior, or from reference images
+        data_meta.update(feature_dim=str(features.dim), condition_dim=str(cfg.latentcfm.dim))
 
     # Objective.
-    objective = build_objective(cfg, source, num_classes, latent_shape)
+    objective = build_objective(cfg, source, num_classes, latent_shape, features)
     shard = BatchShard.from_accelerator(accelerator)
 
     # Resume from the newest complete checkpoint.

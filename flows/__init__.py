@@ -24,8 +24,8 @@ TIME_DENSITIES = {
 }
 
 
-def build_objective(cfg: Config, source: Callable, num_classes: int = 0,
-                    latent_shape: tuple[int, ...] = ()) -> FlowMatchingObjective | AutoencoderObjective:
+def build_objective(cfg: Config, source: Callable, num_classes: int = 0, latent_shape: tuple[int, ...] = (),
+                    features: Callable | None = None) -> FlowMatchingObjective | AutoencoderObjective:
     """The training objective of cfg.flow.objective: flow matching, or an autoencoder's (which needs the
     shape of its latent)."""
     if cfg.flow.objective == "autoencoder":
@@ -37,6 +37,9 @@ def build_objective(cfg: Config, source: Callable, num_classes: int = 0,
         source=source,
         label_dropout=cfg.flow.label_dropout,
         num_classes=num_classes,
+        features=features,
+        cond_dim=cfg.latentcfm.dim if features is not None else 0,
+        beta=cfg.latentcfm.beta,
     )
 
 

@@ -60,31 +60,62 @@ class LatentSpace:
         return self
 
 
-def build_space(cfg: Config, data_shape: tuple[int, ...]) -> PixelSpace | LatentSpace:
-    """Pixels, or the autoencoder at cfg.latent.autoencoder (a checkpoint folder or its ema.safetensors)."""
+def load_autoencoder(path: str, data_shape: tuple[int, ...], key: str):
+    """A trained autoencoder (checkpoint folder or its ema.safetensors), its weights file and their metadata."""
     from models import build_autoencoder
     from models.checkpoint import load_weights, read_metadata
 
-    if not cfg.latent.autoencoder:
-        return PixelSpace(data_shape)
-    weights = Path(cfg.latent.autoencoder)
+    weights = Path(path)
     if weights.is_dir():
         weights = weights / "ema.safetensors"
     if not weights.is_file() or not (weights.parent / "config.yaml").is_file():
-        raise UserError(f"latent.autoencoder {cfg.latent.autoencoder} is not an autoencoder checkpoint; give a "
-                        "checkpoint folder (runs/NAME/checkpoints/step_N) of a run trained with "
-                        "flow.objective=autoencoder")
+        raise UserError(f"{key} {path} is not an autoencoder checkpoint; give a checkpoint folder "
+                        "(runs/NAME/checkpoints/step_N) of a run trained with flow.objective=autoencoder")
     ae_cfg = load_config(weights.parent / "config.yaml")
     if ae_cfg.flow.objective != "autoencoder":
-        raise UserError(f"latent.autoencoder {cfg.latent.autoencoder} was trained with flow.objective="
-                        f"{ae_cfg.flow.objective}, not as an autoencoder; give an autoencoder checkpoint")
+        raise UserError(f"{key} {path} was trained with flow.objective={ae_cfg.flow.objective}, not as an "
+                        "autoencoder; give an autoencoder checkpoint")
     meta = read_metadata(weights)
     trained_on = tuple(json.loads(meta["data_shape"])) if "data_shape" in meta else tuple(data_shape)
     if trained_on != tuple(data_shape):
-        raise UserError(f"latent.autoencoder {cfg.latent.autoencoder} was trained on data of shape {trained_on} "
-                        f"but these data have shape {tuple(data_shape)}; use an autoencoder of this data")
+        raise UserError(f"{key} {path} was trained on data of shape {trained_on} but these data have shape "
+                        f"{tuple(data_shape)}; use an autoencoder of this data")
     autoencoder = build_autoencoder(ae_cfg, data_shape)
     load_weights(autoencoder, weights)
+    return autoencoder.eval().requires_grad_(False), weights, meta
+
+
+class FeatureEncoder:
+    """Latent-CFM's frozen pretrained encoder: images (N, C, H, W) -> the means of q(z|x), flattened (N, F)."""
+
+    def __init__(self, autoencoder, data_shape: tuple[int, ...]):
+        self.autoencoder = autoencoder
+        self.dim = int(torch.tensor(autoencoder.latent_shape(tuple(data_shape))).prod())
+
+    @torch.no_grad()
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.autoencoder.encode(x.to(next(self.autoencoder.parameters()).dtype)).mean.flatten(1)
+
+    def to(self, device: torch.device) -> FeatureEncoder:
+        self.autoencoder.to(device)
+        return self
+
+
+def build_feature_encoder(cfg: Config, data_shape: tuple[int, ...]) -> FeatureEncoder | None:
+    """The frozen encoder of cfg.latentcfm.encoder, or None (no Latent-CFM)."""
+    if not cfg.latentcfm.encoder:
+        return None
+    if cfg.latent.autoencoder:
+        raise UserError("Latent-CFM (latentcfm.encoder) conditions a flow on pixels here; remove latent.autoencoder")
+    autoencoder, _, _ = load_autoencoder(cfg.latentcfm.encoder, data_shape, "latentcfm.encoder")
+    return FeatureEncoder(autoencoder, data_shape)
+
+
+def build_space(cfg: Config, data_shape: tuple[int, ...]) -> PixelSpace | LatentSpace:
+    """Pixels, or the autoencoder at cfg.latent.autoencoder (a checkpoint folder or its ema.safetensors)."""
+    if not cfg.latent.autoencoder:
+        return PixelSpace(data_shape)
+    autoencoder, weights, meta = load_autoencoder(cfg.latent.autoencoder, data_shape, "latent.autoencoder")
     if cfg.latent.scale:
         shift, scale = cfg.latent.shift, cfg.latent.scale
     elif "latent_scale" in meta:

@@ -9,7 +9,7 @@ exactly from any step.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -25,6 +25,7 @@ class Draw:
     x0: torch.Tensor
     t: torch.Tensor | None
     y: torch.Tensor | None
+    cond: dict = field(default_factory=dict)  # Latent-CFM: encoder features and the noise ε of c
 
 
 @dataclass
@@ -47,9 +48,11 @@ class FlowMatchingObjective:
     """
 
     def __init__(self, path, coupling, time_density, source: Callable, label_dropout: float = 0.0,
-                 num_classes: int = 0):
+                 num_classes: int = 0, features: Callable | None = None, cond_dim: int = 0, beta: float = 0.0):
         self.path, self.coupling, self.time_density, self.source = path, coupling, time_density, source
         self.label_dropout, self.num_classes = label_dropout, num_classes
+        # Latent-CFM (Samaddar et al. 2025, eq. 8): the loss adds β·KL(q(c|f) ‖ N(0, I)), f = features(x1).
+        self.features, self.cond_dim, self.beta = features, cond_dim, beta
 
     def draw(self, x1: torch.Tensor, y: torch.Tensor | None, generator: torch.Generator,
              shard: BatchShard = BatchShard()) -> Draw:
@@ -59,13 +62,20 @@ class FlowMatchingObjective:
         if y is not None and self.label_dropout > 0:
             drop = shard.local(torch.rand(n_global, generator=generator, device=device) < self.label_dropout)
             y = torch.where(drop, torch.full_like(y, self.num_classes), y)
-        return Draw(x0=x0, t=t, y=y)
+        cond = {}
+        if self.features is not None:
+            eps = shard.local(torch.randn(n_global, self.cond_dim, generator=generator, device=device))
+            cond = {"features": self.features(x1), "eps": eps}
+        return Draw(x0=x0, t=t, y=y, cond=cond)
 
     def loss(self, model: Callable, x1: torch.Tensor, draw: Draw) -> ObjectiveOutput:
         sample = self.path.sample(draw.x0, x1.to(draw.x0.dtype), draw.t)
-        v = model(sample.x_t, draw.t, draw.y)
+        v = model(sample.x_t, draw.t, draw.y, **draw.cond)
+        kl = None
+        if draw.cond:
+            v, kl = v
         loss = (v.float() - sample.u_t.float()).square().flatten(1).mean(1)
-        return ObjectiveOutput(loss=loss, t=draw.t)
+        return ObjectiveOutput(loss=loss if kl is None else loss + self.beta * kl.float(), t=draw.t)
 
     def __call__(self, model: Callable, x1: torch.Tensor, y: torch.Tensor | None, generator: torch.Generator,
                  shard: BatchShard = BatchShard()) -> ObjectiveOutput:

@@ -106,22 +106,25 @@ def integrate_adaptive(velocity: Velocity, x0: torch.Tensor, solver: str = "dopr
     return SolverResult(x=out[-1], nfe=v.calls)
 
 
-def guided(model: Callable, y: torch.Tensor | None, cfg_scale: float = 1.0) -> Velocity:
+def guided(model: Callable, y: torch.Tensor | None, cfg_scale: float = 1.0, cond: dict | None = None) -> Velocity:
     """The velocity of `model(x, t, y)` with classifier-free guidance (Ho & Salimans 2022, in velocity form):
     v = v(x, t, ∅) + w · (v(x, t, y) − v(x, t, ∅)), both halves in one batched call. w = 1 is the
-    conditional velocity alone (one half, no extra cost), w = 0 the unconditional one."""
+    conditional velocity alone (one half, no extra cost), w = 0 the unconditional one. `cond`: further
+    per-sample model inputs (Latent-CFM's c), batched with x."""
+    cond = cond or {}
     if cfg_scale == 1.0 or y is None:
         if y is None and cfg_scale != 1.0:
             raise UserError("classifier-free guidance needs class labels; give --class-labels or leave --cfg-scale 1")
-        return lambda x, t: model(x, t, y)
+        return lambda x, t: model(x, t, y, **cond)
     label_embed = getattr(model, "label_embed", None)
     if label_embed is None:
         raise UserError(f"--cfg-scale {cfg_scale} asks for guidance but the model is unconditional "
                         "(trained without model.class_cond); leave --cfg-scale 1")
     null = torch.full_like(y, label_embed.num_classes)
+    doubled = {key: torch.cat([value, value]) for key, value in cond.items()}
 
     def velocity(x, t):
-        v_cond, v_uncond = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null])).chunk(2)
+        v_cond, v_uncond = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null]), **doubled).chunk(2)
         return v_uncond + cfg_scale * (v_cond - v_uncond)
 
     return velocity
@@ -148,13 +151,13 @@ def check_solver(solver: str, steps: int | None) -> None:
 @torch.no_grad()
 def generate(model: Callable, x0: torch.Tensor, steps: int | None = 100, solver: str = "euler",
              y: torch.Tensor | None = None, schedule: str = "linear", cfg_scale: float = 1.0,
-             atol: float = 1e-5, rtol: float = 1e-5) -> SolverResult:
+             atol: float = 1e-5, rtol: float = 1e-5, cond: dict | None = None) -> SolverResult:
     """Samples from noise x0 (N, ...) with `model(x, t, y)`: a fixed-grid solver over `steps` intervals
     of the time schedule, or an adaptive one (steps None) under atol/rtol; guidance with cfg_scale."""
     from flows.schedules import time_grid
 
     check_solver(solver, steps)
-    velocity = guided(model, y, cfg_scale)
+    velocity = guided(model, y, cfg_scale, cond)
     if solver in ADAPTIVE:
         return integrate_adaptive(velocity, x0, solver, atol, rtol)
     return integrate(velocity, x0, time_grid(schedule, steps).to(x0.device), solver)
@@ -180,8 +183,23 @@ def class_labels(given: list[str] | None, n: int, num_classes: int, seed: int) -
 
 
 def _generator(seed: int, k: int, stream: int = 0) -> torch.Generator:
-    """The generator of sample k: one per (seed, k, stream), stream 0 the noise and 1 the label."""
-    return torch.Generator().manual_seed((seed * 2**32 + k) * 2 + stream)
+    """The generator of sample k: one per (seed, k, stream), stream 0 the noise, 1 the label, 2 Latent-CFM's c
+    (streams 0 and 1 keep the seeds of earlier versions; stream 2 lives above 2^62)."""
+    return torch.Generator().manual_seed((seed * 2**32 + k) * 2 + min(stream, 1) + (2**62 if stream == 2 else 0))
+
+
+def condition(model, seed: int, indices: list[int], features: torch.Tensor | None = None) -> dict:
+    """Latent-CFM's condition c of the given samples: ε from (seed, k, 2), c = ε (the prior N(0, I)) or,
+    with `features` of reference images (R, F), c = μ + σ·ε of reference k mod R. {} for other models."""
+    layer = getattr(model, "feature_cond", None)
+    if layer is None:
+        return {}
+    eps = torch.stack([torch.randn(layer.cond_dim, generator=_generator(seed, k, 2)) for k in indices])
+    device = layer.posterior.weight.device
+    if features is None:
+        return {"c": eps.to(device)}
+    picked = features[torch.tensor(indices) % len(features)].to(device)
+    return {"c": layer.sample(picked, eps.to(device))[0]}
 
 
 def noise(seed: int, indices: list[int], shape: tuple[int, ...], source: Callable | None = None) -> torch.Tensor:

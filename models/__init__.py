@@ -48,9 +48,14 @@ def model_arguments(cfg: Config) -> tuple[type[nn.Module], dict]:
     return cls, kwargs
 
 
-def build_model(cfg: Config, data_shape: tuple[int, ...], num_classes: int = 0) -> nn.Module:
-    """The model named by cfg.model.name, sized from the data (shape without batch, number of classes)."""
+def build_model(cfg: Config, data_shape: tuple[int, ...], num_classes: int = 0, feature_dim: int = 0) -> nn.Module:
+    """The model named by cfg.model.name, sized from the data (shape without batch, number of classes); with
+    feature_dim, a Latent-CFM model conditioned on encoder features of that size (cfg.latentcfm)."""
     cls, kwargs = model_arguments(cfg)
+    if feature_dim:
+        if cls is mlp.MLP:
+            raise UserError("Latent-CFM (latentcfm.encoder) conditions image models (UNet, DiT), not the MLP")
+        kwargs.update(feature_dim=feature_dim, cond_dim=cfg.latentcfm.dim)
     if cls is mlp.MLP:
         if len(data_shape) != 1:
             raise UserError(f"model.name '{cfg.model.name}' takes vectors (N, D) but the data have shape "

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.embeddings import LabelEmbedder, TimestepEmbedder
+from models.embeddings import FeatureCondition, LabelEmbedder, TimestepEmbedder
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -94,7 +94,8 @@ class DiT(nn.Module):
     """
 
     def __init__(self, in_channels: int, resolution: int | tuple[int, int], patch: int = 2, width: int = 384,
-                 depth: int = 12, heads: int = 6, mlp_ratio: float = 4.0, num_classes: int = 0):
+                 depth: int = 12, heads: int = 6, mlp_ratio: float = 4.0, num_classes: int = 0, feature_dim: int = 0,
+                 cond_dim: int = 0):
         super().__init__()
         h, w = (resolution, resolution) if isinstance(resolution, int) else resolution
         if h % patch or w % patch:
@@ -105,6 +106,7 @@ class DiT(nn.Module):
         self.register_buffer("pos_embed", sincos_positions(width, *self.grid)[None], persistent=False)
         self.time_embed = TimestepEmbedder(width)
         self.label_embed = LabelEmbedder(num_classes, width) if num_classes > 0 else None
+        self.feature_cond = FeatureCondition(feature_dim, cond_dim, width) if cond_dim > 0 else None
         self.blocks = nn.ModuleList([DiTBlock(width, heads, mlp_ratio) for _ in range(depth)])
         self.final = FinalLayer(width, patch, in_channels)
         self.initialize_weights()
@@ -134,14 +136,21 @@ class DiT(nn.Module):
         x = x.reshape(n, gh, gw, p, p, c)
         return torch.einsum("nhwpqc->nchpwq", x).reshape(n, c, gh * p, gw * p)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None, features=None, eps=None,
+                c=None):
+        """The velocity; a Latent-CFM model trained from encoder features returns (velocity, KL per sample)."""
         h = self.patch_embed(x).flatten(2).transpose(1, 2) + self.pos_embed.to(x.dtype)  # (N, T, D)
-        c = self.time_embed(t)
+        emb = self.time_embed(t)
         if self.label_embed is not None:  # y None: the null class
-            c = c + self.label_embed(y, x.shape[0])
+            emb = emb + self.label_embed(y, x.shape[0])
+        kl = None
+        if self.feature_cond is not None:
+            emb_c, kl = self.feature_cond(features, eps, c)
+            emb = emb + emb_c
         for block in self.blocks:
-            h = block(h, c)
-        return self.unpatchify(self.final(h, c))
+            h = block(h, emb)
+        out = self.unpatchify(self.final(h, emb))
+        return out if kl is None else (out, kl)
 
 
 # Presets: the paper's sizes (Table 1) × patch 2, 4, 8. The data give in_channels, resolution and num_classes.

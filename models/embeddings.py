@@ -43,3 +43,35 @@ class LabelEmbedder(nn.Module):
         if y is None:
             y = torch.full((batch,), self.num_classes, device=self.table.weight.device, dtype=torch.long)
         return self.table(y)
+
+
+class FeatureCondition(nn.Module):
+    """Latent-CFM's conditioning (Samaddar et al. 2025, "Efficient Flow Matching using Latent Variables"):
+    features f (N, F) of a frozen pretrained encoder pass through a trainable stochastic layer
+    q(c|f) = N(μ(f), diag σ²(f)), c (N, cond_dim) = μ + σ·ε, whose embedding (N, dim) is added to the
+    time embedding. Training gives f and ε and gets the KL(q(c|f) ‖ N(0, I)) per sample for the loss;
+    sampling gives c itself: drawn from the prior N(0, I), or `sample(f, ε)` of a reference image."""
+
+    def __init__(self, feature_dim: int, cond_dim: int, dim: int):
+        super().__init__()
+        self.feature_dim, self.cond_dim = feature_dim, cond_dim
+        self.posterior = nn.Linear(feature_dim, 2 * cond_dim)
+        self.embed = nn.Sequential(nn.Linear(cond_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+
+    def sample(self, features: torch.Tensor, eps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """c = μ(f) + σ(f)·ε and KL(q(c|f) ‖ N(0, I)) per sample."""
+        mean, logvar = self.posterior(features.to(self.posterior.weight.dtype)).chunk(2, dim=1)
+        logvar = logvar.clamp(-30, 20)
+        kl = 0.5 * (mean.square() + logvar.exp() - 1 - logvar).sum(1)
+        return mean + torch.exp(0.5 * logvar) * eps.to(mean.dtype), kl
+
+    def forward(self, features: torch.Tensor | None = None, eps: torch.Tensor | None = None,
+                c: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The embedding of c (given, or sampled from the features) and the KL (None when c was given)."""
+        if c is None:
+            if features is None or eps is None:
+                raise ValueError("a Latent-CFM model needs its condition: c, or encoder features and noise eps")
+            c, kl = self.sample(features, eps)
+        else:
+            kl = None
+        return self.embed(c.to(self.posterior.weight.dtype)), kl
