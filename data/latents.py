@@ -33,9 +33,12 @@ def default_cache_dir() -> Path:
 def cache_key(cfg: Config, dataset, weights: Path) -> str:
     """Changes with the autoencoder's weights, the dataset and the transform, and nothing else."""
     h = hashlib.sha256()
-    with open(weights, "rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
-            h.update(block)
+    if weights.is_file():
+        with open(weights, "rb") as f:
+            for block in iter(lambda: f.read(1 << 24), b""):
+                h.update(block)
+    else:  # a hub id whose files live in the hub's cache
+        h.update(str(weights).encode())
     d = cfg.data
     location = str(Path(d.path).resolve()) if d.path else ""
     h.update(json.dumps([d.name, location, d.split, d.resolution, d.class_folders, len(dataset), d.hflip]).encode())
@@ -93,6 +96,7 @@ def encode_dataset(cfg: Config, dataset, space, accelerator=None, cache_dir: Pat
                     mirrored.append(space.autoencoder.encode(x.flip(-1)).mean.float().cpu())
                 bar.update(len(x) * world)
             tensors = {"mean": torch.cat(means)} | ({"mirrored": torch.cat(mirrored)} if flips else {})
+            tensors = {name: t.contiguous() for name, t in tensors.items()}  # diffusers' means are strided views
             path = folder / f"shard_{k:05d}.safetensors"
             tmp = folder / f".tmp_{os.getpid()}_{path.name}"
             save_file(tensors, str(tmp))

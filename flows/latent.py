@@ -61,10 +61,20 @@ class LatentSpace:
 
 
 def load_autoencoder(path: str, data_shape: tuple[int, ...], key: str):
-    """A trained autoencoder (checkpoint folder or its ema.safetensors), its weights file and their metadata."""
+    """A trained autoencoder (checkpoint folder or its ema.safetensors; or diffusers' AutoencoderKL as a folder or
+    hub id), its weights file and the metadata with its latent shift and scale."""
     from models import build_autoencoder
+    from models.autoencoder import is_diffusers_autoencoder, load_diffusers_autoencoder
     from models.checkpoint import load_weights, read_metadata
 
+    if is_diffusers_autoencoder(path):  # the Stable Diffusion VAE and its kind
+        autoencoder = load_diffusers_autoencoder(path).eval().requires_grad_(False)
+        if autoencoder.in_channels != data_shape[0] or data_shape[1] % autoencoder.factor:
+            raise UserError(f"{key} {path} takes {autoencoder.in_channels}-channel images with sides divisible by "
+                            f"{autoencoder.factor}; these data have shape {tuple(data_shape)}")
+        files = sorted(Path(path).glob("*.safetensors")) if Path(path).is_dir() else []
+        meta = {"latent_shift": repr(autoencoder.shift), "latent_scale": repr(autoencoder.scale)}
+        return autoencoder, (files[0] if files else Path(path)), meta
     weights = Path(path)
     if weights.is_dir():
         weights = weights / "ema.safetensors"

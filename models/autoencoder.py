@@ -126,3 +126,55 @@ PRESETS = {
     "ae-cifar10": dict(channels=64, channel_mult=(1, 2, 2), num_res_blocks=2, latent_channels=4),  # f4: 32 -> 8
     "ae-f8": dict(channels=128, channel_mult=(1, 2, 4, 4), num_res_blocks=2, latent_channels=4),  # LDM's KL-f8 layout
 }
+
+
+class DiffusersAutoencoder(nn.Module):
+    """diffusers' AutoencoderKL (e.g. the Stable Diffusion VAE, f8 with 4 channels) behind this module's
+    interface: encode -> Posterior, decode, latent_shape. Its latent scale (and shift) come from its config."""
+
+    def __init__(self, vae):
+        super().__init__()
+        self.vae = vae
+        self.in_channels = vae.config.in_channels
+        self.latent_channels = vae.config.latent_channels
+        self.factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        self.scale = float(vae.config.scaling_factor or 1.0)
+        self.shift = float(getattr(vae.config, "shift_factor", None) or 0.0)
+
+    def encode(self, x: torch.Tensor) -> Posterior:
+        q = self.vae.encode(x).latent_dist
+        return Posterior(q.mean, q.logvar)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        return self.vae.decode(z).sample
+
+    def latent_shape(self, shape: tuple[int, int, int]) -> tuple[int, int, int]:
+        return (self.latent_channels, shape[1] // self.factor, shape[2] // self.factor)
+
+
+def is_diffusers_autoencoder(path: str) -> bool:
+    """A local folder saved by diffusers' AutoencoderKL.save_pretrained, or a hub id (owner/name) not on disk."""
+    import json
+    from pathlib import Path
+
+    folder = Path(path)
+    if (folder / "config.json").is_file():
+        return json.loads((folder / "config.json").read_text()).get("_class_name") == "AutoencoderKL"
+    return not folder.exists() and path.count("/") == 1 and not path.startswith((".", "/"))
+
+
+def load_diffusers_autoencoder(path: str) -> DiffusersAutoencoder:
+    """diffusers' AutoencoderKL from a local folder or a hub id (downloaded by diffusers; needs network)."""
+    from config import UserError
+
+    try:
+        from diffusers import AutoencoderKL
+    except ImportError:
+        raise UserError(f"{path} is a diffusers AutoencoderKL; install diffusers (pip install diffusers) to use "
+                        "it") from None
+    try:
+        vae = AutoencoderKL.from_pretrained(path)
+    except Exception as e:  # missing files, no network for a hub id, ...
+        raise UserError(f"diffusers could not load an AutoencoderKL from {path} ({type(e).__name__}); give a folder "
+                        "saved with save_pretrained or a hub id such as stabilityai/sd-vae-ft-mse") from None
+    return DiffusersAutoencoder(vae)

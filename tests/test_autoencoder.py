@@ -158,3 +158,30 @@ def test_latent_cache_is_written_once_reused_and_rebuilt_for_another_autoencoder
     assert encoded and finishing.calls == 2 and len(folders) == 2  # the two missing shards, in a second folder
     fresh = (finishing.space.autoencoder.encode(dataset[torch.arange(10)][0]).mean - finishing.shift) * finishing.scale
     assert torch.allclose(rebuilt[torch.arange(10)][0], fresh, atol=1e-6)
+
+
+def test_diffusers_autoencoder_loads_from_a_folder_and_trains_a_latent_flow(tmp_path, monkeypatch):
+    diffusers = pytest.importorskip("diffusers")
+    from flows.latent import build_space
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    vae = diffusers.AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                                  up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16),
+                                  latent_channels=4, norm_num_groups=4, sample_size=8)
+    vae.save_pretrained(tmp_path / "vae")
+    make_folder(tmp_path / "data", {"": [(8, 8)] * 4})
+    cfg_data = ["data.name=imagefolder", f"data.path={tmp_path / 'data'}", f"latent.autoencoder={tmp_path / 'vae'}"]
+    cfg = load_config(None, cfg_data)
+    space = build_space(cfg, (3, 8, 8))
+    assert space.shape == (4, 4, 4) and space.scale == pytest.approx(0.18215) and space.shift == 0
+    x = torch.rand(2, 3, 8, 8) * 2 - 1
+    z = space.encode(x)
+    expected = vae.encode(x).latent_dist.mean * 0.18215
+    assert torch.allclose(z, expected, atol=1e-6) and space.decode(z).shape == x.shape
+    out = run_script("train.py", "-e", str(tmp_path / "flow"), *cfg_data, "model.name=DiT-S/2", "model.width=16",
+                     "model.depth=1", "model.heads=2", "train.batch_size=2", "train.steps=1", "train.trackers=[]",
+                     "train.preview_images=2", "train.preview_steps=1")
+    assert out.returncode == 0, out.stderr
+    cfg.latent.autoencoder = str(tmp_path / "missing" / "vae")
+    with pytest.raises(UserError, match="is not an autoencoder checkpoint"):
+        build_space(cfg, (3, 8, 8))
