@@ -48,6 +48,7 @@ class ModelConfig:
     width: int | None = None  # MLP hidden width (256), UNet base channels, DiT hidden size
     depth: int | None = None  # MLP hidden layers (3), UNet residual blocks per level, DiT blocks
     heads: int | None = None  # DiT attention heads
+    patch: int | None = None  # DiT patch size (e.g. 1 for 7x7 latents)
     dropout: float | None = None  # UNet dropout
     time_dim: int = 64  # MLP: size of the sinusoidal timestep embedding
     class_cond: bool = False  # condition on the dataset's class labels (their number is read from the data)

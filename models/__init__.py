@@ -26,7 +26,7 @@ _OVERRIDES = {
     autoencoder.AutoencoderKL: dict(width="channels", depth="num_res_blocks", latent_channels="latent_channels"),
     mlp.MLP: dict(width="width", depth="depth", time_dim="time_dim"),
     unet.UNet: dict(width="channels", depth="num_res_blocks", dropout="dropout"),
-    dit.DiT: dict(width="width", depth="depth", heads="heads"),
+    dit.DiT: dict(width="width", depth="depth", heads="heads", patch="patch"),
 }
 
 
@@ -41,7 +41,7 @@ def model_arguments(cfg: Config) -> tuple[type[nn.Module], dict]:
         value = getattr(cfg.model, key)
         if value is not None:
             kwargs[argument] = value
-    ignored = [key for key in ("width", "depth", "heads", "dropout", "latent_channels")
+    ignored = [key for key in ("width", "depth", "heads", "dropout", "latent_channels", "patch")
                if getattr(cfg.model, key) is not None and key not in _OVERRIDES[cls]]
     if ignored:
         raise UserError(f"config key model.{ignored[0]} does not apply to model.name '{cfg.model.name}'; remove it")
