@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import csv
 import fcntl
+import functools
 import io
 import json
 import os
@@ -265,8 +266,8 @@ def markdown(rows: list[dict]) -> str:
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    """Metric against training step (a line per sampler) and against NFE (a line per checkpoint), for the
-    largest group of comparable rows."""
+    """Metric against training step (a line per sampler) and against NFE (a colour per checkpoint, a line per
+    solver and schedule), for the largest group of comparable rows."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -276,24 +277,30 @@ def plot(rows: list[dict], path: Path) -> None:
     metric = metric_of(group)
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
     by_sampler: dict[str, list[dict]] = {}
-    by_checkpoint: dict[str, list[dict]] = {}
+    by_checkpoint: dict[str, dict[str, list[dict]]] = {}
     for r in group:
         label = Sampler(r["solver"], r["steps"], r["schedule"] or "linear").label
-        label += f", cfg {r['cfg_scale']:g}" if r["cfg_scale"] != 1 else ""
-        by_sampler.setdefault(label + (f" ({r['weights']})" if r["weights"] != "ema" else ""), []).append(r)
-        by_checkpoint.setdefault(f"step {r['step']} ({r['weights']})" + (f", cfg {r['cfg_scale']:g}"
-                                                                          if r["cfg_scale"] != 1 else ""), []).append(r)
+        cfg = f", cfg {r['cfg_scale']:g}" if r["cfg_scale"] != 1 else ""
+        by_sampler.setdefault(label + cfg + (f" ({r['weights']})" if r["weights"] != "ema" else ""), []).append(r)
+        family = r["solver"] + (f" {r['schedule']}" if r["schedule"] not in (None, "linear") else "") + cfg
+        by_checkpoint.setdefault(f"step {r['step']} ({r['weights']})", {}).setdefault(family, []).append(r)
     for label, rs in by_sampler.items():
         rs = sorted(rs, key=lambda r: r["step"])
         left.plot([r["step"] for r in rs], [r[metric] for r in rs], "o-", label=label)
-    for label, rs in by_checkpoint.items():
-        rs = sorted(rs, key=lambda r: r["nfe"])
-        right.plot([r["nfe"] for r in rs], [r[metric] for r in rs], "o-", label=label)
+    # One colour per checkpoint, one marker per solver and schedule; a line joins the step counts of one of them.
+    markers = {}
+    for colour, (checkpoint, families) in zip(plt.rcParams["axes.prop_cycle"].by_key()["color"] * 10,
+                                              by_checkpoint.items()):
+        for family, rs in families.items():
+            rs = sorted(rs, key=lambda r: r["nfe"])
+            marker = markers.setdefault(family, "osD^v<>pPX*h"[len(markers) % 12])
+            right.plot([r["nfe"] for r in rs], [r[metric] for r in rs], marker=marker, linestyle="-", color=colour,
+                       label=f"{checkpoint}, {family}")
     n, reference, features = group[0]["n_samples"], group[0]["reference"], group[0]["features"]
     name = metric.upper() + (f" ({features})" if features and not features.startswith("inception") else "")
     left.set(xlabel="training step", ylabel=name, title=f"{name} against training step, per sampler")
     right.set(xlabel="NFE (velocity evaluations)", ylabel=name, xscale="log",
-              title=f"{name} against NFE, per checkpoint")
+              title=f"{name} against NFE, per checkpoint and solver")
     for ax in (left, right):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
@@ -305,20 +312,26 @@ def plot(rows: list[dict], path: Path) -> None:
     _write(path, buffer.getvalue())
 
 
+@functools.cache
 def versions() -> dict[str, str]:
+    """Library versions and the toolkit's git commit ("+dirty" with uncommitted changes to tracked files).
+    Read once per process, so the rows of a long evaluation record the code it started with."""
     found = {"python": platform.python_version()}
     for name in ("torch", "accelerate", "clean-fid", "torchdiffeq", "numpy", "scipy"):
         try:
             found[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
             found[name] = "not installed"
-    head = Path(__file__).resolve().parent / ".git"
-    if head.is_dir():
+    root = Path(__file__).resolve().parent
+    if (root / ".git").exists():
         import subprocess
 
-        commit = subprocess.run(["git", "-C", str(head.parent), "rev-parse", "--short", "HEAD"], capture_output=True,
-                                text=True).stdout.strip()
-        found["toolkit"] = commit or "unknown"
+        def git(*args: str) -> str:
+            return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True).stdout.strip()
+
+        commit = git("rev-parse", "--short", "HEAD")
+        found["toolkit"] = (commit + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+                            if commit else "unknown")
     return found
 
 
@@ -337,6 +350,7 @@ def gather_indexed(accelerator: Accelerator, local: torch.Tensor, n: int) -> tor
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    versions()  # the commit and libraries this evaluation starts with, recorded in each of its rows
     try:
         if args.folder:
             score_folder(args)
