@@ -33,6 +33,7 @@ from data.latents import encode_dataset
 from data.toy import plot_points
 from flows import BatchShard, LossByTime, build_objective, generate
 from flows.latent import build_feature_encoder, build_space
+from flows.solvers import condition
 from models import build_autoencoder, build_model
 from models.checkpoint import checkpoint_name, list_checkpoints, load_checkpoint, prune_checkpoints, save_checkpoint
 from models.ema import EMA
@@ -99,16 +100,9 @@ def save_preview(path: Path, ema_model, dataset, source, cfg: Config, device: to
         classes = torch.linspace(0, num_classes - 1, rows).round().long()
         y, labels = classes.repeat_interleave(cols).to(device), [str(c) for c in classes.tolist()]
     x0 = source(rows * cols, g, device)
-    out = generate(ema_model, x0, steps=t.preview_steps, solver="euler", y=y, cond=prior_condition(ema_model, x0, g))
+    cond = condition(ema_model, t.seed, list(range(len(x0))))  # Latent-CFM: c from the prior
+    out = generate(ema_model, x0, steps=t.preview_steps, solver="euler", y=y, cond=cond)
     save_grid(getattr(dataset, "to_uint8", to_uint8)(space.decode(out.x)), path, rows, row_labels=labels)
-
-
-def prior_condition(model, x0: torch.Tensor, generator: torch.Generator) -> dict:
-    """Latent-CFM models sample their condition c from the prior N(0, I); other models take none."""
-    condition = getattr(model, "feature_cond", None)
-    if condition is None:
-        return {}
-    return {"c": torch.randn(len(x0), condition.cond_dim, generator=generator, device=x0.device)}
 
 
 @torch.no_grad()
@@ -147,7 +141,7 @@ def sample_quality(ema_model, dataset, source, cfg: Config, device: torch.device
     g = torch.Generator(device).manual_seed(1)
     x0 = source(n, g, device)
     y = torch.arange(n, device=device) % num_classes if num_classes else None
-    cond = prior_condition(ema_model, x0, g)
+    cond = condition(ema_model, t.seed, list(range(n)))  # Latent-CFM: c from the prior
     chunks = [generate(ema_model, x0[i: i + 250], steps=t.preview_steps, solver="euler",
                        y=None if y is None else y[i: i + 250], cond={k: v[i: i + 250] for k, v in cond.items()}).x
               for i in range(0, n, 250)]
@@ -171,10 +165,10 @@ def train(cfg: Config, run_dir: Path) -> None:
 
     # Accelerator and run folder.
     prepare_run_dir(run_dir)
-    for section in (cfg.latent, cfg.latentcfm):  # saved configs must find the autoencoders from anywhere
-        for key in ("autoencoder", "encoder"):
-            if getattr(section, key, ""):
-                setattr(section, key, str(Path(getattr(section, key)).resolve()))
+    for section, key in ((cfg.latent, "autoencoder"), (cfg.latentcfm, "encoder")):
+        path = getattr(section, key)
+        if path and Path(path).exists():  # saved configs must find it from anywhere; a hub id stays as it is
+            setattr(section, key, str(Path(path).resolve()))
     trackers = [name for name in t.trackers if name != "wandb" or _wandb_installed()]
     # Without CUDA, accelerate runs several processes only when told to use the CPU (gloo).
     cpu_multiprocess = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1

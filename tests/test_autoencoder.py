@@ -185,3 +185,15 @@ def test_diffusers_autoencoder_loads_from_a_folder_and_trains_a_latent_flow(tmp_
     cfg.latent.autoencoder = str(tmp_path / "missing" / "vae")
     with pytest.raises(UserError, match="is not an autoencoder checkpoint"):
         build_space(cfg, (3, 8, 8))
+
+
+def test_a_hub_id_reaches_diffusers_and_is_not_taken_for_a_local_path(tmp_path, monkeypatch):
+    pytest.importorskip("diffusers")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # never download here: the point is which loader is asked
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    make_folder(tmp_path / "data", {"": [(8, 8)] * 4})
+    out = run_script("train.py", "-e", str(tmp_path / "run"), "data.name=imagefolder", f"data.path={tmp_path / 'data'}",
+                     "latent.autoencoder=owner/no-such-vae", "train.steps=1", "train.trackers=[]")
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.strip().splitlines()[-1].startswith(
+        "error: diffusers could not load an AutoencoderKL from owner/no-such-vae"), out.stderr
