@@ -55,7 +55,7 @@ from data.images import to_uint8
 from flows.latent import build_space
 from flows.likelihood import log_likelihood
 from flows.schedules import parse_schedule
-from flows.solvers import ADAPTIVE, SOLVERS, check_solver, class_labels, condition, generate, noise
+from flows.solvers import ADAPTIVE, check_solver, class_labels, condition, fixed_grid_nfe, generate, noise
 from metrics import build_features, fid, frechet_distance, kernel_inception_distance, mmd, w2
 from metrics.fid import CLEANFID_NAMES, MODES, Reference
 from models import build_model
@@ -77,7 +77,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("-e", "--exp", help="run folder (with checkpoints/step_N)")
     p.add_argument("--folder", help="score the images in this folder instead of a run (needs --ref)")
     p.add_argument("--checkpoints", default="all", help="all, last, or training steps: 5000,10000 (default: all)")
-    p.add_argument("--samplers", nargs="+", help="SOLVER[:STEPS][:SCHEDULE], comma-separated or several "
+    p.add_argument("--samplers", nargs="+", help="SOLVER[:STEPS][:SCHEDULE], comma-separated or several; "
+                                                 "SOLVER+LAST ends with LAST's step, e.g. heun+euler:8:cosine "
                                                  "(default: the config's sample section)")
     p.add_argument("--cfg-scale", type=float, nargs="+", help="guidance scales (class-conditional models; default 1)")
     p.add_argument("--weights", choices=("ema", "raw", "both"), default="ema", help="EMA weights (default) or raw")
@@ -133,7 +134,7 @@ def parse_samplers(texts: list[str]) -> list[Sampler]:
             except ValueError:
                 raise UserError(f"sampler '{spec}': steps must be an integer (SOLVER[:STEPS][:SCHEDULE], "
                                 "e.g. euler:10 or heun:25:cosine)") from None
-        if steps is None and solver in SOLVERS:
+        if steps is None and solver not in ADAPTIVE:
             steps = 100
         check_solver(solver, steps)
         parse_schedule(schedule or "linear")
@@ -558,7 +559,7 @@ def sample_row(accelerator, model, row: dict, sampler: Sampler, shape, kind: str
     local = torch.cat(values) if values else torch.zeros(0, *width, dtype=torch.float64)
     counts = accelerator.gather(torch.tensor([float(sum(nfe)), float(len(nfe))], device=accelerator.device))
     counts = counts.reshape(-1, 2).sum(0).tolist()
-    mean_nfe = counts[0] / counts[1] if sampler.steps is None else sampler.steps * SOLVERS[sampler.solver][1]
+    mean_nfe = counts[0] / counts[1] if sampler.steps is None else fixed_grid_nfe(sampler.solver, sampler.steps)
     return {"values": gather_indexed(accelerator, local, n), "nfe": mean_nfe}
 
 

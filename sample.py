@@ -34,7 +34,7 @@ from data import build_dataset, build_source, data_info
 from data.images import save_grid, to_uint8
 from flows.latent import build_feature_encoder, build_space
 from flows.schedules import parse_schedule
-from flows.solvers import ADAPTIVE, SOLVERS, check_solver, class_labels, condition, generate, noise
+from flows.solvers import ADAPTIVE, check_solver, class_labels, condition, fixed_grid_nfe, generate, noise
 from models import build_model
 from models.checkpoint import load_weights, read_metadata
 
@@ -49,7 +49,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("-c", "--config", help="config YAML (default: config.yaml beside the weights)")
     p.add_argument("--n-samples", type=int, required=True, help="number of samples N")
     p.add_argument("--save-dir", required=True, help="output folder; re-running continues an interrupted run")
-    p.add_argument("--solver", help="euler, midpoint, heun, rk4 (fixed grid) or dopri5, ... (adaptive)")
+    p.add_argument("--solver", help="euler, midpoint, heun, rk4 (fixed grid) or dopri5, ... (adaptive); "
+                                    "SOLVER+LAST takes LAST's step on the last interval: heun+euler never "
+                                    "evaluates the velocity at t = 1")
     p.add_argument("--steps", type=int, help="intervals of the time grid (fixed-grid solvers; default 100)")
     p.add_argument("--schedule", help="time grid: linear, cosine, polynomial, inverse_cubic, inverse_exp, "
                                       "logit_normal[:mean=M,std=S], edm[:rho=R], sd3_shift[:shift=S]")
@@ -253,7 +255,7 @@ def sample(args: argparse.Namespace) -> None:
             save_grid(images, save_dir / "grid.png", rows=max(1, round(len(images) ** 0.5)))
         info = {"weights": str(weights), "n_samples": n, "solver": s.solver, "steps": steps,
                 "schedule": s.schedule if steps else None,
-                "nfe": (steps * SOLVERS[s.solver][1] if steps else None) or (sum(nfe) / len(nfe) if nfe else None),
+                "nfe": (fixed_grid_nfe(s.solver, steps) if steps else None) or (sum(nfe) / len(nfe) if nfe else None),
                 "cfg_scale": s.cfg_scale, "seed": s.seed, "atol": s.atol if not steps else None,
                 "rtol": s.rtol if not steps else None, "class_labels": args.class_labels or "random",
                 "processes": accelerator.num_processes,

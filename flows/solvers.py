@@ -1,7 +1,10 @@
 """ODE solvers for dx/dt = v(x, t) from t = 0 (noise) to t = 1 (data).
 
 Fixed-grid solvers (euler, midpoint, heun, rk4) take the time grid they are given: `steps`
-intervals are always `steps` intervals. Adaptive solvers (dopri5 and torchdiffeq's other adaptive
+intervals are always `steps` intervals. `SOLVER+LAST` takes LAST's step on the last interval, e.g.
+heun+euler (EDM's sampler): heun and rk4 evaluate the velocity at the end point t = 1, where no
+noise is left in x_t to tell the network which x0 it came from and a trained field can be poor;
+euler and midpoint never evaluate it there. Adaptive solvers (dopri5 and torchdiffeq's other adaptive
 methods) choose their own steps under atol/rtol, so giving them `steps` is an error. Every call
 integrates in fp32 (or the input's float64) and returns the exact number of velocity evaluations
 (NFE): one evaluation is one call of the model, with the conditional and unconditional halves of
@@ -57,6 +60,12 @@ def _rk4(v: Velocity, x, t0, t1):
 SOLVERS = {"euler": (_euler, 1), "midpoint": (_midpoint, 2), "heun": (_heun, 2), "rk4": (_rk4, 4)}
 
 
+def fixed_grid_nfe(solver: str, steps: int) -> int:
+    """Velocity evaluations of a fixed-grid solver ('heun', or 'heun+euler' with its last step by euler)."""
+    body, _, last = solver.partition("+")
+    return SOLVERS[body][1] * (steps - 1) + SOLVERS[last or body][1]
+
+
 # torchdiffeq's adaptive methods.
 ADAPTIVE = ("dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun")
 
@@ -82,13 +91,15 @@ class _Counted:
 
 @torch.no_grad()
 def integrate(velocity: Velocity, x0: torch.Tensor, grid: torch.Tensor, solver: str = "euler") -> SolverResult:
-    """Integrate dx/dt = velocity(x, t) over `grid` (a monotone 1-D tensor of times), t of shape (N,)."""
-    step, evals = SOLVERS[solver]
+    """Integrate dx/dt = velocity(x, t) over `grid` (a monotone 1-D tensor of times), t of shape (N,).
+    solver: a name in SOLVERS, or 'SOLVER+LAST' for LAST's step on the last interval."""
+    body, _, last = solver.partition("+")
+    steps = [SOLVERS[body][0]] * (len(grid) - 2) + [SOLVERS[last or body][0]]
     v = _Counted(velocity)
     x = x0 if x0.dtype == torch.float64 else x0.float()
-    for t0, t1 in zip(grid[:-1].tolist(), grid[1:].tolist()):
+    for step, t0, t1 in zip(steps, grid[:-1].tolist(), grid[1:].tolist()):
         x = step(v, x, t0, t1)
-    assert v.calls == evals * (len(grid) - 1)
+    assert v.calls == fixed_grid_nfe(solver, len(grid) - 1)
     return SolverResult(x=x, nfe=v.calls)
 
 
@@ -137,13 +148,16 @@ def check_solver(solver: str, steps: int | None) -> None:
             raise UserError(f"solver {solver} chooses its own steps (set its tolerances with --atol/--rtol); "
                             f"drop --steps {steps} or choose a fixed-grid solver ({', '.join(SOLVERS)})")
         return
-    if solver not in SOLVERS:
-        import difflib
+    for name in solver.split("+", 1):
+        if name not in SOLVERS:
+            import difflib
 
-        names = [*SOLVERS, *ADAPTIVE]
-        close = difflib.get_close_matches(solver, names, n=1, cutoff=0.4)
-        hint = f"; did you mean '{close[0]}'?" if close else ""
-        raise UserError(f"unknown solver '{solver}'{hint} (valid: {', '.join(names)})")
+            names = [*SOLVERS, *ADAPTIVE] if name == solver else list(SOLVERS)
+            close = difflib.get_close_matches(name, names, n=1, cutoff=0.4)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            where = "" if name == solver else f" in '{solver}'"
+            raise UserError(f"unknown solver '{name}'{where}{hint} (valid: {', '.join(names)}; "
+                            "SOLVER+LAST takes LAST's step on the last interval, e.g. heun+euler)")
     if steps is None or steps <= 0:
         raise UserError(f"solver {solver} needs a positive number of steps, got {steps}")
 

@@ -6,7 +6,7 @@ import torch
 from config import UserError
 from flows import SOLVERS, integrate
 from flows.schedules import SCHEDULES, parse_schedule, time_grid
-from flows.solvers import ADAPTIVE, generate, guided, integrate_adaptive, uniform_grid
+from flows.solvers import ADAPTIVE, fixed_grid_nfe, generate, guided, integrate_adaptive, uniform_grid
 
 
 @pytest.mark.parametrize("solver", list(SOLVERS))
@@ -17,6 +17,22 @@ def test_3t_squared_integrates_to_x_plus_one_with_exact_nfe(solver):
     tol = {"euler": 2e-2, "midpoint": 1e-4, "heun": 1e-4}.get(solver, 1e-5)  # global error O(h^order)
     assert torch.allclose(out.x, x0 + 1, atol=tol)
     assert out.nfe == steps * SOLVERS[solver][1]
+
+
+@pytest.mark.parametrize(("solver", "nfe"), [("heun+euler", 2 * 7 + 1), ("rk4+euler", 4 * 7 + 1),
+                                             ("rk4+midpoint", 4 * 7 + 2)])
+def test_a_last_step_by_another_solver_never_evaluates_t_1_and_counts_its_nfe(solver, nfe):
+    times = []
+
+    def velocity(x, t):
+        times.extend(t.tolist())
+        return 3 * t[:, None] ** 2 * torch.ones_like(x)
+
+    x0 = torch.randn(3, 2, dtype=torch.float64)
+    out = integrate(velocity, x0, uniform_grid(8), solver)
+    assert out.nfe == fixed_grid_nfe(solver, 8) == nfe == len(times) // 3
+    assert max(times) == 1 - 1 / 8 if solver.endswith("euler") else max(times) == 1 - 1 / 16
+    assert torch.allclose(out.x, x0 + 1, atol=0.05)  # the last Euler step errs by 3 h^2 / 2 at most
 
 
 def rotation(x, t):
@@ -30,7 +46,8 @@ def rotation_exact(x0):
     return torch.stack([c * x0[:, 0] - s * x0[:, 1], s * x0[:, 0] + c * x0[:, 1]], dim=1)
 
 
-@pytest.mark.parametrize(("solver", "order"), [("euler", 1), ("midpoint", 2), ("heun", 2), ("rk4", 4)])
+@pytest.mark.parametrize(("solver", "order"), [("euler", 1), ("midpoint", 2), ("heun", 2), ("rk4", 4),
+                                               ("heun+euler", 2), ("rk4+euler", 2)])  # one Euler step: O(h^2)
 def test_error_falls_at_the_solver_order_when_steps_double(solver, order):
     x0 = torch.tensor([[1.0, 0.5], [-0.3, 2.0]], dtype=torch.float64)
     errors = [(integrate(rotation, x0, uniform_grid(n), solver).x - rotation_exact(x0)).abs().max().item()
@@ -107,6 +124,8 @@ def test_bad_solver_arguments_fail_with_one_sentence():
     model = lambda x, t, y=None: x  # noqa: E731
     with pytest.raises(UserError, match="unknown solver 'eulr'; did you mean 'euler'"):
         generate(model, torch.zeros(2, 2), 10, "eulr")
+    with pytest.raises(UserError, match="unknown solver 'eulr' in 'heun\\+eulr'; did you mean 'euler'"):
+        generate(model, torch.zeros(2, 2), 10, "heun+eulr")
     with pytest.raises(UserError, match="solver dopri5 chooses its own steps"):
         generate(model, torch.zeros(2, 2), 10, "dopri5")
     with pytest.raises(UserError, match="needs a positive number of steps, got 0"):
