@@ -9,11 +9,12 @@ weights; --n samples from fixed noise; W2 (exact OT) to --n fresh data points.
 Quality, MNIST: an MNIST run's newest checkpoint, EMA weights; --n samples from fixed noise; FID with
 clean-fid's Inception network (mode "clean") against the 10,000 MNIST test digits (the statistics file
 in ../shared/data/mnist, or --mnist-data computed in memory the same way).
-Every fixed-grid solver × schedule at every reachable NFE in {1, 2, 4, 8, 16, 32, 64, 100}, and dopri5
-at several tolerances. The target is Euler-100's quality (within 5%): the combination reaching it with
-the fewest NFE is named. Throughput: samples/s of `flows.generate` (Euler, fixed NFE) and of
-torchdiffeq's `odeint` called directly with the same method and grid, on the same model and noise,
-alternated, best of 3. Writes table.md and nfe.png into --out.
+Every fixed-grid solver × schedule at every reachable NFE in {1, 2, 4, 8, 16, 32, 64, 100}
+(heun+euler and rk4+euler, whose last step is Euler's, with the steps of heun and rk4 at that NFE:
+1 and 3 NFE fewer), and dopri5 at several tolerances. The target is Euler-100's quality (within 5%):
+the combination reaching it with the fewest NFE is named. Throughput: samples/s of `flows.generate`
+(Euler, fixed NFE) and of torchdiffeq's `odeint` called directly with the same method and grid, on
+the same model and noise, alternated, best of --repeats (5). Writes table.md and nfe.png into --out.
 """
 
 from __future__ import annotations
@@ -32,16 +33,17 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from config import load_config  # noqa: E402
+from config import UserError, load_config  # noqa: E402
 from data.images import load_mnist, to_uint8  # noqa: E402
 from data.toy import TOY  # noqa: E402
 from flows.couplings import w2_distance  # noqa: E402
-from flows.schedules import SCHEDULES  # noqa: E402
-from flows.solvers import SOLVERS, generate  # noqa: E402
+from flows.schedules import SCHEDULES, parse_schedule  # noqa: E402
+from flows.solvers import SOLVERS, check_solver, fixed_grid_nfe, generate  # noqa: E402
 from models import build_model  # noqa: E402
 from models.checkpoint import list_checkpoints, load_weights, read_metadata  # noqa: E402
 
 NFES = [1, 2, 4, 8, 16, 32, 64, 100]
+SWEPT = [*SOLVERS, "heun+euler", "rk4+euler"]
 TOLERANCES = [1e-2, 1e-3, 1e-4, 1e-5]
 MNIST = ROOT.parent / "shared" / "data" / "mnist"
 
@@ -56,37 +58,51 @@ def load_ema(run: Path, device: torch.device):
     return cfg, model.to(device).eval(), shape, checkpoint
 
 
-def sweep(model, x0: torch.Tensor, score) -> tuple[dict, dict]:
-    """score(samples) for every solver × schedule × reachable NFE, and for dopri5 at each tolerance."""
-    results: dict[tuple[str, str], dict[int, float]] = {}
-    for solver, (_, evals) in SOLVERS.items():
-        for schedule in SCHEDULES:
-            results[solver, schedule] = {nfe: score(generate(model, x0, nfe // evals, solver, schedule=schedule).x)
-                                         for nfe in NFES if nfe % evals == 0}
-            print(f"  {solver:8s} {schedule:13s} " + " ".join(f"{v:8.3f}" for v in results[solver, schedule].values()),
-                  flush=True)
+def sweep(model, x0: torch.Tensor, score, args) -> tuple[dict, dict, float]:
+    """score(samples) for every solver × schedule × reachable NFE column of the grid the arguments choose, as
+    {column: (true NFE, score)}; (NFE, score) for dopri5 at each tolerance; the target, Euler-100's score."""
+    target = score(generate(model, x0, 100, "euler").x)
+    print(f"  euler-100 {target:.3f}", flush=True)
+    results: dict[tuple[str, str], dict[int, tuple[int, float]]] = {}
+    for solver in args.solvers:
+        evals = SOLVERS[solver.partition("+")[0]][1]
+        for schedule in args.schedules:
+            results[solver, schedule] = {
+                nfe: (fixed_grid_nfe(solver, nfe // evals),
+                      target if (solver, schedule, nfe) == ("euler", "linear", 100)
+                      else score(generate(model, x0, nfe // evals, solver, schedule=schedule).x))
+                for nfe in args.nfes if nfe % evals == 0}
+            print(f"  {solver:10s} {schedule:13s} "
+                  + " ".join(f"{v:8.3f}" for _, v in results[solver, schedule].values()), flush=True)
     adaptive = {}
-    for tol in TOLERANCES:
+    for tol in args.tolerances:
         out = generate(model, x0, None, "dopri5", atol=tol, rtol=tol)
         adaptive[tol] = (out.nfe, score(out.x))
-    return results, adaptive
+    return results, adaptive, target
 
 
-def table(results, adaptive, metric: str, header: str) -> tuple[list[str], float]:
-    target = results["euler", "linear"][NFES[-1]]
-    best = min(((nfe, solver, schedule, value) for (solver, schedule), row in results.items()
-                for nfe, value in row.items() if value <= 1.05 * target), key=lambda r: (r[0], r[3]))
+def table(results, adaptive, target: float, metric: str, header: str, nfes: list[int]) -> list[str]:
+    reached = [(nfe, solver, schedule, value) for (solver, schedule), row in results.items()
+               for nfe, value in row.values() if value <= 1.05 * target]
     lines = [header + f" Euler-100 target {target:.3f} (+5%: {1.05 * target:.3f}).", "",
-             "| solver | schedule | " + " | ".join(f"NFE {n}" for n in NFES) + " |",
-             "|---|---|" + "---:|" * len(NFES)]
+             "| solver | schedule | " + " | ".join(f"NFE {n}" for n in nfes) + " |",
+             "|---|---|" + "---:|" * len(nfes)]
     for (solver, schedule), row in results.items():
-        lines.append(f"| {solver} | {schedule} | " + " | ".join(f"{row[n]:.3f}" if n in row else "" for n in NFES)
-                     + " |")
-    lines += ["", f"| dopri5 atol = rtol | NFE | {metric} |", "|---|---:|---:|"]
-    lines += [f"| {tol:g} | {nfe} | {value:.3f} |" for tol, (nfe, value) in adaptive.items()]
-    lines += ["", f"Fewest NFE within 5% of Euler-100: **{best[1]} + {best[2]} at NFE {best[0]}** "
-                  f"({metric} {best[3]:.3f})."]
-    return lines, target
+        cells = [(f"{row[n][1]:.3f}" + ("" if row[n][0] == n else f" ({row[n][0]})")) if n in row else ""
+                 for n in nfes]
+        lines.append(f"| {solver} | {schedule} | " + " | ".join(cells) + " |")
+    lines += ["", "A figure in brackets is the true NFE where it differs from the column's (SOLVER+euler ends "
+                  "with one Euler step)."]
+    if adaptive:
+        lines += ["", f"| dopri5 atol = rtol | NFE | {metric} |", "|---|---:|---:|"]
+        lines += [f"| {tol:g} | {nfe} | {value:.3f} |" for tol, (nfe, value) in adaptive.items()]
+    if reached:
+        nfe, solver, schedule, value = min(reached, key=lambda r: (r[0], r[3]))
+        lines += ["", f"Fewest NFE within 5% of Euler-100: **{solver} + {schedule} at NFE {nfe}** "
+                      f"({metric} {value:.3f})."]
+    else:
+        lines += ["", "No combination of this grid came within 5% of Euler-100."]
+    return lines
 
 
 def quality_2d(args) -> list[str]:
@@ -98,9 +114,10 @@ def quality_2d(args) -> list[str]:
     x0 = torch.randn(args.n, *shape, generator=torch.Generator().manual_seed(123))
     data = TOY[cfg.data.name](args.n, torch.Generator().manual_seed(456), torch.device("cpu"))
     floor = w2_distance(TOY[cfg.data.name](args.n, torch.Generator().manual_seed(789), torch.device("cpu")), data)
-    results, adaptive = sweep(model, x0, lambda x: w2_distance(x, data))
-    lines, target = table(results, adaptive, "W2", f"Run {run}, EMA weights; W2 of {args.n} samples to {args.n} fresh "
-                                                   f"{cfg.data.name} points (floor, data to data: {floor:.3f});")
+    results, adaptive, target = sweep(model, x0, lambda x: w2_distance(x, data), args)
+    header = (f"Run {run}, EMA weights; W2 of {args.n} samples to {args.n} fresh {cfg.data.name} points (floor, "
+              f"data to data: {floor:.3f});")
+    lines = table(results, adaptive, target, "W2", header, args.nfes)
     plot(results, adaptive, target, "W2 to data", Path(args.out) / "nfe.png")
     return lines
 
@@ -128,12 +145,12 @@ def quality_mnist(args) -> list[str]:
         return value
 
     start = time.perf_counter()
-    results, adaptive = sweep(model, x0, score)
+    results, adaptive, target = sweep(model, x0, score, args)
     elapsed = time.perf_counter() - start
     where = torch.cuda.get_device_name() if device.type == "cuda" else f"{torch.get_num_threads()} CPU threads"
-    lines, target = table(results, adaptive, "FID", f"{checkpoint}, EMA weights; FID (clean-fid, clean mode) of "
+    lines = table(results, adaptive, target, "FID", f"{checkpoint}, EMA weights; FID (clean-fid, clean mode) of "
                           f"{args.n} samples to the 10,000 MNIST test digits ({source}); {where}, "
-                          f"{elapsed:.0f} s in all, {timings['seconds']:.0f} s of it Inception.")
+                          f"{elapsed:.0f} s in all, {timings['seconds']:.0f} s of it Inception.", args.nfes)
     plot(results, adaptive, target, f"FID ({args.n} samples)", Path(args.out) / "nfe.png")
     return lines
 
@@ -144,16 +161,19 @@ def plot(results, adaptive, target: float, ylabel: str, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(SOLVERS), figsize=(4 * len(SOLVERS), 4), sharey=True)
-    for ax, solver in zip(axes, SOLVERS):
-        for schedule in SCHEDULES:
-            row = results[solver, schedule]
-            ax.plot(list(row), list(row.values()), marker=".", label=schedule)
+    solvers = list(dict.fromkeys(solver for solver, _ in results))
+    fig, axes = plt.subplots(1, len(solvers), figsize=(4 * len(solvers), 4), sharey=True, squeeze=False)
+    for ax, solver in zip(axes[0], solvers):
+        for schedule in dict.fromkeys(schedule for _, schedule in results):
+            if not results[solver, schedule]:
+                continue
+            nfes, values = zip(*results[solver, schedule].values())
+            ax.plot(nfes, values, marker=".", label=schedule)
         ax.plot([nfe for nfe, _ in adaptive.values()], [v for _, v in adaptive.values()], "k*--", label="dopri5")
         ax.axhline(target, color="gray", lw=0.8)
         ax.set(xscale="log", yscale="log", xlabel="NFE", title=solver)
-    axes[0].set_ylabel(ylabel)
-    axes[0].legend(fontsize=7)
+    axes[0, 0].set_ylabel(ylabel)
+    axes[0, 0].legend(fontsize=7)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -180,7 +200,7 @@ def throughput(args) -> list[str]:
         return odeint(lambda t, x: model(x, t.expand(x.shape[0])), x0, grid, method="euler")[-1]
 
     best = {"flows.generate": 0.0, "torchdiffeq.odeint": 0.0}
-    for _ in range(3):
+    for _ in range(args.repeats):
         for name, fn in (("flows.generate", ours), ("torchdiffeq.odeint", direct)):
             sync()
             start = time.perf_counter()
@@ -202,10 +222,26 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=0, help="data loader workers for the Inception resizing")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default="bench/out/solvers_nfe")
+    p.add_argument("--solvers", type=lambda s: s.split(","), default=SWEPT, help="fixed-grid solvers to sweep, "
+                   f"comma-separated (default: {','.join(SWEPT)})")
+    p.add_argument("--schedules", type=lambda s: s.split(","), default=list(SCHEDULES),
+                   help="time schedules to sweep (default: all)")
+    p.add_argument("--nfes", type=lambda s: [int(n) for n in s.split(",")], default=NFES,
+                   help=f"NFE columns (default: {','.join(map(str, NFES))})")
+    p.add_argument("--tolerances", type=lambda s: [float(v) for v in s.split(",") if v], default=TOLERANCES,
+                   help="dopri5 atol = rtol values ('' for none; default: 1e-2,1e-3,1e-4,1e-5)")
     p.add_argument("--throughput", action="store_true", help="also time flows.generate beside torchdiffeq's odeint")
     p.add_argument("--steps", type=int, default=20, help="Euler steps for the throughput comparison")
     p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=5, help="timed runs of each, alternated; the best counts")
     args = p.parse_args()
+    try:
+        for solver in args.solvers:
+            check_solver(solver, 1)
+        for schedule in args.schedules:
+            parse_schedule(schedule)
+    except UserError as e:
+        p.error(str(e))
     Path(args.out).mkdir(parents=True, exist_ok=True)
     lines = quality_mnist(args) if args.mnist_run else quality_2d(args)
     if args.throughput:
