@@ -2,7 +2,7 @@
 
     python bench/solvers_nfe.py [-e RUN_DIR] [--out bench/out/solvers_nfe]                     # 2-D, W2
     python bench/solvers_nfe.py --mnist-run runs/mnist_15min [--device cuda] [--n 1000]        # MNIST, FID
-    python bench/solvers_nfe.py ... --throughput                   # + samples/s beside torchdiffeq's odeint
+    python bench/solvers_nfe.py ... --throughput[-only]         # + samples/s beside torchdiffeq's odeint
 
 Quality, 2-D: a trained 2-D run (default: the quick-start model, trained into --out if missing), EMA
 weights; --n samples from fixed noise; W2 (exact OT) to --n fresh data points.
@@ -231,6 +231,7 @@ def main() -> None:
     p.add_argument("--tolerances", type=lambda s: [float(v) for v in s.split(",") if v], default=TOLERANCES,
                    help="dopri5 atol = rtol values ('' for none; default: 1e-2,1e-3,1e-4,1e-5)")
     p.add_argument("--throughput", action="store_true", help="also time flows.generate beside torchdiffeq's odeint")
+    p.add_argument("--throughput-only", action="store_true", help="only the throughput, no quality sweep")
     p.add_argument("--steps", type=int, default=20, help="Euler steps for the throughput comparison")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--repeats", type=int, default=5, help="timed runs of each, alternated; the best counts")
@@ -243,8 +244,8 @@ def main() -> None:
     except UserError as e:
         p.error(str(e))
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    lines = quality_mnist(args) if args.mnist_run else quality_2d(args)
-    if args.throughput:
+    lines = [] if args.throughput_only else quality_mnist(args) if args.mnist_run else quality_2d(args)
+    if args.throughput or args.throughput_only:
         lines += throughput(args)
     text = "\n".join(lines)
     print(text)
