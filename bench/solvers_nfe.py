@@ -2,6 +2,7 @@
 
     python bench/solvers_nfe.py [-e RUN_DIR] [--out bench/out/solvers_nfe]                     # 2-D, W2
     python bench/solvers_nfe.py --mnist-run runs/mnist_15min [--device cuda] [--n 1000]        # MNIST, FID
+    python bench/solvers_nfe.py --from-report runs/mnist_15min/eval/report.json --out DIR  # from evaluate.py rows
     python bench/solvers_nfe.py ... --throughput[-only]         # + samples/s beside torchdiffeq's odeint
 
 Quality, 2-D: a trained 2-D run (default: the quick-start model, trained into --out if missing), EMA
@@ -14,7 +15,8 @@ Every fixed-grid solver × schedule at every reachable NFE in {1, 2, 4, 8, 16, 3
 1 and 3 NFE fewer), and dopri5 at several tolerances. The target is Euler-100's quality (within 5%):
 the combination reaching it with the fewest NFE is named. Throughput: samples/s of `flows.generate`
 (Euler, fixed NFE) and of torchdiffeq's `odeint` called directly with the same method and grid, on
-the same model and noise, alternated, best of --repeats (5). Writes table.md and nfe.png into --out.
+the same model and noise, alternated in pairs (ABBA), the median ratio of --repeats pairs.
+Writes table.md and nfe.png into --out.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ from data.images import load_mnist, to_uint8  # noqa: E402
 from data.toy import TOY  # noqa: E402
 from flows.couplings import w2_distance  # noqa: E402
 from flows.schedules import SCHEDULES, parse_schedule  # noqa: E402
-from flows.solvers import SOLVERS, check_solver, fixed_grid_nfe, generate  # noqa: E402
+from flows.solvers import ADAPTIVE, SOLVERS, check_solver, fixed_grid_nfe, generate  # noqa: E402
 from models import build_model  # noqa: E402
 from models.checkpoint import list_checkpoints, load_weights, read_metadata  # noqa: E402
 
@@ -155,6 +157,41 @@ def quality_mnist(args) -> list[str]:
     return lines
 
 
+def quality_report(args) -> list[str]:
+    """The table and plot from the rows of an evaluate.py report (RUN/eval/report.json): FID per solver × schedule
+    at the NFE that were evaluated, of one checkpoint and protocol (the newest step's EMA rows, guidance off)."""
+    path = Path(args.from_report)
+    if not path.is_file():
+        raise UserError(f"--from-report {path} does not exist; give the report.json evaluate.py wrote in RUN/eval/")
+    rows = [r for r in json.loads(path.read_text())["rows"] if r.get("fid") is not None and r["cfg_scale"] == 1.0
+            and r["weights"] == "ema"]
+    rows = [r for r in rows if r["step"] == max(r["step"] for r in rows)]
+    protocols = {(r["n_samples"], r["seed"], r["reference"], r["mode"]) for r in rows}
+    if len(protocols) != 1:
+        raise UserError(f"{path} mixes protocols {sorted(protocols)}; evaluate one protocol into its own --out")
+    results: dict[tuple[str, str], dict[int, tuple[int, float]]] = {}
+    adaptive = {}
+    for r in rows:
+        if r["solver"] in ADAPTIVE:
+            adaptive[r["atol"]] = (r["nfe"], r["fid"])
+        else:  # the column is the NFE of the solver's own steps; the true NFE differs for SOLVER+euler
+            column = SOLVERS[r["solver"].partition("+")[0]][1] * r["steps"]
+            results.setdefault((r["solver"], r["schedule"]), {})[column] = (r["nfe"], r["fid"])
+    if 100 not in results.get(("euler", "linear"), {}):
+        raise UserError(f"{path} has no euler:100 row (the target); run evaluate.py --samplers euler:100 first")
+    order = {name: i for i, name in enumerate([*SWEPT, *SCHEDULES])}
+    keys = sorted(results, key=lambda key: (order.get(key[0], 99), order.get(key[1], 99)))
+    results = {key: dict(sorted(results[key].items())) for key in keys}
+    adaptive = dict(sorted(adaptive.items(), reverse=True))
+    nfes = sorted({n for row in results.values() for n in row})
+    n, seed, reference, _ = protocols.pop()
+    header = (f"{rows[0]['checkpoint']}, EMA weights; FID (clean-fid, clean mode) of {n} samples (seeds ({seed}, k)) "
+              f"to {reference}, rows of {path};")
+    lines = table(results, adaptive, results["euler", "linear"][100][1], "FID", header, nfes)
+    plot(results, adaptive, results["euler", "linear"][100][1], f"FID ({n} samples)", Path(args.out) / "nfe.png")
+    return lines
+
+
 def plot(results, adaptive, target: float, ylabel: str, path: Path) -> None:
     import matplotlib
 
@@ -165,7 +202,7 @@ def plot(results, adaptive, target: float, ylabel: str, path: Path) -> None:
     fig, axes = plt.subplots(1, len(solvers), figsize=(4 * len(solvers), 4), sharey=True, squeeze=False)
     for ax, solver in zip(axes[0], solvers):
         for schedule in dict.fromkeys(schedule for _, schedule in results):
-            if not results[solver, schedule]:
+            if not results.get((solver, schedule)):
                 continue
             nfes, values = zip(*results[solver, schedule].values())
             ax.plot(nfes, values, marker=".", label=schedule)
@@ -199,18 +236,21 @@ def throughput(args) -> list[str]:
     def direct():
         return odeint(lambda t, x: model(x, t.expand(x.shape[0])), x0, grid, method="euler")[-1]
 
-    best = {"flows.generate": 0.0, "torchdiffeq.odeint": 0.0}
-    for _ in range(args.repeats):
-        for name, fn in (("flows.generate", ours), ("torchdiffeq.odeint", direct)):
+    runs = {"flows.generate": [], "torchdiffeq.odeint": []}
+    for repeat in range(args.repeats):
+        pair = [("flows.generate", ours), ("torchdiffeq.odeint", direct)]
+        for name, fn in pair if repeat % 2 == 0 else pair[::-1]:  # ABBA order: drift cancels out
             sync()
             start = time.perf_counter()
             fn()
             sync()
-            best[name] = max(best[name], args.batch / (time.perf_counter() - start))
+            runs[name].append(args.batch / (time.perf_counter() - start))
+    ratios = np.array(runs["flows.generate"]) / np.array(runs["torchdiffeq.odeint"])
     where = torch.cuda.get_device_name() if device.type == "cuda" else f"{torch.get_num_threads()} CPU threads"
-    return ["", f"Throughput, {run}, Euler {args.steps} NFE, batch {args.batch}, {where}: "
-            + ", ".join(f"{name} {value:.1f} samples/s" for name, value in best.items())
-            + f" (ratio {best['flows.generate'] / best['torchdiffeq.odeint']:.3f})"]
+    return ["", f"Throughput, {run}, Euler {args.steps} NFE, batch {args.batch}, {where}, {args.repeats} runs each: "
+            + ", ".join(f"{name} median {np.median(v):.1f} (best {max(v):.1f}) samples/s" for name, v in runs.items())
+            + f"; ratio per pair: median {np.median(ratios):.3f}, quartiles {np.quantile(ratios, 0.25):.3f}"
+            f"-{np.quantile(ratios, 0.75):.3f}, {np.mean(ratios >= 1):.0%} of pairs ≥ 1"]
 
 
 def main() -> None:
@@ -218,6 +258,8 @@ def main() -> None:
     p.add_argument("-e", "--exp", help="a 2-D run folder (default: train the quick-start model into --out)")
     p.add_argument("--mnist-run", help="an MNIST run folder: FID instead of the 2-D W2")
     p.add_argument("--mnist-data", default=str(MNIST), help="folder with the MNIST test files (and its FID stats)")
+    p.add_argument("--from-report", help="make the table and plot from the rows of an evaluate.py report.json "
+                   "instead of sampling (the MNIST grid on a CPU, a row at a time)")
     p.add_argument("--n", type=int, default=1000, help="samples per W2 or FID")
     p.add_argument("--workers", type=int, default=0, help="data loader workers for the Inception resizing")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -234,7 +276,8 @@ def main() -> None:
     p.add_argument("--throughput-only", action="store_true", help="only the throughput, no quality sweep")
     p.add_argument("--steps", type=int, default=20, help="Euler steps for the throughput comparison")
     p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--repeats", type=int, default=5, help="timed runs of each, alternated; the best counts")
+    p.add_argument("--repeats", type=int, default=5,
+                   help="timed runs of each, alternated in pairs; the median ratio of the pairs counts")
     args = p.parse_args()
     try:
         for solver in args.solvers:
@@ -244,7 +287,11 @@ def main() -> None:
     except UserError as e:
         p.error(str(e))
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    lines = [] if args.throughput_only else quality_mnist(args) if args.mnist_run else quality_2d(args)
+    try:
+        lines = ([] if args.throughput_only else quality_report(args) if args.from_report
+                 else quality_mnist(args) if args.mnist_run else quality_2d(args))
+    except UserError as e:
+        p.error(str(e))
     if args.throughput or args.throughput_only:
         lines += throughput(args)
     text = "\n".join(lines)
