@@ -280,6 +280,8 @@ def train(cfg: Config, run_dir: Path) -> None:
     batches = micro_steps(loader, objective, shard, t.seed, step * t.grad_accum, device, ahead,
                           labels=num_classes > 0, hflip=cfg.data.hflip and train_data is dataset,
                           memory_format=memory_format, space=encode_per_step)
+    # Listed once: unwrapping the model and walking its parameters cost host time on every step.
+    raw_model, params = accelerator.unwrap_model(model), list(model.parameters())
     loss_by_time, eval_cache = LossByTime(t.t_bins, device), {}
     loss_sum, nonfinite = torch.zeros((), device=device), torch.zeros((), dtype=torch.bool, device=device)
     accelerator.init_trackers("tensorboard", config=_flat(to_dict(cfg)))
@@ -299,11 +301,11 @@ def train(cfg: Config, run_dir: Path) -> None:
             loss_by_time.add(out)
             loss_sum += loss.detach()
             nonfinite |= ~torch.isfinite(loss.detach())
-        grad_norm = accelerator.clip_grad_norm_(model.parameters(), t.grad_clip if t.grad_clip > 0 else math.inf)
+        grad_norm = accelerator.clip_grad_norm_(params, t.grad_clip if t.grad_clip > 0 else math.inf)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
-        ema.update(accelerator.unwrap_model(model), step)
+        ema.update(raw_model, step)
         steps_timed += 1
         bar.update(1)
         last = step == t.steps

@@ -19,6 +19,9 @@ class EMA:
     def __init__(self, model: nn.Module, decay: float, warmup: bool = True):
         self.decay, self.warmup = decay, warmup
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
+        # (source model, its tensors, ours), listed at the first update: walking the module tree costs
+        # milliseconds of host time per step, and training and loading weights update the tensors in place.
+        self._pairs: tuple[nn.Module, list[torch.Tensor], list[torch.Tensor]] | None = None
 
     def decay_at(self, n: int) -> float:
         return min(self.decay, (1 + n) / (10 + n)) if self.warmup else self.decay
@@ -30,4 +33,7 @@ class EMA:
     @torch.no_grad()
     def update(self, model: nn.Module, n: int) -> None:
         """Update n (1-based: the optimizer step just taken)."""
-        torch._foreach_lerp_(self._tensors(self.model), self._tensors(model), 1.0 - self.decay_at(n))
+        if self._pairs is None or self._pairs[0] is not model:
+            self._pairs = (model, self._tensors(model), self._tensors(self.model))
+        _, source, ours = self._pairs
+        torch._foreach_lerp_(ours, source, 1.0 - self.decay_at(n))

@@ -92,6 +92,17 @@ def test_ema_is_a_frozen_copy_moving_towards_the_model():
     ema.update(model, 1)
     assert torch.allclose(ema.model.weight, 0.9 * before + 0.1 * model.weight)
     assert not any(p.requires_grad for p in ema.model.parameters())
+    # the tensors are listed once: later in-place changes (optimizer steps, loaded weights) are followed
+    before = ema.model.weight.clone()
+    with torch.no_grad():
+        model.weight.mul_(3.0)
+    model.load_state_dict({"weight": model.weight + 1.0, "bias": model.bias})
+    ema.update(model, 2)
+    assert torch.allclose(ema.model.weight, 0.9 * before + 0.1 * model.weight)
+    other = nn.Linear(3, 3)  # and another model is averaged in from its own tensors
+    before = ema.model.weight.clone()
+    ema.update(other, 3)
+    assert torch.allclose(ema.model.weight, 0.9 * before + 0.1 * other.weight)
     warm = EMA(model, decay=0.999)
     assert [warm.decay_at(n) for n in (1, 80, 10_000)] == [2 / 11, 81 / 90, 0.999]
 
