@@ -173,7 +173,7 @@ def quality_report(args) -> list[str]:
     adaptive = {}
     for r in rows:
         if r["solver"] in ADAPTIVE:
-            adaptive[r["atol"]] = (r["nfe"], r["fid"])
+            adaptive[r["atol"]] = (int(r["nfe"]), r["fid"])
         else:  # the column is the NFE of the solver's own steps; the true NFE differs for SOLVER+euler
             column = SOLVERS[r["solver"].partition("+")[0]][1] * r["steps"]
             results.setdefault((r["solver"], r["schedule"]), {})[column] = (r["nfe"], r["fid"])
@@ -199,19 +199,28 @@ def plot(results, adaptive, target: float, ylabel: str, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     solvers = list(dict.fromkeys(solver for solver, _ in results))
-    fig, axes = plt.subplots(1, len(solvers), figsize=(4 * len(solvers), 4), sharey=True, squeeze=False)
-    for ax, solver in zip(axes[0], solvers):
-        for schedule in dict.fromkeys(schedule for _, schedule in results):
-            if not results.get((solver, schedule)):
-                continue
-            nfes, values = zip(*results[solver, schedule].values())
-            ax.plot(nfes, values, marker=".", label=schedule)
+    schedules = list(dict.fromkeys(schedule for _, schedule in results))
+    colour = {schedule: f"C{i}" for i, schedule in enumerate(schedules)}  # the same in every panel
+    cols = min(3, len(solvers))
+    rows = -(-len(solvers) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.5 * cols, 3.6 * rows), sharex=True, sharey=True, squeeze=False)
+    for ax, solver in zip(axes.flat, solvers):
+        for schedule in schedules:
+            if results.get((solver, schedule)):
+                nfes, values = zip(*results[solver, schedule].values())
+                ax.plot(nfes, values, marker="o", ms=3, color=colour[schedule], label=schedule)
         ax.plot([nfe for nfe, _ in adaptive.values()], [v for _, v in adaptive.values()], "k*--", label="dopri5")
-        ax.axhline(target, color="gray", lw=0.8)
-        ax.set(xscale="log", yscale="log", xlabel="NFE", title=solver)
-    axes[0, 0].set_ylabel(ylabel)
-    axes[0, 0].legend(fontsize=7)
-    fig.tight_layout()
+        ax.axhline(target, color="gray", lw=0.8, label="Euler-100")
+        ax.set(xscale="log", yscale="log", title=solver)
+    for ax in axes.flat[len(solvers):]:
+        ax.axis("off")
+    for ax in axes[-1]:
+        ax.set_xlabel("NFE")
+    for ax in axes[:, 0]:
+        ax.set_ylabel(ylabel)
+    handles = {label: h for ax in axes.flat for h, label in zip(*ax.get_legend_handles_labels())}
+    fig.legend(handles.values(), handles.keys(), loc="lower center", ncol=min(len(handles), 10), fontsize=8)
+    fig.tight_layout(rect=(0, 0.06 if rows > 1 else 0.1, 1, 1))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
 
