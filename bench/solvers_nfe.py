@@ -16,12 +16,14 @@ Every fixed-grid solver × schedule at every reachable NFE in {1, 2, 4, 8, 16, 3
 the combination reaching it with the fewest NFE is named. Throughput: samples/s of `flows.generate`
 (Euler, fixed NFE) and of torchdiffeq's `odeint` called directly with the same method and grid, on
 the same model and noise, alternated in pairs (ABBA), the median ratio of --repeats pairs.
-Writes table.md and nfe.png into --out.
+Writes table.md and nfe.png into --out, and for MNIST each FID into --out/scores.json as it is measured: run
+again with the same --out, a sweep cut off (a time limit, a crash) goes on where it stopped.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import subprocess
 import sys
@@ -40,7 +42,7 @@ from data.images import load_mnist, to_uint8  # noqa: E402
 from data.toy import TOY  # noqa: E402
 from flows.couplings import w2_distance  # noqa: E402
 from flows.schedules import SCHEDULES, parse_schedule  # noqa: E402
-from flows.solvers import ADAPTIVE, SOLVERS, check_solver, fixed_grid_nfe, generate  # noqa: E402
+from flows.solvers import ADAPTIVE, SOLVERS, check_solver, generate  # noqa: E402
 from models import build_model  # noqa: E402
 from models.checkpoint import list_checkpoints, load_weights, read_metadata  # noqa: E402
 
@@ -60,26 +62,56 @@ def load_ema(run: Path, device: torch.device):
     return cfg, model.to(device).eval(), shape, checkpoint
 
 
-def sweep(model, x0: torch.Tensor, score, args) -> tuple[dict, dict, float]:
+class Scores:
+    """Scores measured so far, {"solver:steps:schedule" or "dopri5:tol": [NFE, score]}, kept in PATH after each
+    one when a path is given, so that a sweep cut off (a time limit, a crash) goes on where it stopped. The file
+    holds the protocol it was measured under; another protocol in the same file is an error, never a mix."""
+
+    def __init__(self, path: Path | None, protocol: dict):
+        self.path, self.protocol, self.values = path, protocol, {}
+        if path is not None and path.exists():
+            saved = json.loads(path.read_text())
+            if saved["protocol"] != protocol:
+                raise UserError(f"{path} holds scores of another protocol ({saved['protocol']}, not {protocol}); "
+                                "give another --out or delete the file")
+            self.values = saved["scores"]
+            print(f"  {len(self.values)} scores from {path}", flush=True)
+
+    def get(self, key: str, run) -> tuple[int, float]:
+        """[NFE, score] of `key`, measured by run() -> (NFE, score) unless already known."""
+        if key not in self.values:
+            self.values[key] = list(run())
+            if self.path is not None:
+                part = self.path.with_suffix(".part")
+                part.write_text(json.dumps({"protocol": self.protocol, "scores": self.values}, indent=1))
+                part.replace(self.path)
+        nfe, value = self.values[key]
+        return int(nfe), float(value)
+
+
+def sweep(model, x0: torch.Tensor, score, args, scores: Scores | None = None) -> tuple[dict, dict, float]:
     """score(samples) for every solver × schedule × reachable NFE column of the grid the arguments choose, as
     {column: (true NFE, score)}; (NFE, score) for dopri5 at each tolerance; the target, Euler-100's score."""
-    target = score(generate(model, x0, 100, "euler").x)
+    scores = scores or Scores(None, {})
+
+    def measure(key: str, steps: int | None, solver: str, schedule: str = "linear", tol: float | None = None):
+        def run():
+            out = generate(model, x0, steps, solver, schedule=schedule, **({"atol": tol, "rtol": tol} if tol else {}))
+            return out.nfe, score(out.x)
+        return scores.get(key, run)
+
+    target = measure("euler:100:linear", 100, "euler")[1]
     print(f"  euler-100 {target:.3f}", flush=True)
     results: dict[tuple[str, str], dict[int, tuple[int, float]]] = {}
     for solver in args.solvers:
         evals = SOLVERS[solver.partition("+")[0]][1]
         for schedule in args.schedules:
             results[solver, schedule] = {
-                nfe: (fixed_grid_nfe(solver, nfe // evals),
-                      target if (solver, schedule, nfe) == ("euler", "linear", 100)
-                      else score(generate(model, x0, nfe // evals, solver, schedule=schedule).x))
+                nfe: measure(f"{solver}:{nfe // evals}:{schedule}", nfe // evals, solver, schedule)
                 for nfe in args.nfes if nfe % evals == 0}
             print(f"  {solver:10s} {schedule:13s} "
                   + " ".join(f"{v:8.3f}" for _, v in results[solver, schedule].values()), flush=True)
-    adaptive = {}
-    for tol in args.tolerances:
-        out = generate(model, x0, None, "dopri5", atol=tol, rtol=tol)
-        adaptive[tol] = (out.nfe, score(out.x))
+    adaptive = {tol: measure(f"dopri5:{tol:g}", None, "dopri5", tol=tol) for tol in args.tolerances}
     return results, adaptive, target
 
 
@@ -146,8 +178,11 @@ def quality_mnist(args) -> list[str]:
         timings["seconds"] += time.perf_counter() - start
         return value
 
+    digest = hashlib.sha256((checkpoint / "ema.safetensors").read_bytes()).hexdigest()[:16]
+    protocol = {"checkpoint": f"{checkpoint.name}, ema.safetensors sha256 {digest}", "n": args.n, "noise seed": 0,
+                "reference": source, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu"}
     start = time.perf_counter()
-    results, adaptive, target = sweep(model, x0, score, args)
+    results, adaptive, target = sweep(model, x0, score, args, Scores(Path(args.out) / "scores.json", protocol))
     elapsed = time.perf_counter() - start
     where = torch.cuda.get_device_name() if device.type == "cuda" else f"{torch.get_num_threads()} CPU threads"
     lines = table(results, adaptive, target, "FID", f"{checkpoint}, EMA weights; FID (clean-fid, clean mode) of "

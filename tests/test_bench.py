@@ -1,0 +1,49 @@
+"""The measuring code of bench/: the FID of the solver × schedule grid and its resumable store of scores."""
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy import linalg
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+
+from mnist_fid import frechet  # noqa: E402
+from solvers_nfe import Scores  # noqa: E402
+
+from config import UserError  # noqa: E402
+
+
+def test_the_bench_frechet_distance_equals_clean_fids_sqrtm_form():
+    rng = np.random.default_rng(0)
+    mix = rng.standard_normal((32, 32))
+    real = rng.standard_normal((400, 32)) @ mix
+    for fake in (rng.standard_normal((20, 32)) @ mix + 0.3,  # fewer samples than features: a singular covariance
+                 2 * rng.standard_normal((300, 32)) @ mix):
+        mu1, s1 = fake.mean(0), np.cov(fake, rowvar=False)
+        mu2, s2 = real.mean(0), np.cov(real, rowvar=False)
+        expected = ((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.trace(linalg.sqrtm(s1 @ s2).real)
+        assert frechet(fake, (mu2, s2)) == pytest.approx(expected, rel=1e-6)
+
+
+def test_scores_are_kept_after_each_measurement_and_never_mixed_across_protocols(tmp_path):
+    path, protocol, calls = tmp_path / "scores.json", {"checkpoint": "step_1 sha256 ab", "n": 10}, []
+
+    def measure(value):
+        def run():
+            calls.append(value)
+            return 4, value
+        return run
+
+    first = Scores(path, protocol)
+    assert first.get("euler:4:linear", measure(1.5)) == (4, 1.5)
+    assert json.loads(path.read_text())["scores"] == {"euler:4:linear": [4, 1.5]}  # on disk before the next one
+    again = Scores(path, protocol)  # a run cut off goes on: known scores are not measured again
+    assert again.get("euler:4:linear", measure(9.0)) == (4, 1.5)
+    assert again.get("midpoint:2:linear", measure(2.5)) == (4, 2.5)
+    assert calls == [1.5, 2.5]
+    with pytest.raises(UserError, match="another protocol"):
+        Scores(path, {**protocol, "n": 11})
+    assert len(json.loads(path.read_text())["scores"]) == 2  # the file is left as it was
