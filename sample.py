@@ -130,7 +130,7 @@ def write_sample(path: Path, x: torch.Tensor, kind: str, meta: dict[str, str]) -
 def read_sample(path: Path) -> np.ndarray:
     from PIL import Image
 
-    return np.asarray(Image.open(path)) if path.suffix == ".png" else np.load(path)
+    return np.array(Image.open(path)) if path.suffix == ".png" else np.load(path)
 
 
 def write_npz(save_dir: Path, n: int, kind: str) -> Path:
