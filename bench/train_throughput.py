@@ -10,7 +10,9 @@ For each model on CIFAR-10-shaped data (3×32×32, random pixels written as CIFA
   (the first `steps` warm up; previews and checkpoints fall outside the timed window).
 - torchcfm (unet-cifar10 only, when importable): its UNetModelWrapper with the CIFAR-10 arguments and
   the training step of its CIFAR-10 example: ConditionalFlowMatcher, Adam, gradient clipping, EMA.
-Runs alternate (bare, train.py, torchcfm, then again) --repeats times; the best of each is reported.
+Runs alternate in ABBA order (bare, train.py, torchcfm, then torchcfm, train.py, bare) --repeats times;
+the best of each is reported, and train.py's ratio to each other loop, best against best and the
+median of the ratios within each repeat.
 """
 
 from __future__ import annotations
@@ -151,28 +153,33 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         data = fake_cifar(Path(tmp) / "cifar")
         for name in args.models:
-            best: dict[str, float] = {}
+            runs: dict[str, list[float]] = {}
             labels = ["bare", "train.py"]
             if name == "unet-cifar10" and have_torchcfm and args.mixed_precision == "no":
                 labels.append("torchcfm")
             for r in range(args.repeats):
-                for label in labels:
+                for label in labels if r % 2 == 0 else labels[::-1]:  # ABBA order: drift cancels out
                     if label == "bare":
                         value = bare(name, args, device)
                     elif label == "train.py":
                         value = toolkit(name, args, data, Path(tmp) / f"run_{name.replace('/', '_')}_{r}")
                     else:
                         value = torchcfm_step(args, device)
-                    best[label] = max(best.get(label, 0.0), value)
+                    runs.setdefault(label, []).append(value)
                     print(f"  {name} {label} repeat {r}: {value:.2f} images/s", flush=True)
-            overhead = 100 * (1 - best["train.py"] / best["bare"])
-            line = (f"{name}: bare {best['bare']:.2f}, train.py {best['train.py']:.2f} images/s "
-                    f"(overhead {overhead:+.1f}%)")
-            if "torchcfm" in best:
-                line += f"; torchcfm {best['torchcfm']:.2f} images/s (train.py / torchcfm = " \
-                        f"{best['train.py'] / best['torchcfm']:.3f})"
-            print(line, flush=True)
+            print(summary(name, runs), flush=True)
 
+
+def summary(name: str, runs: dict[str, list[float]]) -> str:
+    """Best images/s of each loop, and train.py's ratio to the others: best against best, and the median of the
+    ratios within each repeat (the steadier figure where the machine drifts between repeats)."""
+    best = {label: max(values) for label, values in runs.items()}
+    line = f"{name}: " + ", ".join(f"{label} {value:.2f}" for label, value in best.items()) + " images/s (best)"
+    for other in [label for label in runs if label != "train.py"]:
+        ratios = np.array(runs["train.py"]) / np.array(runs[other])
+        line += (f"; train.py / {other}: best {best['train.py'] / best[other]:.3f}, median per repeat "
+                 f"{np.median(ratios):.3f} (of {', '.join(f'{r:.3f}' for r in ratios)})")
+    return line
 
 if __name__ == "__main__":
     main()
