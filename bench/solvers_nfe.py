@@ -52,7 +52,18 @@ TOLERANCES = [1e-2, 1e-3, 1e-4, 1e-5]
 MNIST = ROOT.parent / "shared" / "data" / "mnist"
 
 
+def toy_run(args) -> Path:
+    """The 2-D run to measure: -e, or the quick-start model, trained into --out the first time."""
+    run = Path(args.exp) if args.exp else Path(args.out) / "moons_run"
+    if not args.exp and not list_checkpoints(run):
+        subprocess.run([sys.executable, str(ROOT / "train.py"), "-e", str(run), "train.trackers=[]",
+                        "train.preview_every=0"], check=True)
+    return run
+
+
 def load_ema(run: Path, device: torch.device):
+    if not list_checkpoints(run):
+        raise UserError(f"{run} has no checkpoint (checkpoints/step_N); give the folder of a training run")
     _, checkpoint = list_checkpoints(run)[-1]
     cfg = load_config(checkpoint / "config.yaml")
     meta = read_metadata(checkpoint / "ema.safetensors")
@@ -140,10 +151,7 @@ def table(results, adaptive, target: float, metric: str, header: str, nfes: list
 
 
 def quality_2d(args) -> list[str]:
-    run = Path(args.exp) if args.exp else Path(args.out) / "moons_run"
-    if not list_checkpoints(run):
-        subprocess.run([sys.executable, str(ROOT / "train.py"), "-e", str(run), "train.trackers=[]",
-                        "train.preview_every=0"], check=True)
+    run = toy_run(args)
     cfg, model, shape, _ = load_ema(run, torch.device("cpu"))
     x0 = torch.randn(args.n, *shape, generator=torch.Generator().manual_seed(123))
     data = TOY[cfg.data.name](args.n, torch.Generator().manual_seed(456), torch.device("cpu"))
@@ -264,7 +272,7 @@ def throughput(args) -> list[str]:
     from torchdiffeq import odeint
 
     device = torch.device(args.device)
-    run = Path(args.mnist_run or args.exp or Path(args.out) / "moons_run")
+    run = Path(args.mnist_run) if args.mnist_run else toy_run(args)
     _, model, shape, _ = load_ema(run, device)
     x0 = torch.randn(args.batch, *shape, generator=torch.Generator().manual_seed(0)).to(device)
     grid = torch.linspace(0, 1, args.steps + 1, device=device)
@@ -334,10 +342,10 @@ def main() -> None:
     try:
         lines = ([] if args.throughput_only else quality_report(args) if args.from_report
                  else quality_mnist(args) if args.mnist_run else quality_2d(args))
+        if args.throughput or args.throughput_only:
+            lines += throughput(args)
     except UserError as e:
         p.error(str(e))
-    if args.throughput or args.throughput_only:
-        lines += throughput(args)
     text = "\n".join(lines)
     print(text)
     (Path(args.out) / "table.md").write_text(text + "\n")

@@ -11,7 +11,7 @@ from scipy import linalg
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
 from mnist_fid import frechet  # noqa: E402
-from solvers_nfe import Scores  # noqa: E402
+from solvers_nfe import Scores, load_ema  # noqa: E402
 
 from config import UserError  # noqa: E402
 
@@ -47,3 +47,8 @@ def test_scores_are_kept_after_each_measurement_and_never_mixed_across_protocols
     with pytest.raises(UserError, match="another protocol"):
         Scores(path, {**protocol, "n": 11})
     assert len(json.loads(path.read_text())["scores"]) == 2  # the file is left as it was
+
+
+def test_a_run_folder_without_checkpoints_is_named_in_the_error(tmp_path):
+    with pytest.raises(UserError, match=f"{tmp_path} has no checkpoint"):
+        load_ema(tmp_path, "cpu")
