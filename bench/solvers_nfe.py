@@ -62,9 +62,10 @@ def toy_run(args) -> Path:
 
 
 def load_ema(run: Path, device: torch.device):
-    if not list_checkpoints(run):
+    checkpoints = list_checkpoints(run)
+    if not checkpoints:
         raise UserError(f"{run} has no checkpoint (checkpoints/step_N); give the folder of a training run")
-    _, checkpoint = list_checkpoints(run)[-1]
+    _, checkpoint = checkpoints[-1]
     cfg = load_config(checkpoint / "config.yaml")
     meta = read_metadata(checkpoint / "ema.safetensors")
     shape = tuple(json.loads(meta["data_shape"]))
@@ -165,18 +166,19 @@ def quality_2d(args) -> list[str]:
 
 
 def quality_mnist(args) -> list[str]:
-    from mnist_fid import frechet, inception_features, statistics
+    from mnist_fid import FrechetReference, frechet, inception_features, statistics
 
     device = torch.device(args.device)
     _, model, shape, checkpoint = load_ema(Path(args.mnist_run), device)
     if (Path(args.mnist_data) / "t10k-fid-stats-clean.npz").exists():
         ref = np.load(Path(args.mnist_data) / "t10k-fid-stats-clean.npz")
-        reference, source = (ref["mu"], ref["sigma"]), "t10k-fid-stats-clean.npz"
+        mu, sigma, source = ref["mu"], ref["sigma"], "t10k-fid-stats-clean.npz"
     else:
         real = load_mnist(Path(args.mnist_data), "test", download=False).images
-        reference = statistics(inception_features(real, device, num_workers=args.workers))
+        mu, sigma = statistics(inception_features(real, device, num_workers=args.workers))
         source = "computed here from the 10,000 test digits"
-        np.savez(Path(args.out) / "t10k-mu.npz", mu=reference[0], sigma_diag=np.diag(reference[1]))
+        np.savez(Path(args.out) / "t10k-mu.npz", mu=mu, sigma_diag=np.diag(sigma))
+    reference = FrechetReference(mu, sigma, device)
     x0 = torch.randn(args.n, *shape, generator=torch.Generator().manual_seed(0)).to(device)
     timings = {"seconds": 0.0}
 

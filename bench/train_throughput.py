@@ -181,5 +181,6 @@ def summary(name: str, runs: dict[str, list[float]]) -> str:
                  f"{np.median(ratios):.3f} (of {', '.join(f'{r:.3f}' for r in ratios)})")
     return line
 
+
 if __name__ == "__main__":
     main()

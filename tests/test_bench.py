@@ -10,7 +10,7 @@ from scipy import linalg
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
-from mnist_fid import frechet  # noqa: E402
+from mnist_fid import FrechetReference, frechet  # noqa: E402
 from solvers_nfe import Scores, load_ema  # noqa: E402
 
 from config import UserError  # noqa: E402
@@ -25,7 +25,7 @@ def test_the_bench_frechet_distance_equals_clean_fids_sqrtm_form():
         mu1, s1 = fake.mean(0), np.cov(fake, rowvar=False)
         mu2, s2 = real.mean(0), np.cov(real, rowvar=False)
         expected = ((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.trace(linalg.sqrtm(s1 @ s2).real)
-        assert frechet(fake, (mu2, s2)) == pytest.approx(expected, rel=1e-6)
+        assert frechet(fake, FrechetReference(mu2, s2)) == pytest.approx(expected, rel=1e-6)
 
 
 def test_scores_are_kept_after_each_measurement_and_never_mixed_across_protocols(tmp_path):
