@@ -7,6 +7,7 @@ variance so that it sits well against a standard normal source.
 from __future__ import annotations
 
 import math
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -125,7 +126,8 @@ def plot_points(generated: torch.Tensor, data: torch.Tensor, path: str | Path, t
     ax.scatter(generated[:, 0], generated[:, 1], s=2, c="tab:blue", alpha=0.6, label="generated")
     ref = data if len(data) else generated  # no data to draw: frame the generated points
     lim = torch.quantile(ref.abs().float().flatten(), 0.995).item() * 1.3
-    ax.set(xlim=(-lim, lim), ylim=(-lim, lim), aspect="equal", title=title)
+    ax.set(xlim=(-lim, lim), ylim=(-lim, lim), aspect="equal")
+    ax.set_title(textwrap.fill(title, 55), fontsize=9)  # long sampler descriptions wrap inside the figure
     ax.legend(loc="upper right", markerscale=4)
     fig.tight_layout()
     tmp = path.with_name(path.stem + ".tmp.png")
