@@ -76,10 +76,14 @@ def load_tensor_file(path: str | Path, layout: str = "N×D") -> tuple[torch.Tens
     A .safetensors file holds one tensor, or 'x' and optionally 'y' (labels); a .pt file holds a
     tensor saved with torch.save (loaded with weights_only, so no code runs).
     """
+    wanted = f"set data.path to an {layout} .npy, .pt or .safetensors file"
+    if not str(path):
+        raise UserError(f"data.path is empty; {wanted}")
     path = Path(path)
-    if not str(path) or not path.is_file():
-        raise UserError(f"data file '{path}' does not exist; set data.path to an {layout} .npy, .pt or "
-                        ".safetensors file")
+    if path.is_dir():
+        raise UserError(f"data.path '{path}' is a folder, not a data file; {wanted}")
+    if not path.is_file():
+        raise UserError(f"data file '{path}' does not exist; {wanted}")
     y = None
     try:
         if path.suffix == ".npy":

@@ -40,6 +40,7 @@ def test_tensor_file_datasets(tmp_path, suffix):
 
 @pytest.mark.parametrize("content, message", [
     (None, "does not exist"),
+    (lambda p: p.mkdir(), "is a folder, not a data file"),
     (lambda p: p.write_bytes(b"not numpy"), "could not be read"),
     (lambda p: np.save(p, np.zeros((3, 2, 2), np.float32)), "must hold a non-empty N×D float tensor"),
     (lambda p: np.save(p, np.zeros((0, 2), np.float32)), "must hold a non-empty N×D float tensor"),
