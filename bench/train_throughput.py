@@ -2,6 +2,7 @@
 
     python bench/train_throughput.py [--models unet-cifar10 DiT-S/2] [--batch 32] [--steps 5] [--device cpu]
     PYTHONPATH=/path/to/site-with-torchcfm python bench/train_throughput.py     # adds torchcfm's UNet
+    PYTHONPATH=/path/to/site-with-torchcfm python bench/train_throughput.py --parts --repeats 8
 
 For each model on CIFAR-10-shaped data (3×32×32, random pixels written as CIFAR-10's own files):
 - bare: the same model and AdamW in a plain loop: draw x0 and t, forward, loss, backward, step. Nothing else.
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import itertools
 import json
 import pickle
 import subprocess
@@ -35,6 +37,7 @@ sys.path.insert(0, str(ROOT))
 
 from config import load_config  # noqa: E402
 from models import build_model  # noqa: E402
+from models.ema import EMA  # noqa: E402
 
 SHAPE = (3, 32, 32)
 
@@ -102,16 +105,29 @@ def toolkit(name: str, args, data: Path, run: Path) -> float:
     return rows[-1]["samples_per_s"]  # steps [steps + 1, 2·steps]
 
 
-def torchcfm_step(args, device: torch.device) -> float:
+def torchcfm_parts(device: torch.device):
+    """torchcfm's CIFAR-10 UNet, its EMA copy, optimizer and flow matcher, as its CIFAR-10 example makes them."""
     from torchcfm.conditional_flow_matching import ConditionalFlowMatcher
     from torchcfm.models.unet.unet import UNetModelWrapper
 
     torch.manual_seed(0)
     net = UNetModelWrapper(dim=SHAPE, num_res_blocks=2, num_channels=128, channel_mult=[1, 2, 2, 2], num_heads=4,
                            num_head_channels=64, attention_resolutions="16", dropout=0.1).to(device)
-    ema_net = copy.deepcopy(net)
-    optimizer = torch.optim.Adam(net.parameters(), lr=2e-4)
-    fm = ConditionalFlowMatcher(sigma=0.0)
+    return net, copy.deepcopy(net), torch.optim.Adam(net.parameters(), lr=2e-4), ConditionalFlowMatcher(sigma=0.0)
+
+
+def torchcfm_update(net, ema_net, optimizer) -> None:
+    """What torchcfm's CIFAR-10 example does after the backward pass: clipping, Adam, its EMA."""
+    torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+    optimizer.step()
+    with torch.no_grad():  # a per-tensor update of the state dict
+        source = net.state_dict()
+        for key, value in ema_net.state_dict().items():
+            value.copy_(value * 0.9999 + source[key] * (1 - 0.9999))
+
+
+def torchcfm_step(args, device: torch.device) -> float:
+    net, ema_net, optimizer, fm = torchcfm_parts(device)
     x1 = torch.rand(args.batch, *SHAPE, device=device) * 2 - 1
 
     def step():  # the training step of torchcfm's examples/images/cifar10
@@ -120,14 +136,61 @@ def torchcfm_step(args, device: torch.device) -> float:
         t, xt, ut = fm.sample_location_and_conditional_flow(x0, x1)
         loss = torch.mean((net(t, xt) - ut) ** 2)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
-        optimizer.step()
-        with torch.no_grad():  # its EMA: a per-tensor update of the state dict
-            source = net.state_dict()
-            for key, value in ema_net.state_dict().items():
-                value.copy_(value * 0.9999 + source[key] * (1 - 0.9999))
+        torchcfm_update(net, ema_net, optimizer)
 
     return args.batch / time_steps(step, args.steps, args.warmup, device)
+
+
+def step_parts(args, device: torch.device) -> None:
+    """The CIFAR-10 UNet's training step in two parts, ours beside torchcfm's, for machines where whole steps vary
+    more between runs than the two loops differ: the network's forward + backward (its FLOPs, which do not vary,
+    and its time) and the rest of the step (clipping, optimizer, EMA, zeroing the gradients: train.py's
+    calls, on a model prepared by accelerate as train.py prepares it). Alternated --repeats times; medians."""
+    from accelerate import Accelerator
+    from torch.utils.flop_counter import FlopCounterMode
+
+    cfg = load_config(None, ["model.name=unet-cifar10"])
+    torch.manual_seed(0)
+    model = build_model(cfg, SHAPE).to(device)
+    ema = EMA(model, cfg.train.ema_decay, warmup=False)
+    accelerator = Accelerator(cpu=device.type == "cpu")
+    model, optimizer = accelerator.prepare(model, torch.optim.AdamW(model.parameters(), lr=2e-4, foreach=True))
+    params = list(model.parameters())
+    net, ema_net, adam, _ = torchcfm_parts(device)
+    x = torch.rand(args.batch, *SHAPE, device=device) * 2 - 1
+    t = torch.rand(args.batch, device=device)
+
+    steps = itertools.count(1)
+
+    def ours_update():  # train.py's order after the backward pass
+        accelerator.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        ema.update(model, next(steps))
+
+    def theirs_update():
+        torchcfm_update(net, ema_net, adam)
+        adam.zero_grad()
+
+    loops = {"ours": (lambda: model(x, t).square().mean().backward(), ours_update),
+             "torchcfm": (lambda: net(t, x).square().mean().backward(), theirs_update)}
+    flops, seconds = {}, {(label, part): [] for label in loops for part in ("network", "rest")}
+    for label, (forward_backward, update) in loops.items():
+        with FlopCounterMode(display=False) as counter:
+            forward_backward()
+        flops[label] = counter.get_total_flops()
+        update()  # also the warmup
+    for r in range(args.repeats):
+        for label in loops if r % 2 == 0 else list(loops)[::-1]:
+            forward_backward, update = loops[label]
+            seconds[label, "network"].append(time_steps(forward_backward, 1, 0, device))
+            seconds[label, "rest"].append(time_steps(update, 1, 0, device))
+    print(f"unet-cifar10 step in parts, batch {args.batch}, median of {args.repeats} alternated repeats:")
+    for label in loops:
+        n = sum(p.numel() for p in (model if label == "ours" else net).parameters())
+        print(f"  {label:8s} {n:,} parameters; forward + backward {flops[label] / 1e12:.4f} TFLOP, "
+              f"{np.median(seconds[label, 'network']):.3f} s; clipping + optimizer + EMA "
+              f"{np.median(seconds[label, 'rest']) * 1e3:.1f} ms", flush=True)
 
 
 def main() -> None:
@@ -140,6 +203,9 @@ def main() -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--mixed-precision", default="no", choices=["no", "bf16", "fp16"])
     p.add_argument("--compile", action="store_true", help="torch.compile the model (train.compile=true for train.py)")
+    p.add_argument("--parts", action="store_true",
+                   help="instead of whole steps: the UNet step beside torchcfm's in two parts, the network's forward "
+                        "+ backward (FLOPs and seconds) and the rest (clipping, optimizer, EMA); needs torchcfm")
     args = p.parse_args()
     device = torch.device(args.device)
     try:
@@ -147,6 +213,11 @@ def main() -> None:
         have_torchcfm = True
     except ImportError:
         have_torchcfm = False
+    if args.parts:
+        if not have_torchcfm:
+            raise SystemExit("error: --parts compares with torchcfm, which is not importable; pip install torchcfm "
+                             "in a scratch folder and put it on PYTHONPATH")
+        return step_parts(args, device)
     where = torch.cuda.get_device_name() if device.type == "cuda" else f"{torch.get_num_threads()} threads"
     print(f"device {device} ({where}), batch {args.batch}, {args.steps} timed steps, "
           f"mixed precision {args.mixed_precision}, compile {args.compile}, torch {torch.__version__}")
