@@ -172,23 +172,23 @@ def step_parts(args, device: torch.device) -> None:
         torchcfm_update(net, ema_net, adam)
         adam.zero_grad()
 
-    loops = {"ours": (lambda: model(x, t).square().mean().backward(), ours_update),
-             "torchcfm": (lambda: net(t, x).square().mean().backward(), theirs_update)}
+    loops = {"ours": (model, lambda: model(x, t).square().mean().backward(), ours_update),
+             "torchcfm": (net, lambda: net(t, x).square().mean().backward(), theirs_update)}
     flops, seconds = {}, {(label, part): [] for label in loops for part in ("network", "rest")}
-    for label, (forward_backward, update) in loops.items():
+    for label, (_, forward_backward, update) in loops.items():
         with FlopCounterMode(display=False) as counter:
             forward_backward()
         flops[label] = counter.get_total_flops()
         update()  # also the warmup
     for r in range(args.repeats):
         for label in loops if r % 2 == 0 else list(loops)[::-1]:
-            forward_backward, update = loops[label]
+            _, forward_backward, update = loops[label]
             seconds[label, "network"].append(time_steps(forward_backward, 1, 0, device))
             seconds[label, "rest"].append(time_steps(update, 1, 0, device))
     print(f"unet-cifar10 step in parts, batch {args.batch}, median of {args.repeats} alternated repeats:")
-    for label in loops:
-        n = sum(p.numel() for p in (model if label == "ours" else net).parameters())
-        print(f"  {label:8s} {n:,} parameters; forward + backward {flops[label] / 1e12:.4f} TFLOP, "
+    for label, (module, _, _) in loops.items():
+        print(f"  {label:8s} {sum(p.numel() for p in module.parameters()):,} parameters; "
+              f"forward + backward {flops[label] / 1e12:.4f} TFLOP, "
               f"{np.median(seconds[label, 'network']):.3f} s; clipping + optimizer + EMA "
               f"{np.median(seconds[label, 'rest']) * 1e3:.1f} ms", flush=True)
 
