@@ -302,11 +302,8 @@ def train(cfg: Config, run_dir: Path) -> None:
             loss_by_time.add(out)
             loss_sum += loss.detach()
             nonfinite |= ~torch.isfinite(loss.detach())
-        grad_norm = accelerator.clip_grad_norm_(params, t.grad_clip if t.grad_clip > 0 else math.inf)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
         step += 1
-        ema.update(raw_model, step)
+        grad_norm = update_weights(accelerator, params, optimizer, ema, raw_model, step, t.grad_clip)
         steps_timed += 1
         bar.update(1)
         last = step == t.steps
@@ -357,6 +354,17 @@ def train(cfg: Config, run_dir: Path) -> None:
     bar.close()
     accelerator.end_training()
     log(f"done: {step} steps; preview {run_dir / 'samples' / f'{checkpoint_name(step)}.png'}")
+
+
+def update_weights(accelerator, params, optimizer, ema: EMA, raw_model, step: int, grad_clip: float) -> torch.Tensor:
+    """The step after the backward passes: clip the gradients to norm `grad_clip` (0: no clipping), step the
+    optimizer, clear the gradients, update the EMA for optimizer step `step` (1-based). Returns the norm before
+    clipping."""
+    grad_norm = accelerator.clip_grad_norm_(params, grad_clip if grad_clip > 0 else math.inf)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    ema.update(raw_model, step)
+    return grad_norm
 
 
 def micro_steps(loader, objective, shard: BatchShard, seed: int, first: int, device: torch.device, ahead: bool,

@@ -38,6 +38,7 @@ sys.path.insert(0, str(ROOT))
 from config import load_config  # noqa: E402
 from models import build_model  # noqa: E402
 from models.ema import EMA  # noqa: E402
+from train import update_weights  # noqa: E402
 
 SHAPE = (3, 32, 32)
 
@@ -162,11 +163,8 @@ def step_parts(args, device: torch.device) -> None:
 
     steps = itertools.count(1)
 
-    def ours_update():  # train.py's order after the backward pass
-        accelerator.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        ema.update(model, next(steps))
+    def ours_update():
+        update_weights(accelerator, params, optimizer, ema, model, next(steps), 1.0)
 
     def theirs_update():
         torchcfm_update(net, ema_net, adam)
