@@ -61,6 +61,13 @@ def toy_run(args) -> Path:
     return run
 
 
+def device_name(device: torch.device, threads: bool = True) -> str:
+    """The GPU's name, or on the CPU "N CPU threads" ("cpu" with threads=False)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{torch.get_num_threads()} CPU threads" if threads else "cpu"
+
+
 def load_ema(run: Path, device: torch.device):
     checkpoints = list_checkpoints(run)
     if not checkpoints:
@@ -190,13 +197,12 @@ def quality_mnist(args) -> list[str]:
 
     digest = hashlib.sha256((checkpoint / "ema.safetensors").read_bytes()).hexdigest()[:16]
     protocol = {"checkpoint": f"{checkpoint.name}, ema.safetensors sha256 {digest}", "n": args.n, "noise seed": 0,
-                "reference": source, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu"}
+                "reference": source, "device": device_name(device, threads=False)}
     start = time.perf_counter()
     results, adaptive, target = sweep(model, x0, score, args, Scores(Path(args.out) / "scores.json", protocol))
     elapsed = time.perf_counter() - start
-    where = torch.cuda.get_device_name() if device.type == "cuda" else f"{torch.get_num_threads()} CPU threads"
     lines = table(results, adaptive, target, "FID", f"{checkpoint}, EMA weights; FID (clean-fid, clean mode) of "
-                          f"{args.n} samples to the 10,000 MNIST test digits ({source}); {where}, "
+                          f"{args.n} samples to the 10,000 MNIST test digits ({source}); {device_name(device)}, "
                           f"{elapsed:.0f} s in all, {timings['seconds']:.0f} s of it Inception.", args.nfes)
     plot(results, adaptive, target, f"FID ({args.n} samples)", Path(args.out) / "nfe.png")
     return lines
@@ -300,8 +306,8 @@ def throughput(args) -> list[str]:
             sync()
             runs[name].append(args.batch / (time.perf_counter() - start))
     ratios = np.array(runs["flows.generate"]) / np.array(runs["torchdiffeq.odeint"])
-    where = torch.cuda.get_device_name() if device.type == "cuda" else f"{torch.get_num_threads()} CPU threads"
-    return ["", f"Throughput, {run}, Euler {args.steps} NFE, batch {args.batch}, {where}, {args.repeats} runs each: "
+    return ["", f"Throughput, {run}, Euler {args.steps} NFE, batch {args.batch}, {device_name(device)}, "
+            f"{args.repeats} runs each: "
             + ", ".join(f"{name} median {np.median(v):.1f} (best {max(v):.1f}) samples/s" for name, v in runs.items())
             + f"; ratio per pair: median {np.median(ratios):.3f}, quartiles {np.quantile(ratios, 0.25):.3f}"
             f"-{np.quantile(ratios, 0.75):.3f}, {np.mean(ratios >= 1):.0%} of pairs ≥ 1"]
