@@ -20,9 +20,7 @@ from typing import Any
 
 import yaml
 
-
-class UserError(Exception):
-    """A mistake in the user's input. Scripts print it as one line and exit with status 2."""
+from errors import UserError
 
 
 @dataclass
@@ -66,7 +64,7 @@ class FlowConfig:
     time_mean: float = 0.0  # logit-normal location (our convention: > 0 favours t near 1, the data)
     time_std: float = 1.0  # logit-normal scale
     mode_scale: float = 1.29  # SD3 mode density scale s (0 is uniform)
-    label_dropout: float = 0.0  # probability of replacing a label by the null class (for guidance)
+    label_dropout: float = 0.0  # probability of replacing a label by the null class (> 0 for guidance to work)
 
 
 @dataclass
@@ -96,7 +94,7 @@ class TrainConfig:
     preview_steps: int = 100  # Euler steps for previews
     checkpoint_every: int = 1_000  # steps between checkpoints (the last step is always saved)
     eval_every: int = 0  # at checkpoints whose step is a multiple of this, a small-N FID (images) or W2 (2-D); 0: off
-    eval_n: int = 1_000  # samples of that check (EMA weights, fixed noise, Euler with train.preview_steps steps)
+    eval_n: int = 1_000  # samples of that check (EMA weights, evaluate.py's seed-0 noise, Euler, preview_steps)
     eval_ref: str = ""  # its reference, as evaluate.py --ref (empty: the run's dataset, statistics cached once)
     eval_features: str = "inception"  # 'inception' (FID) or 'pixels' (a fast stand-in for smoke runs)
     keep_last: int = 3  # checkpoints kept besides the permanent ones
@@ -111,7 +109,7 @@ class SampleConfig:
     cfg_scale: float = 1.0  # classifier-free guidance scale w; 1 is no guidance
     atol: float = 1e-5  # adaptive solvers' absolute tolerance
     rtol: float = 1e-5  # adaptive solvers' relative tolerance
-    batch_size: int = 256  # samples per process per batch (--bspp); does not change the samples
+    batch_size: int = 256  # samples per process per batch (--bspp); does not change the samples (see README)
     seed: int = 0  # the noise of sample k comes from (seed, k)
 
 

@@ -35,9 +35,9 @@ import fcntl
 import functools
 import io
 import json
+import math
 import os
 import platform
-import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -49,24 +49,36 @@ import torch
 from accelerate import Accelerator
 from tqdm import tqdm
 
-from config import UserError, load_config
-from data import build_dataset, build_source, data_info
+from config import load_config
+from data import build_dataset, build_source, weights_info
 from data.images import to_uint8
-from flows.latent import build_space
+from errors import UserError, exit_on, on_main_process
+from flows.latent import build_feature_encoder, build_space
 from flows.likelihood import log_likelihood
 from flows.schedules import parse_schedule
-from flows.solvers import ADAPTIVE, check_solver, class_labels, condition, fixed_grid_nfe, generate, noise
+from flows.solvers import (
+    ADAPTIVE,
+    check_guidance,
+    check_solver,
+    check_tolerances,
+    class_labels,
+    condition,
+    fixed_grid_nfe,
+    forward_passes,
+    generate,
+    noise,
+)
 from metrics import build_features, fid, frechet_distance, kernel_inception_distance, mmd, w2
 from metrics.fid import CLEANFID_NAMES, MODES, Reference
 from models import build_model
-from models.checkpoint import list_checkpoints, load_weights, read_metadata
+from models.checkpoint import list_checkpoints, load_weights
 
 # The settings that define a row: a row with the same values is the same measurement.
 KEY = ("step", "weights", "solver", "steps", "schedule", "atol", "rtol", "cfg_scale", "n_samples", "seed",
        "reference", "mode", "features")
 # Columns of report.csv and report.md, in order.
-COLUMNS = ("step", "weights", "solver", "steps", "schedule", "cfg_scale", "nfe", "fid", "kid", "kid_std", "w2",
-           "mmd", "bpd", "n_samples", "seed", "reference", "mode", "features", "seconds")
+COLUMNS = ("step", "weights", "solver", "steps", "schedule", "cfg_scale", "nfe", "forward_passes", "fid", "kid",
+           "kid_std", "w2", "mmd", "bpd", "n_samples", "seed", "reference", "mode", "features", "seconds")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -243,13 +255,16 @@ def markdown(rows: list[dict]) -> str:
         lines += [f"## {n} samples, seed {seed}, against {reference}" + (f" ({features})" if mode else ""),
                   "", f"Lower is better; ★ marks the best row by {metric.upper()}.", ""]
         extra = [c for c in ("kid", "mmd", "bpd") if any(r.get(c) is not None for r in group)]
-        head = ["step", "weights", "sampler", "cfg", "NFE", metric.upper(), *[c.upper() for c in extra], "seconds"]
+        guided = any(r["cfg_scale"] != 1 for r in group)  # then the network's forward passes differ from NFE
+        head = ["step", "weights", "sampler", "cfg", "NFE", *(["forward passes"] if guided else []), metric.upper(),
+                *[c.upper() for c in extra], "seconds"]
         lines += ["| " + " | ".join(head) + " |", "|" + "---|" * 3 + "---:|" * (len(head) - 3)]
         for r in group:
             sampler = Sampler(r["solver"], r["steps"], r["schedule"] or "linear").label
             if r["steps"] is None:
                 sampler += f" (atol {r['atol']:g}, rtol {r['rtol']:g})"
             cells = [str(r["step"]), r["weights"] or "", sampler, _fmt(r["cfg_scale"], 1), _fmt(r["nfe"], 1),
+                     *([_fmt(r["nfe"] and forward_passes(r["nfe"], r["cfg_scale"]), 1)] if guided else []),
                      _fmt(r[metric], 2 if metric == "fid" else 4)]
             for c in extra:
                 if c == "kid" and r.get("kid") is not None:
@@ -263,6 +278,9 @@ def markdown(rows: list[dict]) -> str:
             lines.append("| " + " | ".join(cells) + " |")
         first = group[0]
         lines += ["", f"Protocol: {first['protocol']}", ""]
+        if guided:
+            lines += ["NFE counts velocity evaluations per sample, a guided one as one; forward passes count the "
+                      "network's rows, two per guided evaluation.", ""]
     return "\n".join(lines)
 
 
@@ -358,8 +376,7 @@ def main(argv: list[str] | None = None) -> None:
         else:
             evaluate(args)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        exit_on(e)
 
 
 def score_folder(args: argparse.Namespace) -> None:
@@ -411,18 +428,20 @@ def evaluate(args: argparse.Namespace) -> None:
     s = cfg.sample
     default = s.solver if s.solver in ADAPTIVE else f"{s.solver}:{s.steps or 100}:{s.schedule}"
     samplers = parse_samplers(args.samplers or [default])
-    atol, rtol = args.atol or s.atol, args.rtol or s.rtol
+    atol = s.atol if args.atol is None else args.atol  # 0 is a tolerance too
+    rtol = s.rtol if args.rtol is None else args.rtol
+    if any(sampler.steps is None for sampler in samplers):
+        check_tolerances(atol, rtol)
     weights_kinds = ["ema", "raw"] if args.weights == "both" else [args.weights]
 
     # Processes, data and what the samples look like.
     cpu_multiprocess = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
     accelerator = Accelerator(cpu=cpu_multiprocess)
     main_process = accelerator.is_main_process
-    meta = read_metadata(checkpoints[-1][1] / "ema.safetensors")
+    meta = weights_info(checkpoints[-1][1] / "ema.safetensors", cfg)
     dataset = None
-    if "data_shape" not in meta or args.ref is None or args.bpd or meta.get("kind") == "vector":
+    if args.ref is None or args.bpd or meta["kind"] == "vector":
         dataset = build_dataset(cfg)
-        meta = meta if "data_shape" in meta else data_info(cfg, dataset)
     # The flow's state (data or latents) and the images that `space` decodes it to.
     shape, num_classes, kind = tuple(json.loads(meta.get("latent_shape", meta["data_shape"]))), \
         int(meta["num_classes"]), meta["kind"]
@@ -434,9 +453,8 @@ def evaluate(args: argparse.Namespace) -> None:
         raise UserError("FID needs images; this run's data are fields (data.name=fields), which have no Inception "
                         "reference; use sample.py and compare the fields directly")
     cfg_scales = args.cfg_scale or [s.cfg_scale]
-    if any(w != 1 for w in cfg_scales) and not num_classes:
-        raise UserError(f"--cfg-scale {cfg_scales} asks for classifier-free guidance but the model is unconditional "
-                        "(trained without model.class_cond); leave --cfg-scale out")
+    for scale in cfg_scales:
+        check_guidance(scale, num_classes, float(meta.get("label_dropout", cfg.flow.label_dropout)))
     labels = class_labels(None, args.n_samples, num_classes, args.seed)
     source = None if cfg.data.source == "gaussian" else build_source(cfg, shape)
 
@@ -444,13 +462,13 @@ def evaluate(args: argparse.Namespace) -> None:
     extractor, reference, points = None, None, None
     if kind == "image":
         extractor = build_features(args.features, args.mode, accelerator.device)
-        if main_process:  # computes (and caches) what the other processes then read
-            reference = fid.load_reference(args.ref, extractor, image_shape[-2:], Path(args.stats_dir), cfg, dataset,
-                                           args.kid)
-        accelerator.wait_for_everyone()
-        if not main_process:
-            reference = fid.load_reference(args.ref, extractor, image_shape[-2:], Path(args.stats_dir), cfg, dataset,
-                                           args.kid)
+
+        def load_reference():
+            return fid.load_reference(args.ref, extractor, image_shape[-2:], Path(args.stats_dir), cfg, dataset,
+                                      args.kid)
+
+        # The main process computes (and caches) what the others then read; its error stops them all.
+        reference = on_main_process(accelerator, load_reference) or load_reference()
         reference_name, mode, features_key = reference.name, args.mode, extractor.key
         protocol = (f"{args.n_samples} samples per row from noise seeded by ({args.seed}, k), "
                     f"uint8 images, {extractor.description} features, Fréchet distance to {reference.name}"
@@ -467,10 +485,16 @@ def evaluate(args: argparse.Namespace) -> None:
     if args.bpd and cfg.data.source != "gaussian":
         raise UserError(f"--bpd needs the standard normal source; this run starts from data.source="
                         f"{cfg.data.source}, whose density is not known")
+    protocol += ("; NFE: velocity evaluations per sample (adaptive solvers: the mean over the samples, each "
+                 "controlling its own steps); forward passes: 2·NFE under guidance (conditional and unconditional "
+                 "rows)")
     if args.bpd:
         protocol += (f"; bits/dim of {args.bpd_n} dataset items by the instantaneous change of variables "
                      f"(dopri5, atol = rtol = {args.bpd_tol:g}), "
-                     + ("uniform dequantization, Hutchinson divergence" if kind == "image" else "exact divergence"))
+                     + ("uniform dequantization onto bins of width 2/255 centred on the training values, Hutchinson "
+                        "divergence" if kind == "image" else "exact divergence")
+                     + ("; Latent-CFM: the upper bound E_q[−log p(x|c)] + KL(q(c|x) ‖ N(0, I)), one c per item"
+                        if "feature_dim" in meta else ""))
     report = Report(Path(args.out) if args.out else run / "eval")
 
     # Rows.
@@ -513,16 +537,17 @@ def evaluate(args: argparse.Namespace) -> None:
             metrics = {"w2": w2(out["values"], points), "mmd": mmd(out["values"], points)}
         if args.bpd:  # a property of the checkpoint, not of the sampler: computed once per weights
             if (step, w) not in bpd_of:
-                bpd_of[(step, w)] = bits_per_dim(accelerator, model, dataset, kind, args)
+                bpd_of[(step, w)] = bits_per_dim(accelerator, model, dataset, kind, args, cfg)
             metrics["bpd"] = bpd_of[(step, w)]
-        row.update(nfe=out["nfe"], **metrics)
+        row.update(nfe=out["nfe"], forward_passes=forward_passes(out["nfe"], scale), **metrics)
         row.update(bspp=args.bspp, processes=accelerator.num_processes, device=str(accelerator.device),
                    checkpoint=str(path), seconds=time.perf_counter() - start, versions=versions(),
                    date=time.strftime("%Y-%m-%d %H:%M:%S"), protocol=protocol)
         if main_process:
             report.add(row)
             shown = ", ".join(f"{k.upper()} {v:.4g}" for k, v in metrics.items() if k != "kid_std")
-            print(f"  step {step} {w} {sampler.label} cfg {scale:g}: {shown} (NFE {out['nfe']:g}, "
+            passes = f", {row['forward_passes']:g} forward passes" if scale != 1 else ""
+            print(f"  step {step} {w} {sampler.label} cfg {scale:g}: {shown} (NFE {out['nfe']:g}{passes}, "
                   f"{row['seconds']:.0f} s)")
         accelerator.wait_for_everyone()
     if main_process:
@@ -535,10 +560,11 @@ def evaluate(args: argparse.Namespace) -> None:
 def sample_row(accelerator, model, row: dict, sampler: Sampler, shape, kind: str, labels, extractor, bspp: int,
                dtype, source=None, space=None) -> dict:
     """This process's share of the row's samples (indices rank, rank + W, ...), generated in memory and reduced
-    to features (images) or kept (points); all of them gathered in index order, and the mean NFE per batch."""
-    n = row["n_samples"]
+    to features (images) or kept (points); all of them gathered in index order, and the NFE per sample (adaptive
+    solvers: the mean over the samples, each of which controls its own steps, so it does not depend on --bspp)."""
+    n, adaptive = row["n_samples"], sampler.steps is None
     mine = list(range(accelerator.process_index, n, accelerator.num_processes))
-    values, nfe = [], []
+    values, nfe = [], 0.0
     bar = tqdm(total=n, unit="sample", disable=not accelerator.is_main_process, dynamic_ncols=True, leave=False,
                desc=f"step {row['step']} {sampler.label}")
     start = time.perf_counter()
@@ -547,9 +573,9 @@ def sample_row(accelerator, model, row: dict, sampler: Sampler, shape, kind: str
         x0 = noise(row["seed"], batch, shape, source).to(accelerator.device, dtype)
         y = None if labels is None else labels[batch].to(accelerator.device)
         out = generate(model, x0, sampler.steps, sampler.solver, y=y, schedule=sampler.schedule,
-                       cfg_scale=row["cfg_scale"], atol=row["atol"] or 1e-5, rtol=row["rtol"] or 1e-5,
-                       cond=condition(model, row["seed"], batch))
-        nfe.append(out.nfe)
+                       cfg_scale=row["cfg_scale"], atol=row["atol"] if adaptive else 0.0,
+                       rtol=row["rtol"] if adaptive else 0.0, cond=condition(model, row["seed"], batch))
+        nfe += out.nfe * len(batch) if out.sample_nfe is None else out.sample_nfe.sum().item()
         x = (out.x if space is None else space.decode(out.x)).cpu()
         values.append(torch.from_numpy(extractor(to_uint8(x.float()))) if kind == "image" else x.double())
         bar.update(len(batch) * accelerator.num_processes)
@@ -557,31 +583,44 @@ def sample_row(accelerator, model, row: dict, sampler: Sampler, shape, kind: str
     bar.close()
     width = (values[0].shape[1:] if values else (extractor.dim,) if kind == "image" else shape)
     local = torch.cat(values) if values else torch.zeros(0, *width, dtype=torch.float64)
-    counts = accelerator.gather(torch.tensor([float(sum(nfe)), float(len(nfe))], device=accelerator.device))
-    counts = counts.reshape(-1, 2).sum(0).tolist()
-    mean_nfe = counts[0] / counts[1] if sampler.steps is None else fixed_grid_nfe(sampler.solver, sampler.steps)
+    total = accelerator.reduce(torch.tensor([nfe], dtype=torch.float64, device=accelerator.device), "sum").item()
+    mean_nfe = total / n if adaptive else fixed_grid_nfe(sampler.solver, sampler.steps)
     return {"values": gather_indexed(accelerator, local, n), "nfe": mean_nfe}
 
 
-def bits_per_dim(accelerator, model, dataset, kind: str, args) -> float:
+def bits_per_dim(accelerator, model, dataset, kind: str, args, cfg) -> float:
     """Mean bits/dim of the first --bpd-n items of a seeded permutation of the dataset, shared over processes,
-    integrated with dopri5 at --bpd-tol: fixed-grid solvers of a few steps are far too coarse backwards."""
+    integrated with dopri5 at --bpd-tol: fixed-grid solvers of a few steps are far too coarse backwards.
+
+    A Latent-CFM model's density is a mixture over its condition c, log p(x) = log E_p(c)[p(x|c)]; it is bounded
+    with c drawn from q(c|x) (the encoder's features of x through the trained posterior layer):
+    −log p(x) ≤ E_q[−log p(x|c)] + KL(q(c|x) ‖ N(0, I)), one c per item."""
     n = min(args.bpd_n, len(dataset))
     pick = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(args.seed + 1))[:n]
     mine = pick[accelerator.process_index::accelerator.num_processes]
     total = torch.zeros(2, dtype=torch.float64, device=accelerator.device)
     dtype = next(model.parameters()).dtype
     conditional = getattr(model, "label_embed", None) is not None
+    layer = getattr(model, "feature_cond", None)
+    encoder = build_feature_encoder(cfg, dataset.shape).to(accelerator.device) if layer is not None else None
     for first in range(0, len(mine), args.bspp):
         idx = mine[first: first + args.bspp]
         x, y = dataset[idx]
+        x = x.to(accelerator.device, dtype)
         y = y.to(accelerator.device) if conditional and y is not None else None
-        out = log_likelihood(lambda x, t, y=y: model(x, t, y), x.to(accelerator.device, dtype), None, "dopri5",
-                             atol=args.bpd_tol, rtol=args.bpd_tol, dequantize=kind == "image",
-                             generator=torch.Generator().manual_seed(args.seed * 2**32 + int(idx[0])))
-        total += torch.tensor([out.bpd.sum().item(), len(idx)], dtype=torch.float64, device=accelerator.device)
+        generator = torch.Generator().manual_seed(args.seed * 2**32 + int(idx[0]))
+        cond, kl = {}, torch.zeros(len(idx), dtype=torch.float64, device=accelerator.device)
+        if layer is not None:
+            eps = torch.randn(len(idx), layer.cond_dim, generator=generator).to(accelerator.device)
+            c, kl = layer.sample(encoder(x), eps)
+            cond, kl = {"c": c}, kl.double()
+        out = log_likelihood(lambda x, t, y=y, cond=cond: model(x, t, y, **cond), x, None, "dopri5", atol=args.bpd_tol,
+                             rtol=args.bpd_tol, dequantize=kind == "image", generator=generator)
+        bpd = out.bpd.double() + kl / (x[0].numel() * math.log(2))
+        total += torch.tensor([bpd.sum().item(), len(idx)], dtype=torch.float64, device=accelerator.device)
     total = accelerator.reduce(total, "sum")
     return float(total[0] / total[1])
+
 
 if __name__ == "__main__":
     main()

@@ -11,7 +11,8 @@ stopped and every sample is written exactly once. Outputs in --save-dir: images 
 (uint8, rounded), fields and vectors as NNNNNN.npy; --npz also writes samples.npz (N, H, W, C
 uint8, as clean-fid and the ADM evaluator read it) and 2-D data get samples.npy and scatter.png;
 --grid K writes grid.png of the first K images; info.json records what was computed (solver, steps,
-NFE: exact for fixed-grid solvers, the mean per batch of this run for adaptive ones; seed, weights).
+NFE: velocity evaluations per sample, exact for fixed-grid solvers and the mean over the samples of this run for
+adaptive ones, and forward_passes: 2·NFE under guidance; seed, weights).
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 import zipfile
 from pathlib import Path
@@ -29,14 +29,26 @@ import torch
 from accelerate import Accelerator
 from tqdm import tqdm
 
-from config import UserError, check_names, load_config
-from data import build_dataset, build_source, data_info
+from config import check_names, load_config
+from data import build_dataset, build_source, weights_info
 from data.images import save_grid, to_uint8
+from errors import UserError, exit_on
 from flows.latent import build_feature_encoder, build_space
 from flows.schedules import parse_schedule
-from flows.solvers import ADAPTIVE, check_solver, class_labels, condition, fixed_grid_nfe, generate, noise
+from flows.solvers import (
+    ADAPTIVE,
+    check_guidance,
+    check_solver,
+    check_tolerances,
+    class_labels,
+    condition,
+    fixed_grid_nfe,
+    forward_passes,
+    generate,
+    noise,
+)
 from models import build_model
-from models.checkpoint import load_weights, read_metadata
+from models.checkpoint import load_weights
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -95,15 +107,14 @@ def resolve(args: argparse.Namespace):
     if s.steps is None and s.solver not in ADAPTIVE:
         s.steps = 100
     check_solver(s.solver, s.steps)
+    if s.solver in ADAPTIVE:
+        check_tolerances(s.atol, s.rtol)
     parse_schedule(s.schedule)
     if args.n_samples <= 0:
         raise UserError(f"--n-samples must be positive, got {args.n_samples}")
     if s.batch_size <= 0:
         raise UserError(f"--bspp must be positive, got {s.batch_size}")
-    meta = read_metadata(weights)
-    if "data_shape" not in meta:  # weights from elsewhere: read the sizes from the data, as training did
-        meta = data_info(cfg, build_dataset(cfg))
-    return cfg, weights, meta
+    return cfg, weights, weights_info(weights, cfg)
 
 
 def file_of(save_dir: Path, k: int, kind: str) -> Path:
@@ -172,8 +183,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         sample(args)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        exit_on(e)
 
 
 def sample(args: argparse.Namespace) -> None:
@@ -183,9 +193,7 @@ def sample(args: argparse.Namespace) -> None:
     shape, num_classes, kind = tuple(json.loads(meta.get("latent_shape", meta["data_shape"]))), \
         int(meta["num_classes"]), meta["kind"]
     labels = class_labels(args.class_labels, n, num_classes, s.seed)
-    if s.cfg_scale != 1 and not num_classes:
-        raise UserError(f"--cfg-scale {s.cfg_scale} asks for classifier-free guidance but the model is unconditional "
-                        "(trained without model.class_cond); leave --cfg-scale 1")
+    check_guidance(s.cfg_scale, num_classes, float(meta.get("label_dropout", cfg.flow.label_dropout)))
 
     # Processes and output folder.
     cpu_multiprocess = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
@@ -222,20 +230,21 @@ def sample(args: argparse.Namespace) -> None:
 
     # Sampling.
     bar = tqdm(total=len(mine), unit="sample", disable=not accelerator.is_main_process, dynamic_ncols=True)
-    nfe, start = [], time.perf_counter()
+    nfe, start = torch.zeros(2, dtype=torch.float64, device=accelerator.device), time.perf_counter()
     for first in range(0, len(mine), s.batch_size):
         batch = mine[first: first + s.batch_size]
         x0 = noise(s.seed, batch, shape, source).to(accelerator.device, dtype)
         y = None if labels is None else labels[batch].to(accelerator.device)
         out = generate(model, x0, steps, s.solver, y=y, schedule=s.schedule, cfg_scale=s.cfg_scale,
                        atol=s.atol, rtol=s.rtol, cond=condition(model, s.seed, batch, references))
-        nfe.append(out.nfe)
+        nfe += torch.tensor([out.nfe * len(batch) if out.sample_nfe is None else out.sample_nfe.sum().item(),
+                             len(batch)], dtype=torch.float64, device=accelerator.device)
         for k, x in zip(batch, space.decode(out.x).float().cpu()):  # vectors: float64 rounded to float32
             write_sample(file_of(save_dir, k, kind), x, kind, meta)
         bar.update(len(batch))
         bar.set_postfix(samples_s=f"{bar.n / (time.perf_counter() - start):.1f}", nfe=out.nfe)
     bar.close()
-    accelerator.wait_for_everyone()
+    nfe = accelerator.reduce(nfe, "sum").tolist()  # velocity evaluations and samples, over the processes
 
     # Collected outputs, from the files (the same whoever wrote them).
     if accelerator.is_main_process:
@@ -255,14 +264,16 @@ def sample(args: argparse.Namespace) -> None:
             save_grid(images, save_dir / "grid.png", rows=max(1, round(len(images) ** 0.5)))
         info = {"weights": str(weights), "n_samples": n, "solver": s.solver, "steps": steps,
                 "schedule": s.schedule if steps else None,
-                "nfe": (fixed_grid_nfe(s.solver, steps) if steps else None) or (sum(nfe) / len(nfe) if nfe else None),
+                "nfe": fixed_grid_nfe(s.solver, steps) if steps else (nfe[0] / nfe[1] if nfe[1] else None),
                 "cfg_scale": s.cfg_scale, "seed": s.seed, "atol": s.atol if not steps else None,
                 "rtol": s.rtol if not steps else None, "class_labels": args.class_labels or "random",
                 "processes": accelerator.num_processes,
                 "condition": args.condition_images or ("prior" if "feature_dim" in meta else None),
                 "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+        info["forward_passes"] = None if info["nfe"] is None else forward_passes(info["nfe"], s.cfg_scale)
         (save_dir / "info.json").write_text(json.dumps(info, indent=1))
-        print(f"done: {n} samples in {save_dir} ({what}, NFE {info['nfe']})")
+        passes = f", {info['forward_passes']:g} forward passes" if s.cfg_scale != 1 and info["nfe"] else ""
+        print(f"done: {n} samples in {save_dir} ({what}, NFE {info['nfe']}{passes})")
     accelerator.end_training()
 
 

@@ -15,9 +15,9 @@ import contextlib
 import json
 import math
 import os
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -26,14 +26,15 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from tqdm import tqdm
 
-from config import Config, UserError, check_names, load_config, save_config, to_dict, to_yaml
+from config import Config, check_names, load_config, save_config, to_dict, to_yaml
 from data import build_dataset, build_loader, build_source, data_info
 from data.images import random_hflip, save_grid, to_uint8
 from data.latents import encode_dataset
 from data.toy import plot_points
+from errors import UserError, exit_on, on_main_process
 from flows import BatchShard, LossByTime, build_objective, generate
 from flows.latent import build_feature_encoder, build_space
-from flows.solvers import condition
+from flows.solvers import class_labels, condition, noise
 from models import build_autoencoder, build_model
 from models.checkpoint import checkpoint_name, list_checkpoints, load_checkpoint, prune_checkpoints, save_checkpoint
 from models.ema import EMA
@@ -129,25 +130,28 @@ def latent_statistics(autoencoder, dataset, device: torch.device, n: int = 1024)
 
 
 @torch.no_grad()
-def sample_quality(ema_model, dataset, source, cfg: Config, device: torch.device, num_classes: int, space,
+def sample_quality(ema_model, dataset, cfg: Config, device: torch.device, num_classes: int, space,
                    cache: dict) -> dict[str, float]:
-    """train.eval_n samples of the EMA model from fixed noise (Euler, train.preview_steps steps): FID against
-    train.eval_ref (default: the dataset, its statistics computed once) for images, W2 to as many dataset
-    points for 2-D data. `cache` keeps the feature network and the reference between calls."""
+    """train.eval_n samples of the EMA model (Euler, train.preview_steps steps) drawn as evaluate.py draws them
+    with --seed 0 (sample k's noise, label and condition from (0, k)): FID against train.eval_ref (default: the
+    dataset, its statistics computed once) for images, W2 to as many dataset points (picked with seed 0) for 2-D
+    data. `evaluate.py -e RUN --samplers euler:STEPS --n-samples N` reports the same number for that checkpoint.
+    `cache` keeps the feature network and the reference between calls."""
     from metrics import build_features, frechet_distance, w2
     from metrics.fid import default_stats_dir, load_reference
 
     t, n = cfg.train, cfg.train.eval_n
-    g = torch.Generator(device).manual_seed(1)
-    x0 = source(n, g, device)
-    y = torch.arange(n, device=device) % num_classes if num_classes else None
-    cond = condition(ema_model, t.seed, list(range(n)))  # Latent-CFM: c from the prior
-    chunks = [generate(ema_model, x0[i: i + 250], steps=t.preview_steps, solver="euler",
-                       y=None if y is None else y[i: i + 250], cond={k: v[i: i + 250] for k, v in cond.items()}).x
-              for i in range(0, n, 250)]
+    source = None if cfg.data.source == "gaussian" else build_source(cfg, space.shape)
+    labels = class_labels(None, n, num_classes, 0)
+    chunks = []
+    for first in range(0, n, 250):
+        batch = list(range(first, min(first + 250, n)))
+        chunks.append(generate(ema_model, noise(0, batch, space.shape, source).to(device), steps=t.preview_steps,
+                               solver="euler", y=None if labels is None else labels[batch].to(device),
+                               cond=condition(ema_model, 0, batch)).x)
     x = space.decode(torch.cat(chunks))
     if len(dataset.shape) == 1:
-        pick = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(1))[:n]
+        pick = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0))[:n]
         return {"w2": w2(x.cpu(), dataset.x[pick])}
     if "reference" not in cache:
         cache["features"] = build_features(t.eval_features, device=device)
@@ -205,6 +209,9 @@ def train(cfg: Config, run_dir: Path) -> None:
     if t.eval_every and data_info(cfg, dataset)["kind"] == "field":
         raise UserError("train.eval_every measures FID of images or W2 of points; these data are fields: set "
                         "train.eval_every=0")
+    if t.eval_every and len(dataset.shape) == 1 and t.eval_n > len(dataset):
+        raise UserError(f"train.eval_n {t.eval_n} exceeds the {len(dataset)} points of the dataset, against as many "
+                        f"of which the in-training W2 is measured; set train.eval_n ≤ {len(dataset)}")
     if cfg.data.hflip and len(dataset.shape) != 3:
         raise UserError(f"data.hflip applies to images but {cfg.data.name} has shape {dataset.shape}; remove it")
 
@@ -233,6 +240,7 @@ def train(cfg: Config, run_dir: Path) -> None:
         f"{world} process(es) on {device}, mixed precision {t.mixed_precision}")
 
     data_meta = data_info(cfg, dataset)  # written into the weight files: sampling needs no data
+    data_meta["label_dropout"] = repr(cfg.flow.label_dropout)  # guidance needs a trained null class
 
     # Latent flow matching reads the dataset's latents from a cache, encoded once (or encodes every step).
     train_data, encode_per_step = dataset, space if cfg.latent.autoencoder else None
@@ -287,72 +295,77 @@ def train(cfg: Config, run_dir: Path) -> None:
     loss_sum, nonfinite = torch.zeros((), device=device), torch.zeros((), dtype=torch.bool, device=device)
     accelerator.init_trackers("tensorboard", config=_flat(to_dict(cfg)))
     bar = tqdm(total=t.steps, initial=step, disable=not accelerator.is_main_process, dynamic_ncols=True)
+    # With an fp16 loss scaler an infinite gradient only skips the step; otherwise it would corrupt the weights.
+    check_gradients = accelerator.scaler is None
     timer, steps_timed = time.perf_counter(), 0
     model.train()
-    while step < t.steps:
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, t)
-        for micro in range(t.grad_accum):
-            x1, draw = next(batches)
-            sync = micro == t.grad_accum - 1
-            with accelerator.no_sync(model) if not sync else contextlib.nullcontext():
-                out = objective.loss(model, x1, draw)
-                loss = out.loss.mean()
-                accelerator.backward(loss / t.grad_accum)
-            loss_by_time.add(out)
-            loss_sum += loss.detach()
-            nonfinite |= ~torch.isfinite(loss.detach())
-        step += 1
-        grad_norm = update_weights(accelerator, params, optimizer, ema, raw_model, step, t.grad_clip)
-        steps_timed += 1
-        bar.update(1)
-        last = step == t.steps
+    try:
+        while step < t.steps:
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(step, t)
+            for micro in range(t.grad_accum):
+                x1, draw = next(batches)
+                sync = micro == t.grad_accum - 1
+                with accelerator.no_sync(model) if not sync else contextlib.nullcontext():
+                    out = objective.loss(model, x1, draw)
+                    loss = out.loss.mean()
+                    accelerator.backward(loss / t.grad_accum)
+                loss_by_time.add(out)
+                loss_sum += loss.detach()
+                nonfinite |= ~torch.isfinite(loss.detach())
+            step += 1
+            grad_norm = update_weights(accelerator, params, optimizer, ema, raw_model, step, t.grad_clip)
+            if check_gradients:  # a finite loss can still have an infinite gradient, which makes NaN weights
+                nonfinite |= ~torch.isfinite(grad_norm)
+            steps_timed += 1
+            bar.update(1)
+            last = step == t.steps
 
-        if step % t.log_every == 0 or last or step % t.checkpoint_every == 0:
-            if bool(accelerator.reduce(nonfinite.float(), "sum") > 0):  # stop before a bad model is saved
-                done = [s for s, _ in list_checkpoints(run_dir)]
-                raise UserError(f"the loss became NaN or infinite before step {step}; training stopped and the "
-                                f"last good checkpoint is {f'step {done[-1]}' if done else 'none'}; lower train.lr "
-                                "or set train.grad_clip")
-        logged = step % t.log_every == 0 or last
-        if logged:
-            elapsed = time.perf_counter() - timer
-            metrics = {"loss": float(accelerator.reduce(loss_sum, "mean")) / (steps_timed * t.grad_accum),
-                       "lr": lr_at(step - 1, t), "grad_norm": float(grad_norm),
-                       "samples_per_s": steps_timed * t.batch_size / elapsed,
-                       **loss_by_time.read(lambda x: accelerator.reduce(x, "sum"))}
-            log.metrics(step, metrics)
-            accelerator.log(metrics, step=step)
-            bar.set_postfix(loss=f"{metrics['loss']:.4f}", samples_s=f"{metrics['samples_per_s']:.0f}")
-            loss_sum.zero_()
-        if (t.preview_every > 0 and step % t.preview_every == 0) or last:
-            if accelerator.is_main_process:
+            if step % t.log_every == 0 or last or step % t.checkpoint_every == 0:
+                if bool(accelerator.reduce(nonfinite.float(), "sum") > 0):  # stop before a bad model is saved
+                    done = [s for s, _ in list_checkpoints(run_dir)]
+                    last_good = f"step {done[-1]}" if done else "none"
+                    raise UserError(f"the loss or its gradient became NaN or infinite before step {step}; training "
+                                    f"stopped and the last good checkpoint is {last_good}; lower train.lr or set "
+                                    "train.grad_clip")
+            logged = step % t.log_every == 0 or last
+            if logged:
+                elapsed = time.perf_counter() - timer
+                metrics = {"loss": float(accelerator.reduce(loss_sum, "mean")) / (steps_timed * t.grad_accum),
+                           "lr": lr_at(step - 1, t), "grad_norm": float(grad_norm),
+                           "samples_per_s": steps_timed * t.batch_size / elapsed,
+                           **loss_by_time.read(lambda x: accelerator.reduce(x, "sum"))}
+                log.metrics(step, metrics)
+                accelerator.log(metrics, step=step)
+                bar.set_postfix(loss=f"{metrics['loss']:.4f}", samples_s=f"{metrics['samples_per_s']:.0f}")
+                loss_sum.zero_()
+            if (t.preview_every > 0 and step % t.preview_every == 0) or last:
                 path = run_dir / "samples" / f"{checkpoint_name(step)}.png"
-                if autoencoding:
-                    save_reconstructions(path, ema.model, dataset, cfg, device)
-                else:
-                    save_preview(path, ema.model, dataset, source, cfg, device, step, num_classes, space)
+                on_main_process(accelerator, partial(save_reconstructions, path, ema.model, dataset, cfg, device)
+                                if autoencoding else partial(save_preview, path, ema.model, dataset, source, cfg,
+                                                             device, step, num_classes, space))
                 log(f"preview: {path}")
-            accelerator.wait_for_everyone()
-        if step % t.checkpoint_every == 0 or last:
-            meta = {**data_meta, **latent_statistics(ema.model, dataset, device)} if autoencoding else data_meta
-            path = save_checkpoint(accelerator, run_dir, step, model, ema.model, to_yaml(cfg), meta)
-            if accelerator.is_main_process:
-                prune_checkpoints(run_dir, t.keep_last, t.keep_every)
-            log(f"checkpoint: {path}")
-            if t.eval_every and (step % t.eval_every == 0 or last):
+            if step % t.checkpoint_every == 0 or last:
+                meta = {**data_meta, **latent_statistics(ema.model, dataset, device)} if autoencoding else data_meta
+                path = save_checkpoint(accelerator, run_dir, step, model, ema.model, to_yaml(cfg), meta)
                 if accelerator.is_main_process:
-                    quality = sample_quality(ema.model, dataset, source, cfg, device, num_classes, space,
-                                             eval_cache)
-                    log.metrics(step, quality)
-                    accelerator.log({f"eval/{k}": v for k, v in quality.items()}, step=step)
-                    log(f"eval: {', '.join(f'{k} {v:.4g}' for k, v in quality.items())} ({t.eval_n} samples, "
-                        f"Euler {t.preview_steps} steps, EMA)")
-                accelerator.wait_for_everyone()
-        if logged:  # samples/s counts training alone, not previews and checkpoints
-            timer, steps_timed = time.perf_counter(), 0
-    bar.close()
-    accelerator.end_training()
+                    prune_checkpoints(run_dir, t.keep_last, t.keep_every)
+                log(f"checkpoint: {path}")
+                if t.eval_every and (step % t.eval_every == 0 or last):
+                    # On the main process; a reference that cannot be made stops every process at once.
+                    quality = on_main_process(accelerator, partial(sample_quality, ema.model, dataset, cfg, device,
+                                                                   num_classes, space, eval_cache))
+                    if accelerator.is_main_process:
+                        log.metrics(step, quality)
+                        accelerator.log({f"eval/{k}": v for k, v in quality.items()}, step=step)
+                        log(f"eval: {', '.join(f'{k} {v:.4g}' for k, v in quality.items())} ({t.eval_n} samples, "
+                            f"Euler {t.preview_steps} steps, EMA)")
+            if logged:  # samples/s counts training alone, not previews and checkpoints
+                timer, steps_timed = time.perf_counter(), 0
+    finally:  # also on an error: nothing keeps running (the batch thread, the trackers) after train() returns
+        batches.close()
+        bar.close()
+        accelerator.end_training()
     log(f"done: {step} steps; preview {run_dir / 'samples' / f'{checkpoint_name(step)}.png'}")
 
 
@@ -463,10 +476,7 @@ def main(argv: list[str] | None = None) -> None:
         run_dir = Path(args.exp or Path("runs") / (Path(args.config).stem if args.config else "default"))
         train(cfg, run_dir)
     except UserError as e:
-        # A DataLoader worker's error arrives wrapped in its traceback; the user's sentence is the last line.
-        message = str(e).strip().splitlines()[-1].removeprefix("config.UserError: ")
-        print(f"error: {message}", file=sys.stderr)
-        sys.exit(2)
+        exit_on(e)
 
 
 if __name__ == "__main__":

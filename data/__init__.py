@@ -13,9 +13,10 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Sampler
 
-from config import Config, UserError
+from config import Config
 from data.images import IMAGE_DATASETS
 from data.toy import TOY, load_tensor_file
+from errors import UserError
 
 
 class PointDataset:
@@ -77,6 +78,25 @@ def data_info(cfg: Config, dataset) -> dict[str, str]:
     if kind == "field":
         info.update(field_mean=json.dumps(dataset.mean.tolist()), field_std=json.dumps(dataset.std.tolist()))
     return info
+
+
+def weights_info(weights, cfg: Config) -> dict[str, str]:
+    """What sampling needs to know of the data (data_info), from the weight file's metadata. Weights without it
+    (made outside train.py) get it from the config's dataset, read from disk as training saw it, never downloaded."""
+    import copy
+
+    from models.checkpoint import read_metadata
+
+    meta = read_metadata(weights)
+    if "data_shape" in meta:
+        return meta
+    local = copy.deepcopy(cfg)
+    local.data.download = False
+    try:
+        return data_info(local, build_dataset(local))
+    except UserError as e:
+        raise UserError(f"{weights} records no data shape (weights made outside train.py?) and the config's data, "
+                        f"which would tell it, cannot be read: {e}") from None
 
 
 def build_source(cfg: Config, shape: tuple[int, ...]) -> Callable:

@@ -18,8 +18,8 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from config import UserError
 from data.toy import load_tensor_file
+from errors import UserError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
 

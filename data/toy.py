@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from config import UserError
+from errors import UserError
 
 
 def _randn(n, g, device, d=2):

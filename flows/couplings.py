@@ -70,9 +70,12 @@ class MinibatchOTCoupling:
 
 
 def ot_match(x0: torch.Tensor, x1: torch.Tensor) -> torch.Tensor:
-    """For each x1_j, the index of the x0 paired with it by exact OT under squared Euclidean cost."""
-    dtype = torch.float64 if x0.dtype == torch.float64 else torch.float32
-    a, b = x0.flatten(1).to(dtype), x1.flatten(1).to(dtype)
+    """For each x1_j, the index of the x0 paired with it by exact OT under squared Euclidean cost.
+
+    The cost is computed in float64: cdist forms ‖a‖² + ‖b‖² − 2a·b for large batches, and in float32 the
+    cancellation for thousands of dimensions (3,072 for CIFAR-10) can be larger than the differences between
+    pairings, which then picks a non-optimal assignment."""
+    a, b = x0.flatten(1).double(), x1.flatten(1).double()
     cost = torch.cdist(a, b).square_()
     rows, cols = linear_sum_assignment(cost.cpu().numpy())  # x0[rows[k]] <-> x1[cols[k]]
     match = torch.empty(len(cols), dtype=torch.long)

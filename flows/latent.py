@@ -16,7 +16,8 @@ from pathlib import Path
 
 import torch
 
-from config import Config, UserError, load_config
+from config import Config, load_config
+from errors import UserError
 
 
 class PixelSpace:

@@ -7,9 +7,13 @@ the same solvers (and time grid, reversed) that sampling uses. The divergence is
 pass per dimension) for low-dimensional data and Hutchinson's estimator E[εᵀ(∂v/∂x)ε] with one
 Rademacher ε per sample, fixed over the trajectory (Grathwohl et al. 2019, FFJORD), for images.
 
-Bits per dimension of 8-bit images use uniform dequantization (Theis et al. 2016): for pixels u ∈ {0..255}
-mapped to x = (u + U) · 2/256 − 1, U ~ U[0, 1)^D,  −log P(u) ≤ E[−log p₁(x)] − D log(2/256), and
-bits/dim = that / (D ln 2). Continuous data (2-D points, fields) get −log p₁(x) / (D ln 2).
+Bits per dimension of 8-bit images use uniform dequantization (Theis et al. 2016) on the grid the model was
+trained on: pixel u ∈ {0..255} is trained as x_u = u/127.5 − 1 (data/images.py), so its bin is the interval of
+width Δ = 2/255 centred there, x = x_u + (U − ½)·Δ with U ~ U[0, 1)^D. The probability of u under the model is
+P(u) = ∫_bin p₁(x) dx, and by Jensen  −log P(u) ≤ E_U[−log p₁(x)] − D log Δ;  bits/dim = that / (D ln 2).
+(Bins of width 2/256 starting at u·2/256 − 1 would not contain the training points: x_0 = −1, MNIST's
+background, would sit on a bin's edge and the rest off centre.) Continuous data (2-D points, fields) get
+−log p₁(x) / (D ln 2).
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import torch
 from flows.solvers import ADAPTIVE, check_solver, integrate, integrate_adaptive
 
 EXACT_DIVERGENCE_MAX_DIM = 16  # up to this many dimensions the divergence is exact
+BIN = 2 / 255  # width of an 8-bit pixel's bin in the model's range [-1, 1]
 
 
 @dataclass
@@ -60,9 +65,10 @@ def log_likelihood(velocity: Callable[[torch.Tensor, torch.Tensor], torch.Tensor
                    generator: torch.Generator | None = None) -> LikelihoodResult:
     """log p₁ and bits/dim of data x1 (N, ...) in the model's range under the flow dx/dt = velocity(x, t).
 
-    dequantize: x1 holds 8-bit images in [-1, 1] (u · 2/255 − 1); uniform noise is added in pixel units
-    and the dequantization correction applied. hutchinson: None chooses exact divergence up to
-    EXACT_DIVERGENCE_MAX_DIM dimensions. generator: the dequantization and Hutchinson noise."""
+    dequantize: x1 holds 8-bit images in [-1, 1] (u · 2/255 − 1); uniform noise over each pixel's bin (width
+    2/255, centred on u · 2/255 − 1) is added and the bound's − D log(2/255) applied. hutchinson: None chooses
+    exact divergence up to EXACT_DIVERGENCE_MAX_DIM dimensions. generator: the dequantization and Hutchinson
+    noise."""
     from flows.schedules import time_grid
 
     check_solver(solver, steps)
@@ -70,7 +76,7 @@ def log_likelihood(velocity: Callable[[torch.Tensor, torch.Tensor], torch.Tensor
     x = x1.double() if x1.dtype == torch.float64 else x1.float()
     if dequantize:
         u = torch.round((x + 1) * 127.5)
-        x = (u + torch.rand(x.shape, generator=generator).to(x)) * (2 / 256) - 1
+        x = (u + torch.rand(x.shape, generator=generator).to(x) - 0.5) * BIN - 1
     if hutchinson is None:
         hutchinson = d > EXACT_DIVERGENCE_MAX_DIM
     epsilon = (torch.randint(0, 2, x.shape, generator=generator).to(x) * 2 - 1) if hutchinson else None
@@ -91,6 +97,6 @@ def log_likelihood(velocity: Callable[[torch.Tensor, torch.Tensor], torch.Tensor
         out = integrate(augmented, z1, grid, solver)
     x0, integral = out.x[:, :d], out.x[:, d]  # integral = ∫₁⁰ ∇·v dt = −∫₀¹ ∇·v dt
     log_p = standard_normal_log_p(x0) + integral
-    nll = -log_p - (d * math.log(2 / 256) if dequantize else 0.0)
+    nll = -log_p - (d * math.log(BIN) if dequantize else 0.0)
     return LikelihoodResult(log_p=log_p, bpd=nll / (d * math.log(2)), nfe=out.nfe)
 

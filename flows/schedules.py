@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from config import UserError
+from errors import UserError
 
 
 def _u(steps: int) -> torch.Tensor:

@@ -4,31 +4,39 @@ Fixed-grid solvers (euler, midpoint, heun, rk4) take the time grid they are give
 intervals are always `steps` intervals. `SOLVER+LAST` takes LAST's step on the last interval, e.g.
 heun+euler (EDM's sampler): heun and rk4 evaluate the velocity at the end point t = 1, where no
 noise is left in x_t to tell the network which x0 it came from and a trained field can be poor;
-euler and midpoint never evaluate it there. Adaptive solvers (dopri5 and torchdiffeq's other adaptive
-methods) choose their own steps under atol/rtol, so giving them `steps` is an error. Every call
-integrates in fp32 (or the input's float64) and returns the exact number of velocity evaluations
-(NFE): one evaluation is one call of the model, with the conditional and unconditional halves of
-classifier-free guidance batched into that one call.
+euler and midpoint never evaluate it there. Adaptive solvers (dopri5 and the other embedded
+Runge-Kutta pairs torchdiffeq defines) choose their own steps under atol/rtol, so giving them
+`steps` is an error; their step size is controlled per sample, so a sample's steps never depend on
+the other samples of its batch. Every call integrates in fp32 (or the input's float64).
+
+NFE counts velocity evaluations per sample: exact for fixed-grid solvers, and the evaluations each
+sample needed for adaptive ones. A guided evaluation is one, its conditional and unconditional
+halves batched into one call of the network on twice the rows; `forward_passes` counts those rows
+(2·NFE under guidance), the count of papers that charge guidance for its second pass.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
-from config import UserError
+from errors import UserError
 
 Velocity = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 @dataclass
 class SolverResult:
-    """The state at the end of the grid and the number of velocity evaluations spent."""
+    """The state at the end and the velocity evaluations spent: `nfe` calls of the velocity (on the whole
+    batch) and, for adaptive solvers, `sample_nfe` (N,), the evaluations each sample needed (fixed-grid
+    solvers: every sample needs `nfe`)."""
 
     x: torch.Tensor
     nfe: int
+    sample_nfe: torch.Tensor | None = None
 
 
 def _euler(v: Velocity, x, t0, t1):
@@ -103,18 +111,101 @@ def integrate(velocity: Velocity, x0: torch.Tensor, grid: torch.Tensor, solver: 
     return SolverResult(x=x, nfe=v.calls)
 
 
+def _embedded_pair(solver: str):
+    """The Butcher tableau (alpha: stage times, beta: stage rows, c_sol: weights of the solution, c_error: weights
+    of the error estimate) and the order of one of torchdiffeq's embedded Runge-Kutta pairs."""
+    from torchdiffeq._impl.odeint import SOLVERS as methods
+
+    return methods[solver].tableau, methods[solver].order
+
+
+def check_tolerances(atol: float, rtol: float) -> None:
+    """Tolerances an adaptive solver can meet, or one clear sentence."""
+    if atol < 0 or rtol < 0 or atol == rtol == 0:
+        raise UserError(f"adaptive solvers need atol ≥ 0 and rtol ≥ 0, not both 0; got atol {atol:g}, rtol {rtol:g}")
+
+
 @torch.no_grad()
 def integrate_adaptive(velocity: Velocity, x0: torch.Tensor, solver: str = "dopri5", atol: float = 1e-5,
-                       rtol: float = 1e-5, t0: float = 0.0, t1: float = 1.0) -> SolverResult:
-    """Integrate from t0 to t1 (0 to 1 by default) with an adaptive torchdiffeq method; NFE is the true
-    number of calls."""
-    from torchdiffeq import odeint
+                       rtol: float = 1e-5, t0: float = 0.0, t1: float = 1.0, max_calls: int = 100_000) -> SolverResult:
+    """Integrate from t0 to t1 (0 to 1 by default, or backwards) with an embedded Runge-Kutta pair whose step size
+    is controlled per sample (Hairer, Nørsett & Wanner, "Solving ODEs I", §II.4: the initial step, the error
+    ratio ‖err / (atol + rtol·max(|x|, |x_new|))‖ as the RMS over the sample's own elements, and the step factor
+    0.9·ratio^(−1/order) kept within [0.2, 10], never below 1 after an accepted step).
 
+    Each sample has its own time and step, so what a sample goes through does not depend on the rest of the
+    batch: samples are the same for any batch size wherever the network's arithmetic is (float64 vectors, or
+    images rounded to uint8; float32 results can differ in the last bits between batch sizes, which may
+    move a step by that much). Every call evaluates the whole batch, each row at its own time; rows that have
+    arrived are evaluated at t1 and no longer move. Returns the per-sample evaluations in `sample_nfe`."""
+    check_tolerances(atol, rtol)
+    tableau, order = _embedded_pair(solver)
     v = _Counted(velocity)
     x = x0 if x0.dtype == torch.float64 else x0.float()
-    ends = torch.tensor([t0, t1], dtype=x.dtype, device=x.device)
-    out = odeint(lambda t, x: v(x, t), x, ends, method=solver, atol=atol, rtol=rtol)
-    return SolverResult(x=out[-1], nfe=v.calls)
+    n, device = len(x), x.device
+    per_row = (n,) + (1,) * (x.dim() - 1)
+    sign = 1.0 if t1 >= t0 else -1.0
+    alpha, c_sol, c_error = tableau.alpha.tolist(), tableau.c_sol.tolist(), tableau.c_error.tolist()
+    beta = [b.tolist() for b in tableau.beta]
+    # First same as last: the last stage is the velocity at the new state, the next step's first stage.
+    fsal = c_sol[-1] == 0 and c_sol[:-1] == beta[-1]
+    tiny = torch.finfo(x.dtype).tiny
+
+    def rms(z: torch.Tensor) -> torch.Tensor:
+        return z.flatten(1).double().square().mean(1).sqrt()
+
+    t = torch.full((n,), float(t0), dtype=torch.float64, device=device)
+    sample_nfe = torch.zeros(n, dtype=torch.long, device=device)
+    arrived = torch.zeros(n, dtype=torch.bool, device=device)
+
+    def evaluate(x_: torch.Tensor, t_: torch.Tensor, needed: torch.Tensor | None = None) -> torch.Tensor:
+        """The velocity of every row; counted for the rows that need it (default: those still under way)."""
+        nonlocal sample_nfe
+        if v.calls >= max_calls:
+            raise UserError(f"{solver} made {max_calls} velocity evaluations without reaching t = {t1:g} (atol "
+                            f"{atol:g}, rtol {rtol:g}); loosen the tolerances or use a fixed-grid solver")
+        sample_nfe = sample_nfe + (~arrived if needed is None else needed).long()
+        return v(x_, t_)
+
+    # The first step (Hairer et al. §II.4, algorithm (4.14)), per sample.
+    f = evaluate(x, t)
+    scale = (atol + rtol * x.abs()).clamp_min(tiny)
+    d0, d1 = rms(x / scale), rms(f / scale)
+    h0 = torch.where((d0 < 1e-5) | (d1 < 1e-5), torch.full_like(d0, 1e-6), 0.01 * d0 / d1.clamp_min(tiny))
+    f_probe = evaluate(x + (sign * h0).view(per_row).to(x.dtype) * f, t + sign * h0)
+    d2 = rms((f_probe - f) / scale) / h0
+    h1 = torch.where((d1 <= 1e-15) & (d2 <= 1e-15), torch.clamp_min(h0 * 1e-3, 1e-6),
+                     (0.01 / torch.maximum(d1, d2).clamp_min(tiny)) ** (1.0 / order))
+    h = torch.minimum(100 * h0, h1)
+
+    while not bool(arrived.all()):
+        remaining = (t1 - t) * sign
+        last = h >= remaining
+        dt = torch.where(arrived, torch.zeros_like(h), torch.where(last, remaining, h)) * sign
+        dt_x = dt.view(per_row).to(x.dtype)
+        k = [f]
+        for a_i, b_i in zip(alpha, beta):
+            x_i = x + dt_x * sum(b * k_j for b, k_j in zip(b_i, k) if b != 0)
+            k.append(evaluate(x_i, torch.where(last, t1, t + a_i * dt) if a_i == 1 else t + a_i * dt))
+        x_new = x_i if fsal else x + dt_x * sum(c * k_j for c, k_j in zip(c_sol, k) if c != 0)
+        error = dt_x * sum(c * k_j for c, k_j in zip(c_error, k) if c != 0)
+        ratio = rms(error / (atol + rtol * torch.maximum(x.abs(), x_new.abs())).clamp_min(tiny))
+        ratio = torch.nan_to_num(ratio, nan=math.inf)  # a non-finite state is a rejected step
+        accept = (ratio <= 1) & ~arrived
+        x = torch.where(accept.view(per_row), x_new, x)
+        t = torch.where(accept, torch.where(last, torch.full_like(t, t1), t + dt), t)
+        arrived = arrived | (accept & last)
+        # The next step: 0.9·ratio^(−1/order) within [0.2, 10], and no smaller after an accepted step.
+        factor = (0.9 * ratio.pow(-1.0 / order)).clamp(0.2, 10.0)
+        h = torch.where(arrived, h, dt.abs() * torch.where(accept, factor.clamp_min(1.0), factor))
+        if fsal:
+            f = torch.where(accept.view(per_row), k[-1], f)
+        elif bool((accept & ~arrived).any()):  # the velocity at the new state, for the samples that moved on
+            f = torch.where(accept.view(per_row), evaluate(x, t, needed=accept & ~arrived), f)
+        if bool(((h < 1e-12 * abs(t1 - t0)) & ~arrived).any()):
+            raise UserError(f"{solver}'s step size fell below 1e-12 of the interval without meeting atol {atol:g}, "
+                            f"rtol {rtol:g} (a non-finite velocity?); loosen the tolerances or check the model")
+    return SolverResult(x=x, nfe=v.calls, sample_nfe=sample_nfe.cpu())
 
 
 def guided(model: Callable, y: torch.Tensor | None, cfg_scale: float = 1.0, cond: dict | None = None) -> Velocity:
@@ -139,6 +230,27 @@ def guided(model: Callable, y: torch.Tensor | None, cfg_scale: float = 1.0, cond
         return v_uncond + cfg_scale * (v_cond - v_uncond)
 
     return velocity
+
+
+def check_guidance(cfg_scale: float, num_classes: int, label_dropout: float) -> None:
+    """Guidance scale w that the model can honour, or one clear sentence: w ≠ 1 needs the unconditional velocity,
+    which only a class-conditional model trained with label dropout has learned (its null class is otherwise
+    never trained)."""
+    if cfg_scale == 1:
+        return
+    if not num_classes:
+        raise UserError(f"--cfg-scale {cfg_scale} asks for classifier-free guidance but the model is unconditional "
+                        "(trained without model.class_cond); leave --cfg-scale 1")
+    if label_dropout <= 0:
+        raise UserError(f"--cfg-scale {cfg_scale} needs the unconditional velocity, which this model never learned "
+                        "(trained with flow.label_dropout=0, its null class is untrained); leave --cfg-scale 1 or "
+                        "train with flow.label_dropout=0.1")
+
+
+def forward_passes(nfe: float, cfg_scale: float) -> float:
+    """The network's forward passes per sample behind `nfe` velocity evaluations: two under guidance (w ≠ 1), the
+    conditional and the unconditional row, batched into one call."""
+    return nfe * (1 if cfg_scale == 1 else 2)
 
 
 def check_solver(solver: str, steps: int | None) -> None:

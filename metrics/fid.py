@@ -20,6 +20,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from config import UserError
+from errors import UserError
 
 INCEPTION_FILE = Path("/tmp/inception-2015-12-05.pt")  # where clean-fid loads (and downloads) the network
 INCEPTION_URL = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt"
@@ -144,7 +145,8 @@ def build_features(name: str, mode: str = "clean", device: torch.device | str = 
 @dataclass
 class Reference:
     """What generated images are compared with: feature mean and covariance, the features themselves
-    when known (KID needs them), how many images, their resolution (H, W) when known, and a name."""
+    when known (KID needs them), how many images, their resolution (H, W) and the feature extractor
+    (its key, e.g. 'inception-clean', which names clean-fid's mode) when known, and a name."""
 
     name: str
     mu: np.ndarray
@@ -152,34 +154,45 @@ class Reference:
     n: int
     features: np.ndarray | None = None
     resolution: tuple[int, int] | None = None
+    extractor: str | None = None
 
     @classmethod
-    def of(cls, features: np.ndarray, name: str, resolution: tuple[int, int] | None = None) -> Reference:
-        return cls(name, features.mean(0), np.cov(features, rowvar=False), len(features), features, resolution)
+    def of(cls, features: np.ndarray, name: str, resolution: tuple[int, int] | None = None,
+           extractor: str | None = None) -> Reference:
+        return cls(name, features.mean(0), np.cov(features, rowvar=False), len(features), features, resolution,
+                   extractor)
 
     def save(self, path: Path) -> None:
-        """Written whole: a temporary name, then rename."""
+        """Written whole (a temporary name, then rename), with what made it: resolution and feature extractor."""
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".tmp_{os.getpid()}_{path.name}")
         extra = {} if self.features is None else {"features": self.features.astype(np.float32)}
         with open(tmp, "wb") as f:
             np.savez(f, mu=self.mu, sigma=self.sigma, n=self.n, name=self.name,
-                     resolution=np.array(self.resolution or (0, 0)), **extra)
+                     resolution=np.array(self.resolution or (0, 0)), extractor=self.extractor or "", **extra)
         os.replace(tmp, path)
 
     @classmethod
     def load(cls, path: Path) -> Reference:
-        with np.load(path) as z:
-            resolution = tuple(int(v) for v in z["resolution"]) if "resolution" in z else (0, 0)
-            features = next((z[k].astype(np.float64) for k in ("features", "feats") if k in z), None)
-            n = int(z["n"]) if "n" in z else (len(features) if features is not None else 0)
-            return cls(str(z["name"]) if "name" in z else str(path), z["mu"].astype(np.float64),
-                       z["sigma"].astype(np.float64), n, features, resolution if any(resolution) else None)
+        """Statistics from an .npz with mu and sigma (ours, or clean-fid's and others' without the rest)."""
+        try:
+            with np.load(path) as z:
+                resolution = tuple(int(v) for v in z["resolution"]) if "resolution" in z else (0, 0)
+                features = next((z[k].astype(np.float64) for k in ("features", "feats") if k in z), None)
+                n = int(z["n"]) if "n" in z else (len(features) if features is not None else 0)
+                extractor = str(z["extractor"]) if "extractor" in z else ""
+                return cls(str(z["name"]) if "name" in z else str(path), z["mu"].astype(np.float64),
+                           z["sigma"].astype(np.float64), n, features, resolution if any(resolution) else None,
+                           extractor or None)
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
+            raise UserError(f"reference {path} is not a readable .npz of statistics ({type(e).__name__}); give "
+                            "an .npz with mu and sigma, or make the statistics again") from None
 
 
 def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
     """‖μ₁ − μ₂‖² + Tr(Σ₁) + Tr(Σ₂) − 2 Tr((Σ₁Σ₂)^½) (Heusel et al. 2017, eq. 6); like clean-fid, a tiny
-    ridge is added when the product's square root is not finite (singular covariances of few samples)."""
+    ridge is added when the product's square root is not finite (singular covariances of few samples), and
+    a square root whose diagonal has an imaginary part above 1e-3 is refused rather than dropped."""
     import warnings
 
     from scipy import linalg
@@ -190,6 +203,12 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
     if not np.isfinite(covmean).all():
         ridge = np.eye(len(sigma1)) * 1e-6
         covmean = linalg.sqrtm((sigma1 + ridge) @ (sigma2 + ridge))
+    if np.iscomplexobj(covmean):
+        imaginary = float(np.abs(np.diagonal(covmean).imag).max())
+        if imaginary > 1e-3:
+            raise UserError(f"the square root of Σ₁Σ₂ in the Fréchet distance has an imaginary part of {imaginary:.3g} "
+                            "(clean-fid refuses above 1e-3): a covariance is not positive semi-definite or far "
+                            "too singular; check the reference statistics or use more samples")
     diff = mu1 - mu2
     return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean.real))
 
@@ -258,11 +277,17 @@ def _fingerprint(path: Path) -> str:
     return h.hexdigest()[:12]
 
 
-def check_resolution(reference: Reference, resolution: tuple[int, int]) -> None:
+def check_reference(reference: Reference, resolution: tuple[int, int], extractor) -> None:
+    """The reference was made like the samples' statistics (same resolution, same feature extractor and clean-fid
+    mode) wherever it records how it was made; else one sentence naming what differs."""
     if reference.resolution is not None and tuple(reference.resolution) != tuple(resolution):
         (h, w), (rh, rw) = resolution, reference.resolution
         raise UserError(f"reference {reference.name} is at {rh}x{rw} px but the samples are {h}x{w}; "
                         f"give a reference at {h}x{w}")
+    if reference.extractor is not None and reference.extractor != extractor.key:
+        raise UserError(f"reference {reference.name} holds {reference.extractor} features but the samples are "
+                        f"scored with {extractor.key}; give the --mode / --features it was made with, or a "
+                        f"reference made with {extractor.key}")
 
 
 def cleanfid_reference(name: str, resolution: tuple[int, int], mode: str, need_features: bool) -> Reference:
@@ -281,7 +306,7 @@ def cleanfid_reference(name: str, resolution: tuple[int, int], mode: str, need_f
                         f"they could not be downloaded ({type(e).__name__}); check the name and resolution, or "
                         "give a folder, an .npz or leave --ref out to use the run's dataset") from None
     return Reference(f"clean-fid {dataset} {split} {res}px", mu, sigma, 0 if features is None else len(features),
-                     features, None)
+                     features, None, f"inception-{mode}")
 
 
 def file_reference(spec: str, extractor, resolution: tuple[int, int], stats_dir: Path) -> Reference:
@@ -291,8 +316,15 @@ def file_reference(spec: str, extractor, resolution: tuple[int, int], stats_dir:
         raise UserError(f"reference {spec} does not exist; give a folder of images, an .npz, a clean-fid dataset "
                         f"name ({', '.join(CLEANFID_NAMES)}[:split]) or leave --ref out to use the run's dataset")
     if path.is_file():
-        with np.load(path) as z:
-            has_stats = "mu" in z and "sigma" in z
+        if path.suffix != ".npz":
+            raise UserError(f"reference {spec} is a {path.suffix or 'suffix-less'} file; give a folder of images, an "
+                            ".npz with mu and sigma (or arr_0 images), a clean-fid dataset name or leave --ref out")
+        try:
+            with np.load(path) as z:
+                has_stats = "mu" in z and "sigma" in z
+        except (OSError, ValueError, zipfile.BadZipFile) as e:
+            raise UserError(f"reference {spec} is not a readable .npz ({type(e).__name__}); give an .npz with mu "
+                            "and sigma, or arr_0 images") from None
         if has_stats:
             reference = Reference.load(path)
             reference.name = str(path)
@@ -305,7 +337,7 @@ def file_reference(spec: str, extractor, resolution: tuple[int, int], stats_dir:
     if size != tuple(resolution):
         raise UserError(f"reference {spec} holds {size[0]}x{size[1]} images but the samples are "
                         f"{resolution[0]}x{resolution[1]}; give a reference at the samples' resolution")
-    reference = Reference.of(extractor(images), str(path), size)
+    reference = Reference.of(extractor(images), str(path), size, extractor.key)
     reference.save(cache)
     return reference
 
@@ -327,7 +359,7 @@ def dataset_reference(cfg, dataset, extractor, stats_dir: Path, progress: bool =
     for first in tqdm(range(0, n, 500), desc=f"reference {d.name} {d.split}", disable=not progress, unit="chunk"):
         x, _ = dataset[torch.arange(first, min(first + 500, n))]
         chunks.append(extractor(to_uint8(x)))
-    reference = Reference.of(np.concatenate(chunks), f"{d.name} {d.split} ({n} images)", (h, w))
+    reference = Reference.of(np.concatenate(chunks), f"{d.name} {d.split} ({n} images)", (h, w), extractor.key)
     reference.save(cache)
     return reference
 
@@ -345,7 +377,7 @@ def load_reference(spec: str | None, extractor, resolution: tuple[int, int], sta
         reference = cleanfid_reference(spec, resolution, extractor.mode, need_features)
     else:
         reference = file_reference(spec, extractor, resolution, stats_dir)
-    check_resolution(reference, resolution)
+    check_reference(reference, resolution, extractor)
     if need_features and reference.features is None:
         raise UserError(f"KID needs the reference's features, but {reference.name} holds only statistics; give a "
                         "folder, an .npz of images, or the run's dataset")

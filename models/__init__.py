@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from config import Config, UserError
+from config import Config
+from errors import UserError
 from models import autoencoder, dit, mlp, unet
 
 # name -> (model class, preset arguments)

@@ -165,7 +165,7 @@ def is_diffusers_autoencoder(path: str) -> bool:
 
 def load_diffusers_autoencoder(path: str) -> DiffusersAutoencoder:
     """diffusers' AutoencoderKL from a local folder or a hub id (downloaded by diffusers; needs network)."""
-    from config import UserError
+    from errors import UserError
 
     try:
         from diffusers import AutoencoderKL

@@ -11,7 +11,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from config import UserError
+from errors import UserError
 
 
 def unwrapped_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -94,6 +94,7 @@ def save_checkpoint(accelerator, run_dir: str | Path, step: int, model: nn.Modul
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp / "train_state"))
+    accelerator.wait_for_everyone()  # every process's RNG state is written before the folder is renamed
     if accelerator.is_main_process:
         save_weights(accelerator.unwrap_model(model), tmp / "model.safetensors", metadata)
         save_weights(ema_model, tmp / "ema.safetensors", metadata)

@@ -13,7 +13,8 @@ class EMA:
 
     With `warmup`, the decay at update n (1-based) is d_n = min(decay, (1 + n) / (10 + n)), so the
     average forgets the random initial weights quickly instead of carrying e^(−n(1−decay)) of them
-    (5% after 3,000 steps at 0.999); the fixed decay takes over after 10 / (1 − decay) steps.
+    (5% after 3,000 steps at 0.999); the fixed decay takes over from step (10·decay − 1) / (1 − decay)
+    (8,990 at 0.999).
     """
 
     def __init__(self, model: nn.Module, decay: float, warmup: bool = True):

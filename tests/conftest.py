@@ -24,6 +24,34 @@ def run_script(*args: str, cwd: Path = ROOT, timeout: float = 300, launcher: lis
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
+def run_ranks(*args: str, world: int = 2, timeout: float = 180) -> list[subprocess.CompletedProcess]:
+    """Run `python SCRIPT ARGS` as `world` gloo processes started side by side with RANK, WORLD_SIZE and
+    MASTER_ADDR/PORT set, as a cluster scheduler (srun) starts them: no launcher watches them, so a process that
+    waits for another that stopped would wait until the collective's timeout."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = []
+    for rank in range(world):
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "RANK": str(rank),
+               "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_WORLD_SIZE": str(world),
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+        procs.append(subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True))
+    done = []
+    for proc in procs:
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            for other in procs:
+                other.kill()
+            raise
+        done.append(subprocess.CompletedProcess(proc.args, proc.returncode, out, err))
+    return done
+
+
 @pytest.fixture
 def tiny():
     return list(TINY)

@@ -13,7 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 from mnist_fid import FrechetReference, frechet  # noqa: E402
 from solvers_nfe import Scores, load_ema  # noqa: E402
 
-from config import UserError  # noqa: E402
+from errors import UserError  # noqa: E402
 
 
 def test_the_bench_frechet_distance_equals_clean_fids_sqrtm_form():

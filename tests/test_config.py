@@ -1,7 +1,8 @@
 import pytest
 from conftest import ROOT
 
-from config import Config, UserError, check_names, load_config, save_config
+from config import Config, check_names, load_config, save_config
+from errors import UserError
 
 
 def test_defaults_preset_and_overrides_are_merged_in_order(tmp_path):

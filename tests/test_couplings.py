@@ -1,5 +1,6 @@
 import itertools
 
+import pytest
 import torch
 
 from config import Config
@@ -29,17 +30,36 @@ def test_ot_equals_brute_force_on_small_batches():
             assert abs(cost(x0[ot_match(x0, x1)], x1) - best) < 1e-5
 
 
-def test_ot_keeps_labels_with_their_data():
-    """At t = 1 (σ_min = 0) the model sees x_t = x1: each row must arrive with its own label."""
+def test_ot_pairs_each_data_point_with_its_optimal_noise_and_keeps_its_label():
+    """At t = 1/2 the model sees x_t = (x0 + x1)/2 and the loss target x1 − x0: from them the pairing it trained
+    on is read back, and it must be the optimal one, every x1 arriving with its own label."""
     cfg = Config()
     cfg.flow.coupling = "ot"
-    objective = build_objective(cfg, lambda n, g, d: torch.randn(n, 2, generator=g, device=d), num_classes=4)
-    objective.time_density = lambda n, g, d: torch.ones(n, device=d)
-    y = torch.randint(0, 4, (32,))
-    x1 = torch.randn(32, 2) + y[:, None] * 10.0  # the label is readable from the data
+    noise = lambda n, g, d: torch.randn(n, 2, generator=g, device=d)  # noqa: E731
+    objective = build_objective(cfg, noise, num_classes=4)
+    objective.time_density = lambda n, g, d: torch.full((n,), 0.5, device=d)
+    y = torch.randint(0, 4, (32,), generator=torch.Generator().manual_seed(5))
+    x1 = torch.randn(32, 2, generator=torch.Generator().manual_seed(6)) + y[:, None] * 10.0  # label readable
     seen = {}
     objective(lambda x, t, yy: seen.update(x=x, y=yy) or torch.zeros_like(x), x1, y, torch.Generator().manual_seed(0))
-    assert torch.allclose(seen["x"], x1) and torch.equal(seen["y"], y)
+    x0_seen = 2 * seen["x"] - x1  # the noise each x1 was paired with
+    x0_drawn = noise(32, torch.Generator().manual_seed(0), torch.device("cpu"))
+    assert torch.allclose(x0_seen, x0_drawn[ot_match(x0_drawn, x1)], atol=1e-5)
+    assert cost(x0_seen, x1) < cost(x0_drawn, x1) - 1  # not the independent pairing
+    assert torch.equal(seen["y"], y)
+    assert torch.equal((seen["x"][:, 0] / 5).round().long(), y)  # x_t sits by its own label's cluster
+
+
+def test_ot_cost_is_exact_for_high_dimensional_points_with_a_large_common_offset():
+    """CIFAR-size points (3,072 dimensions) far from the origin: a float32 ‖a‖² + ‖b‖² − 2a·b cost loses the
+    differences between pairings to cancellation; the assignment must still be the float64 optimum."""
+    from scipy.optimize import linear_sum_assignment
+
+    g = torch.Generator().manual_seed(7)
+    x0, x1 = torch.randn(2, 64, 3072, generator=g) * 0.05 + 10
+    exact = ((x0.double()[:, None] - x1.double()[None]) ** 2).sum(-1)
+    rows, cols = linear_sum_assignment(exact.numpy())
+    assert cost(x0.double()[ot_match(x0, x1)], x1.double()) == pytest.approx(exact[rows, cols].sum().item(), rel=1e-12)
 
 
 def test_global_ot_pairs_equal_single_process_pairs():

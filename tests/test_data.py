@@ -3,9 +3,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from config import UserError, load_config
+from config import load_config
 from data import SOURCES, ShardedBatchSampler, build_dataset, build_source
 from data.toy import TOY
+from errors import UserError
 
 
 @pytest.mark.parametrize("name", list(TOY))

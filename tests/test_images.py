@@ -10,7 +10,7 @@ import torch
 from conftest import ROOT, run_script
 from PIL import Image
 
-from config import UserError, load_config
+from config import load_config
 from data import build_dataset
 from data.images import (
     FieldDataset,
@@ -22,6 +22,9 @@ from data.images import (
     to_model_range,
     to_uint8,
 )
+from errors import UserError
+from models import build_model
+from models.checkpoint import load_weights
 
 SHARED_MNIST = next((p for p in (ROOT.parent / "shared" / "data" / "mnist", Path("/work/shared/data/mnist"))
                      if (p / "t10k-images-idx3-ubyte.gz").is_file()), None)
@@ -192,7 +195,8 @@ def test_mnist_unet_trains_previews_checkpoints_and_resumes(tmp_path):
     assert first.returncode == 0, first.stderr
     grid = Image.open(tmp_path / "run" / "samples" / "step_0000002.png")
     assert grid.mode == "L" and grid.size == (4 * 30 + 2, 3 * 30 + 2)  # 12 images: 3 rows of 4, 2 px padding
-    assert (tmp_path / "run" / "checkpoints" / "step_0000002" / "ema.safetensors").is_file()
+    checkpoint = tmp_path / "run" / "checkpoints" / "step_0000002"  # loads into the model its config builds
+    load_weights(build_model(load_config(checkpoint / "config.yaml"), (1, 28, 28)), checkpoint / "ema.safetensors")
     second = run_script(*args, "train.steps=4")
     assert second.returncode == 0, second.stderr
     assert "resumed from" in second.stdout + second.stderr

@@ -1,8 +1,11 @@
+import math
+
 import pytest
 import torch
 from torch import nn
 
-from config import Config, UserError
+from config import Config
+from errors import UserError
 from models import MODELS, build_model
 from models.checkpoint import load_weights, save_weights, unwrapped_state
 from models.ema import EMA
@@ -103,8 +106,27 @@ def test_ema_is_a_frozen_copy_moving_towards_the_model():
     before = ema.model.weight.clone()
     ema.update(other, 3)
     assert torch.allclose(ema.model.weight, 0.9 * before + 0.1 * other.weight)
-    warm = EMA(model, decay=0.999)
-    assert [warm.decay_at(n) for n in (1, 80, 10_000)] == [2 / 11, 81 / 90, 0.999]
+
+
+def test_ema_warmup_forgets_the_initial_weights_as_its_closed_form_says():
+    """Weights 0 at the start, then 1 after every step: the EMA holds 1 − w_N, w_N the weight left on the start.
+    Fixed decay d: w_N = d^N. Warmup d_n = min(d, (1 + n)/(10 + n)): while (1 + n)/(10 + n) < d the product
+    telescopes, w_N = Π (n + 1)/(n + 10) = (N + 1)! · 10! / (N + 10)!."""
+    model = nn.Linear(1, 1, bias=False, dtype=torch.float64)
+    nn.init.zeros_(model.weight)
+    fixed, warm = EMA(model, decay=0.999, warmup=False), EMA(model, decay=0.999, warmup=True)
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    for n in range(1, 201):
+        fixed.update(model, n)
+        warm.update(model, n)
+        if n in (1, 10, 200):
+            left = math.exp(math.lgamma(n + 2) + math.lgamma(11) - math.lgamma(n + 11))
+            assert 1 - warm.model.weight.item() == pytest.approx(left, rel=1e-6, abs=1e-15)
+            assert 1 - fixed.model.weight.item() == pytest.approx(0.999**n, rel=1e-9)
+    # After 200 steps the warmup kept 5e-15 of the random start where the fixed decay keeps 82%; from
+    # n = (10d − 1)/(1 − d) = 8,990 on, (1 + n)/(10 + n) ≥ d and the fixed decay takes over.
+    assert warm.decay_at(8_989) < 0.999 and warm.decay_at(8_990) == 0.999
 
 
 def test_weights_round_trip_with_unwrapped_keys(tmp_path):

@@ -3,10 +3,19 @@ import math
 import pytest
 import torch
 
-from config import UserError
+from errors import UserError
 from flows import SOLVERS, integrate
 from flows.schedules import SCHEDULES, parse_schedule, time_grid
-from flows.solvers import ADAPTIVE, fixed_grid_nfe, generate, guided, integrate_adaptive, uniform_grid
+from flows.solvers import (
+    ADAPTIVE,
+    check_guidance,
+    fixed_grid_nfe,
+    forward_passes,
+    generate,
+    guided,
+    integrate_adaptive,
+    uniform_grid,
+)
 
 
 @pytest.mark.parametrize("solver", list(SOLVERS))
@@ -57,18 +66,60 @@ def test_error_falls_at_the_solver_order_when_steps_double(solver, order):
 
 
 @pytest.mark.parametrize("solver", ADAPTIVE)
-def test_adaptive_solvers_meet_their_tolerance_and_count_true_calls(solver):
+def test_adaptive_solvers_follow_their_tolerance_and_count_true_calls(solver):
     x0 = torch.tensor([[1.0, 0.5], [-0.3, 2.0]], dtype=torch.float64)
-    calls = 0
+    errors, nfes = [], []
+    for tol in (1e-3, 1e-5, 1e-7):  # 1e-5 is the default: tolerances that were ignored would give equal errors
+        calls = 0
 
-    def counted(x, t):
-        nonlocal calls
-        calls += 1
-        return rotation(x, t)
+        def counted(x, t):
+            nonlocal calls
+            calls += 1
+            return rotation(x, t)
 
-    out = integrate_adaptive(counted, x0, solver, atol=1e-7, rtol=1e-7)
-    assert (out.x - rotation_exact(x0)).abs().max() < 1e-4
-    assert out.nfe == calls > 2
+        out = integrate_adaptive(counted, x0, solver, atol=tol, rtol=tol)
+        assert out.nfe == calls and out.sample_nfe.max() <= calls
+        errors.append((out.x - rotation_exact(x0)).abs().max().item())
+        nfes.append(out.nfe)
+    assert errors[0] > 10 * errors[1] > 100 * errors[2] and errors[2] < 1e-4, errors
+    assert nfes[0] < nfes[1] < nfes[2]
+
+
+def stiff_rows(x, t):
+    """dx/dt = −30·a·x with a = x's first coordinate (a > 0): x(t) = x(0) / (1 + 30·a(0)·t), stiffer for larger a."""
+    return -x * (30 * x[:, :1].abs())
+
+
+@pytest.mark.parametrize("solver", ["dopri5", "bosh3", "adaptive_heun"])
+def test_adaptive_steps_are_controlled_per_sample_so_batch_neighbours_change_nothing(solver):
+    """A sample integrates the same alone or beside a much harder one: same steps (NFE), same bits. A step size
+    shared over the batch (torchdiffeq's odeint) takes the hard sample's small steps for both."""
+    from torchdiffeq import odeint
+
+    easy, hard = torch.tensor([[0.01, 1.0]], dtype=torch.float64), torch.tensor([[2.0, 1.0]], dtype=torch.float64)
+    alone = integrate_adaptive(stiff_rows, easy, solver, 1e-6, 1e-6)
+    together = integrate_adaptive(stiff_rows, torch.cat([easy, hard, easy]), solver, 1e-6, 1e-6)
+    assert torch.equal(together.x[:1], alone.x) and torch.equal(together.x[2:], alone.x)
+    assert together.sample_nfe.tolist() == [alone.nfe, together.nfe, alone.nfe] and together.nfe > 2 * alone.nfe
+    assert torch.allclose(alone.x, easy / 1.3, atol=1e-5, rtol=0)
+    ends = torch.tensor([0.0, 1.0], dtype=torch.float64)
+    shared = odeint(lambda t, x: stiff_rows(x, t), torch.cat([easy, hard]), ends, method=solver, atol=1e-6, rtol=1e-6)
+    assert not torch.equal(shared[-1, :1], odeint(lambda t, x: stiff_rows(x, t), easy, ends, method=solver,
+                                                  atol=1e-6, rtol=1e-6)[-1])
+
+
+def test_adaptive_integration_runs_backwards_and_honours_a_pure_relative_tolerance():
+    x1 = torch.tensor([[1.0, -2.0], [0.5, 3.0]], dtype=torch.float64)
+    back = integrate_adaptive(lambda x, t: 0.7 * x, x1, "dopri5", 1e-9, 1e-9, t0=1.0, t1=0.0)
+    assert torch.allclose(back.x, x1 * math.exp(-0.7), atol=1e-8, rtol=0)
+    loose = integrate_adaptive(rotation, x1, "dopri5", atol=0.0, rtol=1e-3)
+    tight = integrate_adaptive(rotation, x1, "dopri5", atol=0.0, rtol=1e-8)
+    assert tight.nfe > loose.nfe and (tight.x - rotation_exact(x1)).abs().max() < 1e-6
+    for atol, rtol in ((0.0, 0.0), (-1e-5, 1e-5)):
+        with pytest.raises(UserError, match="adaptive solvers need atol ≥ 0 and rtol ≥ 0, not both 0"):
+            integrate_adaptive(rotation, x1, "dopri5", atol, rtol)
+    with pytest.raises(UserError, match="dopri5 made 20 velocity evaluations without reaching t = 1"):
+        integrate_adaptive(rotation, x1, "dopri5", 1e-10, 1e-10, max_calls=20)
 
 
 @pytest.mark.parametrize("name", list(SCHEDULES))
@@ -118,6 +169,17 @@ def test_guidance_scale_1_is_conditional_0_unconditional_in_one_batched_call():
     assert model.calls == 1 and torch.equal(v[:, 0], torch.tensor([-8.0, -12.0, -8.0]))
     out = generate(model, x, steps=4, solver="heun", y=y, cfg_scale=2.0)
     assert out.nfe == 8 and model.calls == 9
+
+
+def test_guidance_needs_a_model_trained_with_label_dropout_and_costs_two_passes_per_evaluation():
+    check_guidance(1.0, 0, 0.0)  # no guidance: any model
+    check_guidance(2.0, 10, 0.1)
+    with pytest.raises(UserError, match="--cfg-scale 2.0 needs the unconditional velocity, which this model never "
+                                        "learned \\(trained with flow.label_dropout=0"):
+        check_guidance(2.0, 10, 0.0)
+    with pytest.raises(UserError, match="the model is unconditional"):
+        check_guidance(1.5, 0, 0.1)
+    assert forward_passes(8, 1.0) == 8 and forward_passes(8, 1.5) == forward_passes(8, 0.0) == 16
 
 
 def test_bad_solver_arguments_fail_with_one_sentence():

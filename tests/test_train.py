@@ -6,7 +6,8 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT, run_script
+from conftest import ROOT, run_ranks, run_script
+from PIL import Image
 from safetensors.torch import load_file
 
 from models.checkpoint import checkpoint_name
@@ -30,7 +31,7 @@ def test_train_writes_the_run_folder_and_resuming_is_bitwise_identical(tmp_path,
     assert once.returncode == 0, once.stderr
     run = tmp_path / "once"
     assert {p.name for p in run.iterdir()} >= {"config.yaml", "log.txt", "metrics.jsonl", "samples", "checkpoints"}
-    assert (run / "samples" / "step_0000010.png").stat().st_size > 1000
+    assert Image.open(run / "samples" / "step_0000010.png").size == (500, 500)  # points over the data
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_0000010", "step_0000015", "step_0000020"]
     ckpt = run / "checkpoints" / "step_0000020"
     assert {p.name for p in ckpt.iterdir()} == {"model.safetensors", "ema.safetensors", "config.yaml", "train_state"}
@@ -108,6 +109,7 @@ def test_truncated_checkpoint_on_resume_fails_clearly_and_keeps_earlier_ones(tmp
     (["data.name=tensor_file", "data.path=/nonexistent/x.npy"], "error: data file '/nonexistent/x.npy' does not exist"),
     (["model.class_cond=true"], "error: model.class_cond is set but moons has no labels"),
     (["flow.label_dropout=0.1"], "error: flow.label_dropout drops class labels, which an unconditional model"),
+    (["train.eval_every=5", "train.eval_n=1000"], "error: train.eval_n 1000 exceeds the 512 points of the dataset"),
     (["data.name=mnist", "data.path=/nonexistent", "data.download=false", "model.name=unet-mnist"],
      "error: MNIST train files (train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz) are not in /nonexistent"),
 ])
@@ -132,8 +134,84 @@ def test_nan_loss_stops_with_a_clear_message_and_the_last_good_checkpoint_intact
     np.save(data, np.full((64, 2), 1e30, np.float32))  # squares overflow fp32: the loss is infinite
     out = run_script("train.py", "-e", str(tmp_path / "run"), *tiny, "data.name=tensor_file", f"data.path={data}")
     assert out.returncode == 2 and "Traceback" not in out.stderr
-    assert "the loss became NaN or infinite" in out.stderr and "last good checkpoint is none" in out.stderr
+    assert "the loss or its gradient became NaN or infinite" in out.stderr and "checkpoint is none" in out.stderr
     assert not list((tmp_path / "run" / "checkpoints").glob("step_*"))
+
+
+INFINITE_GRADIENT_FROM_STEP_7 = """
+import sys, torch
+import models
+
+class InfiniteGradient(torch.autograd.Function):  # the identity, whose gradient overflows from the 7th backward on
+    calls = 0
+
+    @staticmethod
+    def forward(ctx, v):
+        return v
+
+    @staticmethod
+    def backward(ctx, grad):
+        InfiniteGradient.calls += 1
+        return grad * (float("inf") if InfiniteGradient.calls >= 7 else 1.0)
+
+build = models.build_model
+def build_model(*args, **kwargs):
+    model = build(*args, **kwargs)
+    forward = model.forward
+    model.forward = lambda *a, **k: InfiniteGradient.apply(forward(*a, **k))
+    return model
+models.build_model = build_model
+import train
+train.main(sys.argv[1:])
+"""
+
+
+def test_an_infinite_gradient_with_a_finite_loss_stops_before_a_bad_checkpoint(tmp_path, tiny):
+    """The loss stays finite; the gradient of step 7 is infinite and would make the weights NaN. The check at
+    step 10 must see it, and save no checkpoint at step 10."""
+    out = run_script("-c", INFINITE_GRADIENT_FROM_STEP_7, "-e", str(tmp_path), *tiny, "train.steps=20",
+                     "train.checkpoint_every=5")
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+    assert out.stderr.strip().splitlines()[-1] == (
+        "error: the loss or its gradient became NaN or infinite before step 10; training stopped and the last good "
+        "checkpoint is step 5; lower train.lr or set train.grad_clip")
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step_0000005"]
+    assert all(torch.isfinite(w).all() for w in weights(tmp_path, 5, "model").values())
+
+
+def test_an_error_in_training_leaves_no_thread_running(tmp_path, tiny, monkeypatch):
+    """OT-CFM prepares the next batch in a thread; a stop by error must close it (and the trackers) too."""
+    import threading
+
+    import train
+
+    data = tmp_path / "x.npy"
+    import numpy as np
+
+    np.save(data, np.full((64, 2), 1e30, np.float32))  # an infinite loss at the first check
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as stop:
+        train.main(["-e", str(tmp_path / "run"), *tiny, "flow.coupling=ot", "data.name=tensor_file",
+                    f"data.path={data}"])
+    assert stop.value.code == 2
+    assert not [t for t in threading.enumerate() if t.name.startswith("ThreadPoolExecutor")]
+
+
+def test_an_error_on_the_main_process_stops_every_training_process_with_its_line(tmp_path, tiny):
+    """The in-training quality check runs on the main process; a reference that cannot be read stops both."""
+    from test_images import make_folder
+
+    make_folder(tmp_path / "data", {"": [(8, 8)] * 8})
+    ranks = run_ranks("train.py", "-e", str(tmp_path / "run"), "data.name=imagefolder",
+                      f"data.path={tmp_path / 'data'}", "model.name=DiT-S/4", "model.width=16", "model.depth=1",
+                      "model.heads=2", "train.batch_size=4", "train.steps=4", "train.checkpoint_every=2",
+                      "train.eval_every=2", "train.eval_n=8", "train.eval_features=pixels",
+                      "train.eval_ref=/nonexistent/stats.npz", "train.trackers=[]", "train.preview_images=4",
+                      "train.preview_steps=1")
+    assert [r.returncode for r in ranks] == [2, 2], [r.stderr for r in ranks]
+    assert ranks[0].stderr.strip().splitlines()[-1].startswith("error: reference /nonexistent/stats.npz does not "
+                                                               "exist")
+    assert "Traceback" not in ranks[1].stderr and "error:" not in ranks[1].stderr
 
 
 def test_dry_run_prints_the_resolved_config_and_writes_nothing(tmp_path):
