@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import re
 import types
 import typing
@@ -20,7 +21,7 @@ from typing import Any
 
 import yaml
 
-from errors import UserError
+from errors import UserError, atomic_write
 
 
 @dataclass
@@ -261,15 +262,54 @@ def _coerce(value: Any, kind: Any, dotted: str) -> Any:
     raise UserError(f"config key {dotted} must be {getattr(kind, '__name__', kind)}, got {value!r}")
 
 
+# Ranges of the numeric keys: (low, high, low included, high included); None is unbounded.
+RANGES = {
+    "data.resolution": (0, None, True, True), "data.size": (0, None, False, True),
+    "data.num_workers": (0, None, True, True),
+    "model.width": (0, None, False, True), "model.depth": (0, None, False, True),
+    "model.heads": (0, None, False, True), "model.patch": (0, None, False, True),
+    "model.dropout": (0, 1, True, False), "model.time_dim": (0, None, False, True),
+    "model.latent_channels": (0, None, False, True),
+    "flow.kl_weight": (0, None, True, True), "flow.sigma_min": (0, 1, True, False),
+    "flow.time_std": (0, None, False, True),
+    # SD3's mode density is a bijection of [0, 1] only for -1 ≤ s ≤ 2/(π − 2).
+    "flow.mode_scale": (-1, 2 / (math.pi - 2), True, True),
+    "flow.label_dropout": (0, 1, True, False),
+    "train.steps": (0, None, False, True), "train.batch_size": (0, None, False, True),
+    "train.grad_accum": (0, None, False, True), "train.lr": (0, None, False, True),
+    "train.lr_min": (0, None, True, True), "train.warmup_steps": (0, None, True, True),
+    "train.weight_decay": (0, None, True, True), "train.grad_clip": (0, None, True, True),
+    "train.ema_decay": (0, 1, True, False), "train.log_every": (0, None, False, True),
+    "train.t_bins": (0, None, False, True), "train.preview_every": (0, None, True, True),
+    "train.preview_n": (0, None, False, True), "train.preview_images": (0, None, False, True),
+    "train.preview_steps": (0, None, False, True), "train.checkpoint_every": (0, None, False, True),
+    "train.eval_every": (0, None, True, True), "train.eval_n": (1, None, False, True),
+    "train.keep_last": (0, None, False, True), "train.keep_every": (0, None, True, True),
+    "sample.steps": (0, None, False, True), "sample.atol": (0, None, True, True),
+    "sample.rtol": (0, None, True, True), "sample.batch_size": (0, None, False, True),
+    "latent.scale": (0, None, True, True), "latentcfm.dim": (0, None, False, True),
+    "latentcfm.beta": (0, None, True, True),
+}
+
+
+def _in_range(value: float, low, high, low_in: bool, high_in: bool) -> bool:
+    return ((low is None or value > low or (low_in and value == low))
+            and (high is None or value < high or (high_in and value == high)))
+
+
+def _interval(low, high, low_in: bool, high_in: bool) -> str:
+    if high is None:
+        return f"{'≥' if low_in else '>'} {low:g}" if low else ("≥ 0" if low_in else "positive")
+    return f"in {'[' if low_in else '('}{low:g}, {high:g}{']' if high_in else ')'}"
+
+
 def _validate(cfg: Config) -> None:
+    for key, (low, high, low_in, high_in) in RANGES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value is not None and not (math.isfinite(value) and _in_range(value, low, high, low_in, high_in)):
+            raise UserError(f"config key {key} must be {_interval(low, high, low_in, high_in)}, got {value}")
     t = cfg.train
-    positive = {"train.steps": t.steps, "train.batch_size": t.batch_size, "train.grad_accum": t.grad_accum,
-                "train.log_every": t.log_every, "train.checkpoint_every": t.checkpoint_every,
-                "train.t_bins": t.t_bins, "train.preview_steps": t.preview_steps, "train.keep_last": t.keep_last,
-                "train.eval_n": t.eval_n}
-    for key, value in positive.items():
-        if value <= 0:
-            raise UserError(f"config key {key} must be positive, got {value}")
     choices = {"train.lr_schedule": (t.lr_schedule, ("constant", "cosine")),
                "train.mixed_precision": (t.mixed_precision, ("no", "fp16", "bf16"))}
     for key, (value, allowed) in choices.items():
@@ -277,12 +317,12 @@ def _validate(cfg: Config) -> None:
             raise UserError(f"config key {key} must be one of {', '.join(allowed)}, got '{value}'")
     if cfg.data.split not in ("train", "test"):
         raise UserError(f"config key data.split must be train or test, got '{cfg.data.split}'")
-    if cfg.data.resolution < 0:
-        raise UserError(f"config key data.resolution must be ≥ 0, got {cfg.data.resolution}")
-    if not 0.0 <= cfg.flow.label_dropout < 1.0:
-        raise UserError(f"config key flow.label_dropout must be in [0, 1), got {cfg.flow.label_dropout}")
-    if len(t.betas) != 2:
-        raise UserError(f"config key train.betas must hold two numbers, got {t.betas}")
+    if len(t.betas) != 2 or not all(0 <= b < 1 for b in t.betas):
+        raise UserError(f"config key train.betas must hold two numbers in [0, 1), got {t.betas}")
+    if t.lr_min > t.lr:
+        raise UserError(f"config key train.lr_min ({t.lr_min}) must not exceed train.lr ({t.lr})")
+    if cfg.sample.atol == cfg.sample.rtol == 0:
+        raise UserError("config keys sample.atol and sample.rtol must not both be 0")
 
 
 def check_name(registry: dict, name: str, key: str) -> None:
@@ -317,6 +357,32 @@ def check_names(cfg: Config) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# Resuming: which keys may change between restarts of one run.
+
+# What may change when a run folder is trained again: how long, how often to log, preview, checkpoint and evaluate,
+# how much to keep, where to log, data loading workers, speed switches that compute the same training, and the
+# sample section (sampling defaults). Any other change would train another run on top of this one's checkpoints.
+RESUMABLE = ("train.steps", "train.log_every", "train.t_bins", "train.trackers", "train.preview_every",
+             "train.preview_n", "train.preview_images", "train.preview_steps", "train.checkpoint_every",
+             "train.eval_every", "train.eval_n", "train.eval_ref", "train.eval_features", "train.keep_last",
+             "train.keep_every", "train.compile", "train.channels_last", "data.num_workers", "data.download",
+             "latent.cache_dir", "sample.")
+
+
+def config_changes(old: Config, new: Config) -> tuple[list[tuple[str, Any, Any]], list[tuple[str, Any, Any]]]:
+    """The keys whose values differ, as (key, old, new): those in RESUMABLE, and the others."""
+    def flat(tree: dict, prefix: str = "") -> dict:
+        return {k: v for key, value in tree.items()
+                for k, v in (flat(value, f"{prefix}{key}.").items() if isinstance(value, dict)
+                             else [(f"{prefix}{key}", value)])}
+
+    before, after = flat(to_dict(old)), flat(to_dict(new))
+    changed = [(key, before[key], after[key]) for key in after if before[key] != after[key]]
+    allowed = [c for c in changed if c[0].startswith(RESUMABLE)]
+    return allowed, [c for c in changed if c not in allowed]
+
+
+# ---------------------------------------------------------------------------------------------
 # Saving.
 
 
@@ -330,7 +396,4 @@ def to_yaml(cfg: Config) -> str:
 
 def save_config(cfg: Config, path: str | Path) -> None:
     """Write the resolved config atomically (a crash never leaves half a file)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(to_yaml(cfg))
-    tmp.replace(path)
+    atomic_write(path, lambda tmp: tmp.write_text(to_yaml(cfg)))

@@ -1,14 +1,22 @@
 """The user's mistakes, and how every script reports them: one line, exit status 2, on every process.
 
 A UserError names the input at fault and what would fix it. With several processes, work that one
-process does for all (reference statistics, a quality check) goes through `on_main_process`, which
-hands its UserError to every process: none is left waiting in a collective for one that stopped.
+process does for all (reference statistics, a quality check) goes through `on_main_process`, and work
+that each does its part of (a checkpoint) through `together`: either hands a UserError to every
+process, so none is left waiting in a collective for one that stopped. `full_disk` turns a full disk
+into such an error, naming the path and the space left, and `atomic_write` writes a file whole or
+not at all.
 """
 
 from __future__ import annotations
 
+import errno
+import os
+import shutil
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
 from typing import TypeVar
 
 T = TypeVar("T")
@@ -37,9 +45,62 @@ def on_main_process(accelerator, work: Callable[[], T]) -> T | None:
         from accelerate.utils import broadcast_object_list
 
         (message,) = broadcast_object_list([message])
+        accelerator.wait_for_everyone()  # a sender may return first; a process ending then crashes gloo
     if message is not None:
         raise UserError(message, quiet=not accelerator.is_main_process)
     return result
+
+
+def together(accelerator, work: Callable[[], T]) -> T:
+    """`work()` on every process, then a UserError any of them raised is raised on every process (the first one's
+    message, printed by the main process)."""
+    message = None
+    result = None
+    try:
+        result = work()
+    except UserError as e:
+        message = str(e)
+    if accelerator.num_processes > 1:
+        from accelerate.utils import gather_object
+
+        message = next((m for m in gather_object([message]) if m is not None), None)
+        accelerator.wait_for_everyone()
+    if message is not None:
+        raise UserError(message, quiet=not accelerator.is_main_process)
+    return result
+
+
+@contextmanager
+def full_disk(path: str | Path) -> Iterator[None]:
+    """A full disk (or quota) while writing `path` becomes one line naming it and the space left there. Writers say
+    it differently: OSError ENOSPC (Python, numpy, PIL), "os error 28" (safetensors), and torch.save only
+    "unexpected pos" (a RuntimeError, taken as a full disk when under 1 MiB is left)."""
+    try:
+        yield
+    except Exception as e:
+        folder = Path(path)
+        while not folder.exists() and folder != folder.parent:
+            folder = folder.parent
+        free = shutil.disk_usage(folder).free
+        said = isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT) or any(
+            text in str(e) for text in ("No space left on device", "os error 28", "Disk quota exceeded"))
+        if not said and not (isinstance(e, RuntimeError) and free < 2**20):
+            raise
+        raise UserError(f"no space left on the device while writing {path} ({free / 2**20:.1f} MiB free there); "
+                        "free some space or choose another folder, then run the same command again") from None
+
+
+def atomic_write(path: str | Path, write: Callable[[Path], object]) -> None:
+    """`write(tmp)` to a temporary name beside `path` (same suffix), then a rename: `path` appears whole or not at
+    all. The temporary file is removed when writing fails; a full disk is one line (full_disk)."""
+    path = Path(path)
+    tmp = path.with_name(f".tmp_{os.getpid()}_{path.name}")
+    try:
+        with full_disk(path):
+            write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def exit_on(error: UserError) -> None:

@@ -38,6 +38,7 @@ import json
 import math
 import os
 import platform
+import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -47,12 +48,12 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate import Accelerator
-from tqdm import tqdm
 
+from cluster import STOPPED, Stopped, StopRequest, progress
 from config import load_config
 from data import build_dataset, build_source, weights_info
 from data.images import to_uint8
-from errors import UserError, exit_on, on_main_process
+from errors import UserError, atomic_write, exit_on, on_main_process
 from flows.latent import build_feature_encoder, build_space
 from flows.likelihood import log_likelihood
 from flows.schedules import parse_schedule
@@ -84,7 +85,8 @@ COLUMNS = ("step", "weights", "solver", "steps", "schedule", "cfg_scale", "nfe",
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description="FID (or, for 2-D data, W2 and MMD) of every checkpoint of a run for every sampler setting, as a "
-                    "report in RUN/eval/ that records the whole protocol.",
+                    "report in RUN/eval/ that records the whole protocol. SIGTERM or Ctrl-C stops after the current "
+                    "batch with the finished rows kept (exit status 75); the same command continues.",
         epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-e", "--exp", help="run folder (with checkpoints/step_N)")
     p.add_argument("--folder", help="score the images in this folder instead of a run (needs --ref)")
@@ -226,9 +228,7 @@ class Report:
 
 
 def _write(path: Path, text: str | bytes) -> None:
-    tmp = path.with_name(f".tmp_{os.getpid()}_{path.name}")
-    tmp.write_bytes(text.encode() if isinstance(text, str) else text)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: tmp.write_bytes(text.encode() if isinstance(text, str) else text))
 
 
 def metric_of(rows: list[dict]) -> str:
@@ -374,9 +374,12 @@ def main(argv: list[str] | None = None) -> None:
         if args.folder:
             score_folder(args)
         else:
-            evaluate(args)
+            with StopRequest() as stop:
+                evaluate(args, stop)
     except UserError as e:
         exit_on(e)
+    except Stopped:
+        sys.exit(STOPPED)
 
 
 def score_folder(args: argparse.Namespace) -> None:
@@ -412,7 +415,9 @@ def image_metrics(features: np.ndarray, reference: Reference, kid: bool, seed: i
     return out
 
 
-def evaluate(args: argparse.Namespace) -> None:
+def evaluate(args: argparse.Namespace, stop: StopRequest | None = None) -> None:
+    """The rows of args' report; a `stop` request ends it after the current batch, the finished rows kept."""
+    stop = stop or StopRequest()
     if not args.exp:
         raise UserError("give a run folder with -e RUN_DIR, or images with --folder DIR --ref REFERENCE")
     run = Path(args.exp)
@@ -505,51 +510,57 @@ def evaluate(args: argparse.Namespace) -> None:
               f"{len(samplers)} samplers × {len(cfg_scales)} cfg scales), {args.n_samples} samples each, "
               f"{accelerator.num_processes} process(es) on {accelerator.device}; report in {report.folder}")
     loaded, bpd_of = None, {}
-    for step, path, w, sampler, scale in rows:
-        adaptive = sampler.steps is None
-        row = {"step": step, "weights": w, "solver": sampler.solver, "steps": sampler.steps,
-               "schedule": None if adaptive else sampler.schedule, "atol": atol if adaptive else None,
-               "rtol": rtol if adaptive else None, "cfg_scale": float(scale), "n_samples": args.n_samples,
-               "seed": args.seed, "reference": reference_name, "mode": mode, "features": features_key}
-        done = report.find(key_of(row))
-        wanted = ["fid" if kind == "image" else "w2"] + (["kid"] if args.kid and kind == "image" else []) \
-            + (["bpd"] if args.bpd else [])
-        if done is not None and all(done.get(k) is not None for k in wanted):
-            if main_process:
-                print(f"  step {step} {w} {sampler.label} cfg {scale:g}: already in the report "
-                      f"({metric_of([done]).upper()} {done[metric_of([done])]:.4g})")
-            continue
-        accelerator.wait_for_everyone()  # every process has read the report before any row is added
+    try:
+        for step, path, w, sampler, scale in rows:
+            adaptive = sampler.steps is None
+            row = {"step": step, "weights": w, "solver": sampler.solver, "steps": sampler.steps,
+                   "schedule": None if adaptive else sampler.schedule, "atol": atol if adaptive else None,
+                   "rtol": rtol if adaptive else None, "cfg_scale": float(scale), "n_samples": args.n_samples,
+                   "seed": args.seed, "reference": reference_name, "mode": mode, "features": features_key}
+            done = report.find(key_of(row))
+            wanted = ["fid" if kind == "image" else "w2"] + (["kid"] if args.kid and kind == "image" else []) \
+                + (["bpd"] if args.bpd else [])
+            if done is not None and all(done.get(k) is not None for k in wanted):
+                if main_process:
+                    print(f"  step {step} {w} {sampler.label} cfg {scale:g}: already in the report "
+                          f"({metric_of([done]).upper()} {done[metric_of([done])]:.4g})")
+                continue
+            accelerator.wait_for_everyone()  # every process has read the report before any row is added
 
-        if loaded != (step, w):
-            model_cfg = load_config(path / "config.yaml")
-            model = build_model(model_cfg, shape, num_classes, int(meta.get("feature_dim", 0)))
-            load_weights(model, path / ("ema.safetensors" if w == "ema" else "model.safetensors"))
-            dtype = torch.float64 if kind == "vector" else torch.float32
-            model.to(accelerator.device, dtype).eval()
-            loaded = (step, w)
-        start = time.perf_counter()
-        out = sample_row(accelerator, model, row, sampler, shape, kind, labels, extractor, args.bspp, dtype,
-                         source, space)
-        if kind == "image":
-            metrics = image_metrics(out["values"].numpy(), reference, args.kid, args.seed)
-        else:
-            metrics = {"w2": w2(out["values"], points), "mmd": mmd(out["values"], points)}
-        if args.bpd:  # a property of the checkpoint, not of the sampler: computed once per weights
-            if (step, w) not in bpd_of:
-                bpd_of[(step, w)] = bits_per_dim(accelerator, model, dataset, kind, args, cfg)
-            metrics["bpd"] = bpd_of[(step, w)]
-        row.update(nfe=out["nfe"], forward_passes=forward_passes(out["nfe"], scale), **metrics)
-        row.update(bspp=args.bspp, processes=accelerator.num_processes, device=str(accelerator.device),
-                   checkpoint=str(path), seconds=time.perf_counter() - start, versions=versions(),
-                   date=time.strftime("%Y-%m-%d %H:%M:%S"), protocol=protocol)
+            if loaded != (step, w):
+                model_cfg = load_config(path / "config.yaml")
+                model = build_model(model_cfg, shape, num_classes, int(meta.get("feature_dim", 0)))
+                load_weights(model, path / ("ema.safetensors" if w == "ema" else "model.safetensors"))
+                dtype = torch.float64 if kind == "vector" else torch.float32
+                model.to(accelerator.device, dtype).eval()
+                loaded = (step, w)
+            start = time.perf_counter()
+            out = sample_row(accelerator, model, row, sampler, shape, kind, labels, extractor, args.bspp, dtype,
+                             source, space, stop)
+            if kind == "image":
+                metrics = image_metrics(out["values"].numpy(), reference, args.kid, args.seed)
+            else:
+                metrics = {"w2": w2(out["values"], points), "mmd": mmd(out["values"], points)}
+            if args.bpd:  # a property of the checkpoint, not of the sampler: computed once per weights
+                if (step, w) not in bpd_of:
+                    bpd_of[(step, w)] = bits_per_dim(accelerator, model, dataset, kind, args, cfg, stop)
+                metrics["bpd"] = bpd_of[(step, w)]
+            row.update(nfe=out["nfe"], forward_passes=forward_passes(out["nfe"], scale), **metrics)
+            row.update(bspp=args.bspp, processes=accelerator.num_processes, device=str(accelerator.device),
+                       checkpoint=str(path), seconds=time.perf_counter() - start, versions=versions(),
+                       date=time.strftime("%Y-%m-%d %H:%M:%S"), protocol=protocol)
+            if main_process:
+                report.add(row)
+                shown = ", ".join(f"{k.upper()} {v:.4g}" for k, v in metrics.items() if k != "kid_std")
+                passes = f", {row['forward_passes']:g} forward passes" if scale != 1 else ""
+                print(f"  step {step} {w} {sampler.label} cfg {scale:g}: {shown} (NFE {out['nfe']:g}{passes}, "
+                      f"{row['seconds']:.0f} s)")
+            accelerator.wait_for_everyone()
+    except Stopped:
         if main_process:
-            report.add(row)
-            shown = ", ".join(f"{k.upper()} {v:.4g}" for k, v in metrics.items() if k != "kid_std")
-            passes = f", {row['forward_passes']:g} forward passes" if scale != 1 else ""
-            print(f"  step {step} {w} {sampler.label} cfg {scale:g}: {shown} (NFE {out['nfe']:g}{passes}, "
-                  f"{row['seconds']:.0f} s)")
-        accelerator.wait_for_everyone()
+            print(f"stopped by {stop.name}: the rows finished are in the report, the one under way is dropped; run "
+                  "the same command to continue", file=sys.stderr)
+        raise
     if main_process:
         if not report.path.is_file():
             report.render(report.rows())
@@ -558,28 +569,32 @@ def evaluate(args: argparse.Namespace) -> None:
 
 
 def sample_row(accelerator, model, row: dict, sampler: Sampler, shape, kind: str, labels, extractor, bspp: int,
-               dtype, source=None, space=None) -> dict:
+               dtype, source=None, space=None, stop: StopRequest | None = None) -> dict:
     """This process's share of the row's samples (indices rank, rank + W, ...), generated in memory and reduced
     to features (images) or kept (points); all of them gathered in index order, and the NFE per sample (adaptive
     solvers: the mean over the samples, each of which controls its own steps, so it does not depend on --bspp)."""
     n, adaptive = row["n_samples"], sampler.steps is None
     mine = list(range(accelerator.process_index, n, accelerator.num_processes))
     values, nfe = [], 0.0
-    bar = tqdm(total=n, unit="sample", disable=not accelerator.is_main_process, dynamic_ncols=True, leave=False,
-               desc=f"step {row['step']} {sampler.label}")
+    bar = progress(n, unit="sample", disable=not accelerator.is_main_process, leave=False,
+                   desc=f"step {row['step']} {sampler.label}")
     start = time.perf_counter()
-    for first in range(0, len(mine), bspp):
+    for first in range(0, -(-n // accelerator.num_processes), bspp):  # as many batches on every process
         batch = mine[first: first + bspp]
-        x0 = noise(row["seed"], batch, shape, source).to(accelerator.device, dtype)
-        y = None if labels is None else labels[batch].to(accelerator.device)
-        out = generate(model, x0, sampler.steps, sampler.solver, y=y, schedule=sampler.schedule,
-                       cfg_scale=row["cfg_scale"], atol=row["atol"] if adaptive else 0.0,
-                       rtol=row["rtol"] if adaptive else 0.0, cond=condition(model, row["seed"], batch))
-        nfe += out.nfe * len(batch) if out.sample_nfe is None else out.sample_nfe.sum().item()
-        x = (out.x if space is None else space.decode(out.x)).cpu()
-        values.append(torch.from_numpy(extractor(to_uint8(x.float()))) if kind == "image" else x.double())
-        bar.update(len(batch) * accelerator.num_processes)
-        bar.set_postfix(samples_s=f"{bar.n / (time.perf_counter() - start):.1f}", nfe=out.nfe)
+        if batch:
+            x0 = noise(row["seed"], batch, shape, source).to(accelerator.device, dtype)
+            y = None if labels is None else labels[batch].to(accelerator.device)
+            out = generate(model, x0, sampler.steps, sampler.solver, y=y, schedule=sampler.schedule,
+                           cfg_scale=row["cfg_scale"], atol=row["atol"] if adaptive else 0.0,
+                           rtol=row["rtol"] if adaptive else 0.0, cond=condition(model, row["seed"], batch))
+            nfe += out.nfe * len(batch) if out.sample_nfe is None else out.sample_nfe.sum().item()
+            x = (out.x if space is None else space.decode(out.x)).cpu()
+            values.append(torch.from_numpy(extractor(to_uint8(x.float()))) if kind == "image" else x.double())
+            bar.update(len(batch) * accelerator.num_processes)
+            bar.set_postfix(samples_s=f"{bar.n / (time.perf_counter() - start):.1f}", nfe=out.nfe)
+        if stop is not None and stop.now(accelerator):
+            bar.close()
+            raise Stopped
     bar.close()
     width = (values[0].shape[1:] if values else (extractor.dim,) if kind == "image" else shape)
     local = torch.cat(values) if values else torch.zeros(0, *width, dtype=torch.float64)
@@ -588,7 +603,7 @@ def sample_row(accelerator, model, row: dict, sampler: Sampler, shape, kind: str
     return {"values": gather_indexed(accelerator, local, n), "nfe": mean_nfe}
 
 
-def bits_per_dim(accelerator, model, dataset, kind: str, args, cfg) -> float:
+def bits_per_dim(accelerator, model, dataset, kind: str, args, cfg, stop: StopRequest) -> float:
     """Mean bits/dim of the first --bpd-n items of a seeded permutation of the dataset, shared over processes,
     integrated with dopri5 at --bpd-tol: fixed-grid solvers of a few steps are far too coarse backwards.
 
@@ -603,21 +618,25 @@ def bits_per_dim(accelerator, model, dataset, kind: str, args, cfg) -> float:
     conditional = getattr(model, "label_embed", None) is not None
     layer = getattr(model, "feature_cond", None)
     encoder = build_feature_encoder(cfg, dataset.shape).to(accelerator.device) if layer is not None else None
-    for first in range(0, len(mine), args.bspp):
+    for first in range(0, -(-n // accelerator.num_processes), args.bspp):  # as many batches on every process
         idx = mine[first: first + args.bspp]
-        x, y = dataset[idx]
-        x = x.to(accelerator.device, dtype)
-        y = y.to(accelerator.device) if conditional and y is not None else None
-        generator = torch.Generator().manual_seed(args.seed * 2**32 + int(idx[0]))
-        cond, kl = {}, torch.zeros(len(idx), dtype=torch.float64, device=accelerator.device)
-        if layer is not None:
-            eps = torch.randn(len(idx), layer.cond_dim, generator=generator).to(accelerator.device)
-            c, kl = layer.sample(encoder(x), eps)
-            cond, kl = {"c": c}, kl.double()
-        out = log_likelihood(lambda x, t, y=y, cond=cond: model(x, t, y, **cond), x, None, "dopri5", atol=args.bpd_tol,
-                             rtol=args.bpd_tol, dequantize=kind == "image", generator=generator)
-        bpd = out.bpd.double() + kl / (x[0].numel() * math.log(2))
-        total += torch.tensor([bpd.sum().item(), len(idx)], dtype=torch.float64, device=accelerator.device)
+        if len(idx):
+            x, y = dataset[idx]
+            x = x.to(accelerator.device, dtype)
+            y = y.to(accelerator.device) if conditional and y is not None else None
+            seeds = [args.seed * 2**32 + int(i) for i in idx]  # item i's noise whatever the batch and processes
+            cond, kl = {}, torch.zeros(len(idx), dtype=torch.float64, device=accelerator.device)
+            if layer is not None:
+                eps = torch.stack([torch.randn(layer.cond_dim, generator=torch.Generator().manual_seed(s + 2**62))
+                                   for s in seeds]).to(accelerator.device)
+                c, kl = layer.sample(encoder(x), eps)
+                cond, kl = {"c": c}, kl.double()
+            out = log_likelihood(lambda x, t, y=y, cond=cond: model(x, t, y, **cond), x, None, "dopri5",
+                                 atol=args.bpd_tol, rtol=args.bpd_tol, dequantize=kind == "image", seeds=seeds)
+            bpd = out.bpd.double() + kl / (x[0].numel() * math.log(2))
+            total += torch.tensor([bpd.sum().item(), len(idx)], dtype=torch.float64, device=accelerator.device)
+        if stop.now(accelerator):
+            raise Stopped
     total = accelerator.reduce(total, "sum")
     return float(total[0] / total[1])
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 import zipfile
 from pathlib import Path
@@ -27,12 +28,12 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate import Accelerator
-from tqdm import tqdm
 
+from cluster import STOPPED, Stopped, StopRequest, progress
 from config import check_names, load_config
 from data import build_dataset, build_source, weights_info
 from data.images import save_grid, to_uint8
-from errors import UserError, exit_on
+from errors import UserError, atomic_write, exit_on
 from flows.latent import build_feature_encoder, build_space
 from flows.schedules import parse_schedule
 from flows.solvers import (
@@ -54,7 +55,8 @@ from models.checkpoint import load_weights
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description="Sample a trained flow-matching checkpoint. Options not given here come from the config's "
-                    "sample section (-c, or the checkpoint's own config.yaml), then key.sub=value overrides.",
+                    "sample section (-c, or the checkpoint's own config.yaml), then key.sub=value overrides. SIGTERM "
+                    "or Ctrl-C stops after the current batch (exit status 75); the same command continues.",
         epilog=__doc__.split("\n\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--weights", required=True, help="a checkpoint folder (runs/NAME/checkpoints/step_N) or a "
                                                     ".safetensors file")
@@ -125,17 +127,14 @@ def write_sample(path: Path, x: torch.Tensor, kind: str, meta: dict[str, str]) -
     """One sample, written whole: images as uint8 PNG; fields in their own units and vectors as .npy."""
     from PIL import Image
 
-    tmp = path.with_name(f".tmp_{path.name}")
     if kind == "image":
         array = to_uint8(x).permute(1, 2, 0).numpy()
-        Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array).save(tmp, format="PNG")
+        atomic_write(path, Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array).save)
     else:
         if kind == "field":
             mean, std = torch.tensor(json.loads(meta["field_mean"])), torch.tensor(json.loads(meta["field_std"]))
             x = x * std[:, None, None] + mean[:, None, None]
-        with open(tmp, "wb") as f:
-            np.save(f, x.numpy())
-    os.replace(tmp, path)
+        atomic_write(path, lambda tmp: np.save(tmp, x.numpy()))
 
 
 def read_sample(path: Path) -> np.ndarray:
@@ -148,13 +147,16 @@ def write_npz(save_dir: Path, n: int, kind: str) -> Path:
     """samples.npz with arr_0 (N, H, W, C) uint8, streamed one image at a time (never all in memory)."""
     first = read_sample(file_of(save_dir, 0, kind))
     shape = (n, *first.shape[:2], first.shape[2] if first.ndim == 3 else 1)
-    path, tmp = save_dir / "samples.npz", save_dir / ".tmp_samples.npz"
-    with zipfile.ZipFile(tmp, "w", allowZip64=True) as archive, archive.open("arr_0.npy", "w", force_zip64=True) as f:
-        np.lib.format.write_array_header_1_0(f, {"descr": "|u1", "fortran_order": False, "shape": shape})
-        for k in range(n):
-            f.write(read_sample(file_of(save_dir, k, kind)).astype(np.uint8).reshape(shape[1:]).tobytes())
-    os.replace(tmp, path)
-    return path
+
+    def write(tmp: Path) -> None:
+        with zipfile.ZipFile(tmp, "w", allowZip64=True) as archive, \
+                archive.open("arr_0.npy", "w", force_zip64=True) as f:
+            np.lib.format.write_array_header_1_0(f, {"descr": "|u1", "fortran_order": False, "shape": shape})
+            for k in range(n):
+                f.write(read_sample(file_of(save_dir, k, kind)).astype(np.uint8).reshape(shape[1:]).tobytes())
+
+    atomic_write(save_dir / "samples.npz", write)
+    return save_dir / "samples.npz"
 
 
 def reference_features(args, cfg, meta: dict, device: torch.device) -> torch.Tensor | None:
@@ -184,6 +186,8 @@ def main(argv: list[str] | None = None) -> None:
         sample(args)
     except UserError as e:
         exit_on(e)
+    except Stopped:
+        sys.exit(STOPPED)
 
 
 def sample(args: argparse.Namespace) -> None:
@@ -228,21 +232,32 @@ def sample(args: argparse.Namespace) -> None:
         print(f"{weights}: {n} samples ({n - len(missing)} already in {save_dir}), {what}, "
               f"{accelerator.num_processes} process(es) on {accelerator.device}")
 
-    # Sampling.
-    bar = tqdm(total=len(mine), unit="sample", disable=not accelerator.is_main_process, dynamic_ncols=True)
+    # Sampling. Every process runs as many batches (its last ones maybe empty), so that all agree on a stop.
+    bar = progress(len(mine), unit="sample", desc="sampling", disable=not accelerator.is_main_process)
     nfe, start = torch.zeros(2, dtype=torch.float64, device=accelerator.device), time.perf_counter()
-    for first in range(0, len(mine), s.batch_size):
-        batch = mine[first: first + s.batch_size]
-        x0 = noise(s.seed, batch, shape, source).to(accelerator.device, dtype)
-        y = None if labels is None else labels[batch].to(accelerator.device)
-        out = generate(model, x0, steps, s.solver, y=y, schedule=s.schedule, cfg_scale=s.cfg_scale,
-                       atol=s.atol, rtol=s.rtol, cond=condition(model, s.seed, batch, references))
-        nfe += torch.tensor([out.nfe * len(batch) if out.sample_nfe is None else out.sample_nfe.sum().item(),
-                             len(batch)], dtype=torch.float64, device=accelerator.device)
-        for k, x in zip(batch, space.decode(out.x).float().cpu()):  # vectors: float64 rounded to float32
-            write_sample(file_of(save_dir, k, kind), x, kind, meta)
-        bar.update(len(batch))
-        bar.set_postfix(samples_s=f"{bar.n / (time.perf_counter() - start):.1f}", nfe=out.nfe)
+    share = -(-len(missing) // accelerator.num_processes)
+    with StopRequest() as stop:
+        for first in range(0, share, s.batch_size):
+            batch = mine[first: first + s.batch_size]
+            if batch:
+                x0 = noise(s.seed, batch, shape, source).to(accelerator.device, dtype)
+                y = None if labels is None else labels[batch].to(accelerator.device)
+                out = generate(model, x0, steps, s.solver, y=y, schedule=s.schedule, cfg_scale=s.cfg_scale,
+                               atol=s.atol, rtol=s.rtol, cond=condition(model, s.seed, batch, references))
+                nfe += torch.tensor([out.nfe * len(batch) if out.sample_nfe is None else out.sample_nfe.sum().item(),
+                                     len(batch)], dtype=torch.float64, device=accelerator.device)
+                for k, x in zip(batch, space.decode(out.x).float().cpu()):  # vectors: float64 rounded to float32
+                    write_sample(file_of(save_dir, k, kind), x, kind, meta)
+                bar.update(len(batch))
+                bar.set_postfix(samples_s=f"{bar.n / (time.perf_counter() - start):.1f}", nfe=out.nfe)
+            if stop.now(accelerator) and first + s.batch_size < share:
+                bar.close()
+                accelerator.wait_for_everyone()  # every process has written its batch
+                if accelerator.is_main_process:
+                    done = sum(file_of(save_dir, k, kind).exists() for k in range(n))
+                    print(f"stopped by {stop.name}: {done} of {n} samples in {save_dir}; run the same command to "
+                          "continue", file=sys.stderr)
+                raise Stopped
     bar.close()
     nfe = accelerator.reduce(nfe, "sum").tolist()  # velocity evaluations and samples, over the processes
 

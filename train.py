@@ -15,6 +15,7 @@ import contextlib
 import json
 import math
 import os
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
@@ -26,12 +27,13 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from tqdm import tqdm
 
-from config import Config, check_names, load_config, save_config, to_dict, to_yaml
-from data import build_dataset, build_loader, build_source, data_info
+from cluster import STOPPED, RunLock, Stopped, StopRequest, progress
+from config import Config, check_names, config_changes, load_config, save_config, to_dict, to_yaml
+from data import build_dataset, build_loader, build_source, close_loader, data_info
 from data.images import random_hflip, save_grid, to_uint8
 from data.latents import encode_dataset
 from data.toy import plot_points
-from errors import UserError, exit_on, on_main_process
+from errors import UserError, exit_on, full_disk, on_main_process
 from flows import BatchShard, LossByTime, build_objective, generate
 from flows.latent import build_feature_encoder, build_space
 from flows.solvers import class_labels, condition, noise
@@ -44,7 +46,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description="Train a flow-matching model. Settings come from the dataclass defaults in config.py, "
                     "then the YAML file given with -c, then key.sub=value overrides. Re-running the same "
-                    "command resumes from the newest checkpoint in the run folder.",
+                    "command resumes from the newest checkpoint in the run folder. SIGTERM or Ctrl-C writes a "
+                    "checkpoint at the current step and exits with status 75 (a second one exits at once); "
+                    "0 is done, 2 a mistake in the input said in one line.",
         epilog="examples:\n"
                "  python train.py                                   # 2-D moons, ~1 min on CPU\n"
                "  python train.py -c configs/toy2d_moons_otcfm.yaml train.steps=2000 train.lr=3e-4\n"
@@ -56,6 +60,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="run folder (default: runs/<config file name>, or runs/default)")
     p.add_argument("-mp", "--mixed-precision", choices=["no", "fp16", "bf16"], help="overrides train.mixed_precision")
     p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+    p.add_argument("--accept-changes", action="store_true",
+                   help="continue a run folder whose config.yaml differs in keys that change what is trained (the "
+                        "error lists them); without it such a change is refused")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides, e.g. train.lr=3e-4")
     return p.parse_intermixed_args(argv)  # overrides may come before and after the options
 
@@ -162,12 +169,41 @@ def sample_quality(ema_model, dataset, cfg: Config, device: torch.device, num_cl
     return {name: frechet_distance(features.mean(0), np.cov(features, rowvar=False), reference.mu, reference.sigma)}
 
 
-def train(cfg: Config, run_dir: Path) -> None:
+def check_config_change(run_dir: Path, cfg: Config, accept: bool) -> list[str]:
+    """The run folder's config.yaml against this start's config: changes to RESUMABLE keys are fine; others are
+    refused in one line naming each (old → new) unless `accept`. Returns the log lines that say what changed."""
+    if not (run_dir / "config.yaml").is_file():
+        return []
+    try:
+        old = load_config(run_dir / "config.yaml")
+    except UserError as e:
+        raise UserError(f"{run_dir / 'config.yaml'} cannot be read ({e}); move it away, or choose another folder "
+                        "with -e") from None
+    allowed, forbidden = config_changes(old, cfg)
+
+    def shown(changes: list) -> str:
+        return ", ".join(f"{key} {before!r} → {after!r}" for key, before, after in changes)
+
+    if forbidden and not list_checkpoints(run_dir):  # nothing was trained with the old config
+        return [f"config: the earlier start of this folder differed ({shown(forbidden)}) but wrote no checkpoint; "
+                "starting afresh with this one"] + ([f"config: changed {shown(allowed)}"] if allowed else [])
+    if forbidden and not accept:
+        raise UserError(f"run folder {run_dir} was trained with another config: {shown(forbidden)}; start a new run "
+                        "with another -e, or continue this one with the change on purpose with --accept-changes")
+    lines = [f"config: changed {shown(allowed)}"] if allowed else []
+    if forbidden:
+        lines.append(f"config: changed with --accept-changes: {shown(forbidden)}")
+    if any(key == "train.steps" for key, _, _ in allowed) and cfg.train.lr_schedule == "cosine":
+        lines.append("config: the cosine learning-rate schedule follows the new train.steps from here on")
+    return lines
+
+
+def train(cfg: Config, run_dir: Path, accept_changes: bool = False) -> None:
     t = cfg.train
     torch.backends.cuda.matmul.allow_tf32 = True  # set once, here: TF32 matmuls on Ampere and newer
     torch.backends.cudnn.allow_tf32 = True
 
-    # Accelerator and run folder.
+    # Accelerator and run folder: one writer (the main process holds RUN/.lock until it ends).
     prepare_run_dir(run_dir)
     for section, key in ((cfg.latent, "autoencoder"), (cfg.latentcfm, "encoder")):
         path = getattr(section, key)
@@ -178,15 +214,32 @@ def train(cfg: Config, run_dir: Path) -> None:
     cpu_multiprocess = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
     accelerator = Accelerator(mixed_precision=t.mixed_precision, log_with=trackers or None, project_dir=str(run_dir),
                               cpu=cpu_multiprocess)
+    lock = on_main_process(accelerator, RunLock(run_dir).acquire)
+    try:
+        with StopRequest() as stop:
+            run(cfg, run_dir, accelerator, trackers, stop, accept_changes)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def run(cfg: Config, run_dir: Path, accelerator, trackers: list[str], stop: StopRequest, accept_changes: bool):
+    """Training in a locked run folder, stopping cleanly at a `stop` request."""
+    t = cfg.train
     world, device = accelerator.num_processes, accelerator.device
     if t.batch_size % (world * t.grad_accum):
         raise UserError(f"train.batch_size {t.batch_size} must be divisible by processes × train.grad_accum "
                         f"= {world} × {t.grad_accum}")
     micro_batch = t.batch_size // t.grad_accum  # global, over processes
     log = RunLog(run_dir, accelerator.is_main_process)
+    # The main process reads the folder's config.yaml (if any) before it writes the new one.
+    changes = on_main_process(accelerator, partial(check_config_change, run_dir, cfg, accept_changes)) or []
     if accelerator.is_main_process:
-        save_config(cfg, run_dir / "config.yaml")
+        with full_disk(run_dir / "config.yaml"):
+            save_config(cfg, run_dir / "config.yaml")
     log(f"config:\n{to_yaml(cfg)}")
+    for line in changes:
+        log(line)
     if "wandb" in t.trackers and "wandb" not in trackers:
         log("wandb is not installed (pip install wandb); logging to the other trackers only")
 
@@ -198,7 +251,8 @@ def train(cfg: Config, run_dir: Path) -> None:
     features = features.to(device) if features is not None else None
     log(f"data: {cfg.data.name}, {len(dataset)} samples of shape {dataset.shape}, {dataset.num_classes} classes; "
         f"source: {cfg.data.source}" + (f"; latents of shape {space.shape} from {cfg.latent.autoencoder}"
-                                        if cfg.latent.autoencoder else ""))
+                                        if cfg.latent.autoencoder else "")
+        + (f"; {cfg.data.path}: {dataset.converted}" if getattr(dataset, "converted", "") else ""))
 
     num_classes = dataset.num_classes if cfg.model.class_cond else 0
     if cfg.model.class_cond and not dataset.num_classes:
@@ -294,7 +348,7 @@ def train(cfg: Config, run_dir: Path) -> None:
     loss_by_time, eval_cache = LossByTime(t.t_bins, device), {}
     loss_sum, nonfinite = torch.zeros((), device=device), torch.zeros((), dtype=torch.bool, device=device)
     accelerator.init_trackers("tensorboard", config=_flat(to_dict(cfg)))
-    bar = tqdm(total=t.steps, initial=step, disable=not accelerator.is_main_process, dynamic_ncols=True)
+    bar = progress(t.steps, initial=step, desc="training", unit="step", disable=not accelerator.is_main_process)
     # With an fp16 loss scaler an infinite gradient only skips the step; otherwise it would corrupt the weights.
     check_gradients = accelerator.scaler is None
     timer, steps_timed = time.perf_counter(), 0
@@ -320,8 +374,9 @@ def train(cfg: Config, run_dir: Path) -> None:
             steps_timed += 1
             bar.update(1)
             last = step == t.steps
+            stopping = stop.now(accelerator) and not last  # SIGTERM / SIGINT: a checkpoint here, then exit
 
-            if step % t.log_every == 0 or last or step % t.checkpoint_every == 0:
+            if step % t.log_every == 0 or last or step % t.checkpoint_every == 0 or stopping:
                 if bool(accelerator.reduce(nonfinite.float(), "sum") > 0):  # stop before a bad model is saved
                     done = [s for s, _ in list_checkpoints(run_dir)]
                     last_good = f"step {done[-1]}" if done else "none"
@@ -345,7 +400,7 @@ def train(cfg: Config, run_dir: Path) -> None:
                                 if autoencoding else partial(save_preview, path, ema.model, dataset, source, cfg,
                                                              device, step, num_classes, space))
                 log(f"preview: {path}")
-            if step % t.checkpoint_every == 0 or last:
+            if step % t.checkpoint_every == 0 or last or stopping:
                 meta = {**data_meta, **latent_statistics(ema.model, dataset, device)} if autoencoding else data_meta
                 path = save_checkpoint(accelerator, run_dir, step, model, ema.model, to_yaml(cfg), meta)
                 if accelerator.is_main_process:
@@ -360,10 +415,15 @@ def train(cfg: Config, run_dir: Path) -> None:
                         accelerator.log({f"eval/{k}": v for k, v in quality.items()}, step=step)
                         log(f"eval: {', '.join(f'{k} {v:.4g}' for k, v in quality.items())} ({t.eval_n} samples, "
                             f"Euler {t.preview_steps} steps, EMA)")
+            if stopping:
+                log(f"stopped by {stop.name} at step {step} of {t.steps}, checkpoint {path}; run the same command "
+                    "to resume")
+                raise Stopped
             if logged:  # samples/s counts training alone, not previews and checkpoints
                 timer, steps_timed = time.perf_counter(), 0
-    finally:  # also on an error: nothing keeps running (the batch thread, the trackers) after train() returns
+    finally:  # also on an error: nothing keeps running (the batch thread, loader workers, trackers) after this
         batches.close()
+        close_loader(loader)
         bar.close()
         accelerator.end_training()
     log(f"done: {step} steps; preview {run_dir / 'samples' / f'{checkpoint_name(step)}.png'}")
@@ -442,7 +502,7 @@ class RunLog:
                                     f"samples/s {metrics['samples_per_s']:.0f}")
 
     def _append(self, name: str, line: str) -> None:
-        with open(self.run_dir / name, "a") as f:
+        with full_disk(self.run_dir / name), open(self.run_dir / name, "a") as f:
             f.write(line + "\n")
 
 
@@ -474,9 +534,11 @@ def main(argv: list[str] | None = None) -> None:
             print(to_yaml(cfg), end="")
             return
         run_dir = Path(args.exp or Path("runs") / (Path(args.config).stem if args.config else "default"))
-        train(cfg, run_dir)
+        train(cfg, run_dir, args.accept_changes)
     except UserError as e:
         exit_on(e)
+    except Stopped:
+        sys.exit(STOPPED)
 
 
 if __name__ == "__main__":

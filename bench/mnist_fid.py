@@ -150,7 +150,7 @@ def main() -> None:
                 out = generate(model, torch.randn(n, 1, 28, 28, generator=g), args.steps, args.solver, y=y,
                                schedule=args.schedule, atol=args.tol, rtol=args.tol)
                 write_pngs(to_uint8(out.x), folder, first)
-                nfe = out.nfe
+                nfe = out.nfe if out.sample_nfe is None else round(out.sample_nfe.float().mean().item())
         print(f"sampled {args.n} in {time.perf_counter() - start:.0f} s ({nfe} NFE)")
         print(f"FID {fid_of_folder(folder, Path(args.reference)):.2f} ({args.n} samples vs 10,000 MNIST test digits)")
         if args.real:

@@ -20,10 +20,11 @@ from errors import UserError
 
 
 class PointDataset:
-    """In-memory vectors x (N, D) with optional integer labels y (N,)."""
+    """In-memory vectors x (N, D) with optional integer labels y (N,); `converted` says how a file's values were
+    converted to float32 ('' when they were floats)."""
 
-    def __init__(self, x: torch.Tensor, y: torch.Tensor | None = None):
-        self.x, self.y = x, y
+    def __init__(self, x: torch.Tensor, y: torch.Tensor | None = None, converted: str = ""):
+        self.x, self.y, self.converted = x, y, converted
         self.shape = tuple(x.shape[1:])
         self.num_classes = int(y.max()) + 1 if y is not None else 0
 
@@ -149,4 +150,23 @@ def build_loader(dataset, global_batch: int, rank: int, world: int, seed: int, s
                  num_workers: int = 0, pin_memory: bool = False) -> DataLoader:
     """An endless loader of this process's micro-batches, starting at micro-batch `start`."""
     sampler = ShardedBatchSampler(len(dataset), global_batch, rank, world, seed, start)
-    return DataLoader(dataset, sampler=sampler, batch_size=None, num_workers=num_workers, pin_memory=pin_memory)
+    return DataLoader(dataset, sampler=sampler, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
+                      worker_init_fn=_ignore_stop_signals if num_workers else None)
+
+
+def close_loader(batches) -> None:
+    """End the worker processes of a loader's iterator now, by message: they ignore the SIGTERM that the
+    interpreter's exit would otherwise send them (and wait for)."""
+    shutdown = getattr(batches, "_shutdown_workers", None)  # torch's own clean shutdown of the workers
+    if shutdown is not None:
+        shutdown()
+
+
+def _ignore_stop_signals(worker_id: int) -> None:
+    """Loader workers leave SIGINT and SIGTERM to the training process (a scheduler signals every process of the
+    job, Ctrl-C the whole process group), which stops cleanly and then ends them with close_loader; they also exit
+    on their own when it dies."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)

@@ -19,7 +19,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from data.toy import load_tensor_file
-from errors import UserError
+from errors import UserError, atomic_write
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
 
@@ -60,9 +60,7 @@ def save_grid(images: torch.Tensor, path: str | Path, rows: int, pad: int = 2,
         for r, label in enumerate(row_labels):
             draw.text((2, pad + r * (h + pad) + h // 2 - 5), label, fill=0 if c == 1 else (0, 0, 0))
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(f"{path}.tmp.png")
-    picture.save(tmp)
-    tmp.replace(path)
+    atomic_write(path, picture.save)
 
 
 class ImageTensorDataset:
@@ -245,7 +243,7 @@ class FieldDataset:
     """
 
     def __init__(self, path: str | Path):
-        x, self.labels = load_tensor_file(path, layout="N×C×H×W")
+        x, self.labels, self.converted = load_tensor_file(path, layout="N×C×H×W")
         if x.dim() == 3:
             x = x[:, None]
         if not torch.isfinite(x).all():

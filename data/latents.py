@@ -15,13 +15,15 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from functools import partial
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
-from tqdm import tqdm
 
+from cluster import progress
 from config import Config
+from errors import atomic_write
 
 SHARD = 2048  # items per shard
 
@@ -83,8 +85,8 @@ def encode_dataset(cfg: Config, dataset, space, accelerator=None, cache_dir: Pat
         folder.mkdir(parents=True, exist_ok=True)
         mine = [k for k in range(len(shards)) if k % world == rank and not (folder / f"shard_{k:05d}.safetensors")
                 .is_file()]
-        bar = tqdm(total=sum(shards[k][1] - shards[k][0] for k in mine) * world, unit="image",
-                   desc=f"encoding {cfg.data.name} to latents", disable=rank != 0 or not mine)
+        bar = progress(sum(shards[k][1] - shards[k][0] for k in mine) * world, unit="image",
+                       desc=f"encoding {cfg.data.name} to latents", disable=rank != 0 or not mine)
         for k in mine:
             first, last = shards[k]
             means, mirrored = [], []
@@ -97,10 +99,7 @@ def encode_dataset(cfg: Config, dataset, space, accelerator=None, cache_dir: Pat
                 bar.update(len(x) * world)
             tensors = {"mean": torch.cat(means)} | ({"mirrored": torch.cat(mirrored)} if flips else {})
             tensors = {name: t.contiguous() for name, t in tensors.items()}  # diffusers' means are strided views
-            path = folder / f"shard_{k:05d}.safetensors"
-            tmp = folder / f".tmp_{os.getpid()}_{path.name}"
-            save_file(tensors, str(tmp))
-            os.replace(tmp, path)
+            atomic_write(folder / f"shard_{k:05d}.safetensors", partial(_save_shard, tensors))
             encoded = True
         bar.close()
         if accelerator:
@@ -108,9 +107,7 @@ def encode_dataset(cfg: Config, dataset, space, accelerator=None, cache_dir: Pat
         if rank == 0:
             text = json.dumps({"items": n, "shards": len(shards), "flips": flips, "autoencoder": space.name,
                                "data": cfg.data.name, "split": cfg.data.split})
-            tmp = folder / f".tmp_{os.getpid()}_manifest.json"
-            tmp.write_text(text)
-            os.replace(tmp, manifest)
+            atomic_write(manifest, lambda tmp: tmp.write_text(text))
             for leftover in folder.glob(".tmp_*"):  # from an interrupted encoding
                 leftover.unlink(missing_ok=True)
         if accelerator:
@@ -119,3 +116,7 @@ def encode_dataset(cfg: Config, dataset, space, accelerator=None, cache_dir: Pat
     latents = torch.cat([p["mean"] for p in parts] + ([p["mirrored"] for p in parts] if flips else []))
     labels = _labels(dataset)
     return LatentDataset(latents, labels, dataset.num_classes, space.shift, space.scale), encoded
+
+
+def _save_shard(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    save_file(tensors, str(path))

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from errors import UserError
+from errors import UserError, atomic_write
 
 
 def _randn(n, g, device, d=2):
@@ -69,9 +69,10 @@ TOY = {"8gaussians": eight_gaussians, "moons": moons, "checkerboard": checkerboa
        "swissroll": swissroll, "spirals": spirals}
 
 
-def load_tensor_file(path: str | Path, layout: str = "N×D") -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Read a float tensor of `layout` ('N×D', or 'N×C×H×W' which also takes N×H×W) and optional N
-    integer labels from .npy, .pt or .safetensors.
+def load_tensor_file(path: str | Path, layout: str = "N×D") -> tuple[torch.Tensor, torch.Tensor | None, str]:
+    """Read a tensor of `layout` ('N×D', or 'N×C×H×W' which also takes N×H×W) as float32, and optional N
+    integer labels, from .npy, .pt or .safetensors; integer (or boolean) values are converted, which the third
+    value says ('' when the file held floats).
 
     A .safetensors file holds one tensor, or 'x' and optionally 'y' (labels); a .pt file holds a
     tensor saved with torch.save (loaded with weights_only, so no code runs).
@@ -106,14 +107,15 @@ def load_tensor_file(path: str | Path, layout: str = "N×D") -> tuple[torch.Tens
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise UserError(f"data file {path} could not be read: {reason}") from None
     dims = (2,) if layout == "N×D" else (3, 4)
-    if not isinstance(x, torch.Tensor) or x.dim() not in dims or x.shape[0] == 0 or not x.is_floating_point():
+    if not isinstance(x, torch.Tensor) or x.dim() not in dims or x.shape[0] == 0 or x.is_complex():
         what = f"shape {tuple(x.shape)} {x.dtype}" if isinstance(x, torch.Tensor) else type(x).__name__
-        raise UserError(f"data file {path} must hold a non-empty {layout} float tensor, got {what}")
+        raise UserError(f"data file {path} must hold a non-empty {layout} tensor of real numbers, got {what}")
+    converted = "" if x.is_floating_point() else f"{str(x.dtype).removeprefix('torch.')} values converted to float32"
     if not torch.isfinite(x).all():
         raise UserError(f"data file {path} holds NaN or infinite values")
     if y is not None and (y.shape != (x.shape[0],) or y.is_floating_point() or y.min() < 0):
         raise UserError(f"data file {path}: labels 'y' must be N non-negative integers, got shape {tuple(y.shape)}")
-    return x.float(), None if y is None else y.long()
+    return x.float(), None if y is None else y.long(), converted
 
 
 def plot_points(generated: torch.Tensor, data: torch.Tensor, path: str | Path, title: str = "") -> None:
@@ -134,7 +136,7 @@ def plot_points(generated: torch.Tensor, data: torch.Tensor, path: str | Path, t
     ax.set_title(textwrap.fill(title, 55), fontsize=9)  # long sampler descriptions wrap inside the figure
     ax.legend(loc="upper right", markerscale=4)
     fig.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    tmp.replace(path)
+    try:
+        atomic_write(path, fig.savefig)
+    finally:
+        plt.close(fig)

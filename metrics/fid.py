@@ -28,7 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from errors import UserError
+from errors import UserError, atomic_write
 
 INCEPTION_FILE = Path("/tmp/inception-2015-12-05.pt")  # where clean-fid loads (and downloads) the network
 INCEPTION_URL = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt"
@@ -165,12 +165,10 @@ class Reference:
     def save(self, path: Path) -> None:
         """Written whole (a temporary name, then rename), with what made it: resolution and feature extractor."""
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".tmp_{os.getpid()}_{path.name}")
         extra = {} if self.features is None else {"features": self.features.astype(np.float32)}
-        with open(tmp, "wb") as f:
-            np.savez(f, mu=self.mu, sigma=self.sigma, n=self.n, name=self.name,
-                     resolution=np.array(self.resolution or (0, 0)), extractor=self.extractor or "", **extra)
-        os.replace(tmp, path)
+        atomic_write(path, lambda tmp: np.savez(tmp, mu=self.mu, sigma=self.sigma, n=self.n, name=self.name,
+                                                resolution=np.array(self.resolution or (0, 0)),
+                                                extractor=self.extractor or "", **extra))
 
     @classmethod
     def load(cls, path: Path) -> Reference:
@@ -345,8 +343,7 @@ def file_reference(spec: str, extractor, resolution: tuple[int, int], stats_dir:
 def dataset_reference(cfg, dataset, extractor, stats_dir: Path, progress: bool = True) -> Reference:
     """Features of every image of the run's dataset (no flips), computed once and cached under stats_dir
     by dataset, split, resolution, feature extractor (and clean-fid mode) and the data's location."""
-    from tqdm import tqdm
-
+    from cluster import progress as bar
     from data.images import to_uint8
 
     d = cfg.data
@@ -356,9 +353,12 @@ def dataset_reference(cfg, dataset, extractor, stats_dir: Path, progress: bool =
     if cache.is_file():
         return Reference.load(cache)
     chunks, n = [], len(dataset)
-    for first in tqdm(range(0, n, 500), desc=f"reference {d.name} {d.split}", disable=not progress, unit="chunk"):
+    counter = bar(n, desc=f"reference {d.name} {d.split}", disable=not progress, unit="image")
+    for first in range(0, n, 500):
         x, _ = dataset[torch.arange(first, min(first + 500, n))]
         chunks.append(extractor(to_uint8(x)))
+        counter.update(len(x))
+    counter.close()
     reference = Reference.of(np.concatenate(chunks), f"{d.name} {d.split} ({n} images)", (h, w), extractor.key)
     reference.save(cache)
     return reference

@@ -11,7 +11,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from errors import UserError
+from errors import UserError, atomic_write, full_disk, on_main_process, together
 
 
 def unwrapped_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -26,9 +26,7 @@ def unwrapped_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def save_weights(model: nn.Module, path: str | Path, metadata: dict[str, str] | None = None) -> None:
     """Write the model's weights to `path` atomically, with string `metadata` in the file's header."""
-    tmp = f"{path}.tmp"
-    save_file(unwrapped_state(model), tmp, metadata=metadata)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: save_file(unwrapped_state(model), str(tmp), metadata=metadata))
 
 
 def read_metadata(path: str | Path) -> dict[str, str]:
@@ -86,23 +84,37 @@ def save_checkpoint(accelerator, run_dir: str | Path, step: int, model: nn.Modul
     """Write checkpoints/step_N whole or not at all: everything goes into a hidden temporary folder
     that is renamed when complete, so a crash mid-write leaves the previous checkpoints as they were.
     `metadata` (sizes derived from the data) goes into both weight files, so that sampling needs no data.
-    Called on every process (accelerator.save_state writes per-process RNG state)."""
+    Called on every process (accelerator.save_state writes per-process RNG state). A full disk on any
+    process removes the temporary folder and stops every process with one line."""
     final = Path(run_dir) / "checkpoints" / checkpoint_name(step)
     tmp = final.with_name(f".tmp_{final.name}")
-    if accelerator.is_main_process:
+
+    def prepare() -> None:
         shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp / "train_state"))
-    accelerator.wait_for_everyone()  # every process's RNG state is written before the folder is renamed
-    if accelerator.is_main_process:
+        with full_disk(tmp):
+            tmp.mkdir(parents=True)
+
+    def write_state() -> None:
+        with full_disk(tmp / "train_state"):
+            accelerator.save_state(str(tmp / "train_state"))
+
+    def finish() -> None:
         save_weights(accelerator.unwrap_model(model), tmp / "model.safetensors", metadata)
         save_weights(ema_model, tmp / "ema.safetensors", metadata)
-        (tmp / "config.yaml").write_text(config_yaml)
+        with full_disk(tmp):
+            (tmp / "config.yaml").write_text(config_yaml)
         if final.exists():  # the same step saved again (a resumed run that had not moved on)
             shutil.rmtree(final)
         os.rename(tmp, final)
-    accelerator.wait_for_everyone()
+
+    on_main_process(accelerator, prepare)
+    try:
+        together(accelerator, write_state)  # also waits for every process's RNG state before the rename
+        on_main_process(accelerator, finish)
+    except UserError:
+        if accelerator.is_main_process:  # nothing half-written stays behind to fill the disk
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return final
 
 

@@ -24,10 +24,10 @@ def run_script(*args: str, cwd: Path = ROOT, timeout: float = 300, launcher: lis
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
-def run_ranks(*args: str, world: int = 2, timeout: float = 180) -> list[subprocess.CompletedProcess]:
-    """Run `python SCRIPT ARGS` as `world` gloo processes started side by side with RANK, WORLD_SIZE and
-    MASTER_ADDR/PORT set, as a cluster scheduler (srun) starts them: no launcher watches them, so a process that
-    waits for another that stopped would wait until the collective's timeout."""
+def start_ranks(*args: str, world: int = 2) -> list[subprocess.Popen]:
+    """Start `python SCRIPT ARGS` as `world` gloo processes side by side with RANK, WORLD_SIZE and MASTER_ADDR/PORT
+    set, as a cluster scheduler (srun) starts them: no launcher watches them, so a process that waits for another
+    that stopped would wait until the collective's timeout."""
     import socket
 
     with socket.socket() as s:
@@ -40,6 +40,11 @@ def run_ranks(*args: str, world: int = 2, timeout: float = 180) -> list[subproce
                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
         procs.append(subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                                       stderr=subprocess.PIPE, text=True))
+    return procs
+
+
+def finish(procs: list[subprocess.Popen], timeout: float = 180) -> list[subprocess.CompletedProcess]:
+    """Wait for started processes (killing all of them at the timeout) and return what each printed."""
     done = []
     for proc in procs:
         try:
@@ -50,6 +55,30 @@ def run_ranks(*args: str, world: int = 2, timeout: float = 180) -> list[subproce
             raise
         done.append(subprocess.CompletedProcess(proc.args, proc.returncode, out, err))
     return done
+
+
+def run_ranks(*args: str, world: int = 2, timeout: float = 180) -> list[subprocess.CompletedProcess]:
+    """start_ranks, then finish."""
+    return finish(start_ranks(*args, world=world), timeout)
+
+
+def start_script(*args: str, cwd: Path = ROOT, new_session: bool = False) -> subprocess.Popen:
+    """`python SCRIPT ARGS` started in the background, its output piped (in a process group of its own with
+    new_session, as a job's processes are)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, *args], cwd=cwd, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=new_session)
+
+
+def wait_for(condition, timeout: float = 120, what: str = "a condition") -> None:
+    """Poll `condition()` every 50 ms until it holds."""
+    import time
+
+    end = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > end:
+            raise TimeoutError(f"waited {timeout} s for {what}")
+        time.sleep(0.05)
 
 
 @pytest.fixture

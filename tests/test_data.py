@@ -39,12 +39,23 @@ def test_tensor_file_datasets(tmp_path, suffix):
     assert ds.num_classes == (4 if suffix == ".safetensors" else 0)
 
 
+def test_integer_arrays_are_converted_and_say_so(tmp_path):
+    """np.save of integer coordinates: the points as float32, and the conversion told in the training log."""
+    points = np.arange(40, dtype=np.int64).reshape(20, 2) - 20
+    np.save(tmp_path / "d.npy", points)
+    ds = build_dataset(load_config(None, ["data.name=tensor_file", f"data.path={tmp_path / 'd.npy'}"]))
+    assert ds.x.dtype == torch.float32 and torch.equal(ds.x, torch.from_numpy(points).float())
+    assert ds.converted == "int64 values converted to float32"
+
+
 @pytest.mark.parametrize("content, message", [
     (None, "does not exist"),
     (lambda p: p.mkdir(), "is a folder, not a data file"),
     (lambda p: p.write_bytes(b"not numpy"), "could not be read"),
-    (lambda p: np.save(p, np.zeros((3, 2, 2), np.float32)), "must hold a non-empty N×D float tensor"),
-    (lambda p: np.save(p, np.zeros((0, 2), np.float32)), "must hold a non-empty N×D float tensor"),
+    (lambda p: np.save(p, np.zeros((3, 2, 2), np.float32)), "must hold a non-empty N×D tensor of real numbers"),
+    (lambda p: np.save(p, np.zeros((0, 2), np.float32)), "must hold a non-empty N×D tensor of real numbers"),
+    (lambda p: np.save(p, np.zeros((3, 2), np.complex64)), "must hold a non-empty N×D tensor of real numbers, got "
+                                                           "shape \\(3, 2\\) torch.complex64"),
     (lambda p: np.save(p, np.array([[1.0, np.nan]], np.float32)), "NaN or infinite"),
 ])
 def test_bad_tensor_files_fail_clearly(tmp_path, content, message):

@@ -250,6 +250,22 @@ def test_2d_report_has_every_row_and_field_and_is_not_recomputed(toy_run, tmp_pa
     assert (toy_run / "eval" / "report.json").read_bytes() == before
 
 
+def test_a_zero_atol_is_honoured_and_bits_per_dim_do_not_depend_on_the_batch(toy_run, tmp_path):
+    """--atol 0 (a pure relative tolerance) is a tolerance, not 'unset'; each item's dequantization and Hutchinson
+    noise, and its adaptive steps, are its own: --bspp changes no number of the row."""
+    rows = []
+    for bspp in ("7", "64"):
+        out = run_script("evaluate.py", "-e", str(toy_run), "--checkpoints", "last", "--samplers", "dopri5", "--atol",
+                         "0", "--rtol", "1e-3", "--n-samples", "50", "--bpd", "--bpd-n", "20", "--bspp", bspp,
+                         "--out", str(tmp_path / bspp))
+        assert out.returncode == 0, out.stderr
+        (row,) = json.loads((tmp_path / bspp / "report.json").read_text())["rows"]
+        rows.append(row)
+    assert rows[0]["atol"] == 0.0 and rows[0]["rtol"] == 1e-3
+    assert [rows[0][k] for k in ("w2", "mmd", "nfe")] == [rows[1][k] for k in ("w2", "mmd", "nfe")]
+    assert rows[0]["bpd"] == pytest.approx(rows[1]["bpd"], rel=1e-9)
+
+
 def test_two_processes_give_the_same_rows_as_one(toy_run, tmp_path):
     args = ["evaluate.py", "-e", str(toy_run), "--checkpoints", "last", "--samplers", "heun+euler:3",
             "--n-samples", "101", "--bspp", "16"]
