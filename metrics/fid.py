@@ -99,7 +99,11 @@ def _inception(mode: str, device: torch.device):
                 f"({type(e).__name__}); on a machine without network copy inception-2015-12-05.pt there "
                 f"(from {INCEPTION_URL}; on this project's machines run ../shared/tools/inception-offline PYTHON)"
             ) from None
-    return fid.build_feature_extractor(mode, device=device, use_dataparallel=False)
+    import warnings
+
+    with warnings.catch_warnings():  # torch.jit.load's deprecation notice, on every evaluation's stderr
+        warnings.simplefilter("ignore", FutureWarning)
+        return fid.build_feature_extractor(mode, device=device, use_dataparallel=False)
 
 
 def _download_inception() -> None:
@@ -162,8 +166,9 @@ class Reference:
         return cls(name, features.mean(0), np.cov(features, rowvar=False), len(features), features, resolution,
                    extractor)
 
-    def save(self, path: Path) -> None:
+    def save(self, path: str | Path) -> None:
         """Written whole (a temporary name, then rename), with what made it: resolution and feature extractor."""
+        path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         extra = {} if self.features is None else {"features": self.features.astype(np.float32)}
         atomic_write(path, lambda tmp: np.savez(tmp, mu=self.mu, sigma=self.sigma, n=self.n, name=self.name,
