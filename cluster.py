@@ -122,8 +122,9 @@ class PlainProgress:
     at the end, instead of carriage-return refreshes that fill a log with one line per refresh."""
 
     def __init__(self, total: int, initial: int = 0, desc: str = "", unit: str = "it", disable: bool = False,
-                 **_):
+                 leave: bool = True, **_):
         self.total, self.n, self.desc, self.unit, self.disable = total, initial, desc, unit, disable
+        self.leave, self.shown = leave, False
         self.postfix = ""
         self._start_n, self._start, self._shown = initial, time.monotonic(), time.monotonic()
 
@@ -139,6 +140,7 @@ class PlainProgress:
         self._shown = time.monotonic()
         if self.disable:
             return
+        self.shown = True
         elapsed = self._shown - self._start
         rate = (self.n - self._start_n) / elapsed if elapsed > 0 else 0.0
         eta = (self.total - self.n) / rate if rate > 0 and self.total else 0.0
@@ -148,7 +150,8 @@ class PlainProgress:
         print(line, file=sys.stderr, flush=True)
 
     def close(self) -> None:
-        if self.n != self._start_n or not self.total:
+        """A last line, unless nothing moved or (leave=False, as tqdm's) no line was shown before."""
+        if (self.n != self._start_n or not self.total) and (self.leave or self.shown):
             self._show()
         self._start_n = self.n  # closing twice shows one line
 

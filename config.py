@@ -50,21 +50,32 @@ class ModelConfig:
     patch: int | None = None  # DiT patch size (e.g. 1 for 7x7 latents)
     dropout: float | None = None  # UNet dropout
     time_dim: int = 64  # MLP: size of the sinusoidal timestep embedding
+    time_scale: float = 1000.0  # the timestep embedding's sines take time_scale·t (MeanFlow: 1, as MeanFlow's code)
     class_cond: bool = False  # condition on the dataset's class labels (their number is read from the data)
     latent_channels: int | None = None  # autoencoders: channels of the latent (preset: 4)
 
 
 @dataclass
 class FlowConfig:
-    objective: str = "cfm"  # 'cfm' (flow matching) or 'autoencoder' (a KL autoencoder for latent flow matching)
+    objective: str = "cfm"  # 'cfm' (flow matching), 'meanflow' (average velocity, few-step sampling) or
+    #                         'autoencoder' (a KL autoencoder for latent flow matching)
     kl_weight: float = 1e-3  # autoencoder: β of ‖D(z) − x‖² + β·KL, both per pixel
     path: str = "linear"  # probability path, a key of flows.PATHS
     sigma_min: float = 0.0  # noise left at t=1 (I-CFM); 0 is rectified flow
-    coupling: str = "independent"  # pairing of noise and data: 'independent' or 'ot' (minibatch OT-CFM)
+    coupling: str = "independent"  # pairing of noise and data: 'independent', 'ot' (minibatch OT-CFM) or
+    #                                'pairs' (the noise that data.name=pairs carries: reflow, distillation)
     time_density: str = "uniform"  # training t density, a key of flows.TIME_DENSITIES
     time_mean: float = 0.0  # logit-normal location (our convention: > 0 favours t near 1, the data)
     time_std: float = 1.0  # logit-normal scale
     mode_scale: float = 1.29  # SD3 mode density scale s (0 is uniform)
+    grid_steps: int = 1  # time_density=grid: t on {0, 1/k, ..., (k-1)/k}, k = grid_steps (k-step distillation)
+    loss: str = "l2"  # 'l2' (mean squared error) or 'pseudo_huber' (√(‖·‖² + c²) − c, Lee et al. 2024)
+    huber_c: float = 0.0  # pseudo-Huber c (0: 0.00054·√D, D the data's dimension)
+    meanflow_ratio: float = 0.25  # MeanFlow: fraction of samples with s ≠ t (the others train plain flow matching)
+    meanflow_p: float = 1.0  # MeanFlow: power p of the adaptive loss weight 1 / (‖error‖² + c)^p (0: none)
+    meanflow_eps: float = 1e-3  # MeanFlow: c of that weight
+    meanflow_cfg: float = 1.0  # MeanFlow: guidance scale ω baked into the target (1: none; needs label dropout)
+    meanflow_tangent: str = "conditional"  # MeanFlow: direction of d/dt u: 'conditional' (x1 − x0) or 'model' u(z,t,t)
     label_dropout: float = 0.0  # probability of replacing a label by the null class (> 0 for guidance to work)
 
 
@@ -83,6 +94,7 @@ class TrainConfig:
     ema_decay: float = 0.999  # EMA of the weights, used for previews and sampling
     ema_warmup: bool = True  # decay min(ema_decay, (1 + n) / (10 + n)) at step n: forget the initial weights fast
     seed: int = 0  # seeds model init and the training randomness (noise, t, label dropout)
+    init_from: str = ""  # a checkpoint folder whose EMA weights start a new run (new MeanFlow inputs start at zero)
     mixed_precision: str = "no"  # 'no', 'fp16' or 'bf16' (the -mp flag overrides)
     channels_last: bool = False  # image models in channels-last memory format (faster convolutions on GPUs)
     compile: bool = False  # torch.compile the model for training
@@ -269,12 +281,14 @@ RANGES = {
     "model.width": (0, None, False, True), "model.depth": (0, None, False, True),
     "model.heads": (0, None, False, True), "model.patch": (0, None, False, True),
     "model.dropout": (0, 1, True, False), "model.time_dim": (0, None, False, True),
-    "model.latent_channels": (0, None, False, True),
+    "model.latent_channels": (0, None, False, True), "model.time_scale": (0, None, False, True),
     "flow.kl_weight": (0, None, True, True), "flow.sigma_min": (0, 1, True, False),
     "flow.time_std": (0, None, False, True),
     # SD3's mode density is a bijection of [0, 1] only for -1 ≤ s ≤ 2/(π − 2).
     "flow.mode_scale": (-1, 2 / (math.pi - 2), True, True),
-    "flow.label_dropout": (0, 1, True, False),
+    "flow.label_dropout": (0, 1, True, False), "flow.grid_steps": (0, None, False, True),
+    "flow.huber_c": (0, None, True, True), "flow.meanflow_ratio": (0, 1, True, True),
+    "flow.meanflow_p": (0, None, True, True), "flow.meanflow_eps": (0, None, False, True),
     "train.steps": (0, None, False, True), "train.batch_size": (0, None, False, True),
     "train.grad_accum": (0, None, False, True), "train.lr": (0, None, False, True),
     "train.lr_min": (0, None, True, True), "train.warmup_steps": (0, None, True, True),
@@ -341,8 +355,10 @@ def check_names(cfg: Config) -> None:
 
     check_name(DATASETS, cfg.data.name, "data.name")
     check_name(SOURCES, cfg.data.source, "data.source")
-    if cfg.flow.objective not in ("cfm", "autoencoder"):
-        raise UserError(f"config key flow.objective must be cfm or autoencoder, got '{cfg.flow.objective}'")
+    if cfg.flow.objective not in ("cfm", "meanflow", "autoencoder"):
+        raise UserError(f"config key flow.objective must be cfm, meanflow or autoencoder, got '{cfg.flow.objective}'")
+    if cfg.flow.loss not in ("l2", "pseudo_huber"):
+        raise UserError(f"config key flow.loss must be l2 or pseudo_huber, got '{cfg.flow.loss}'")
     if cfg.flow.objective == "autoencoder":
         check_name(AUTOENCODERS, cfg.model.name, "model.name")
     else:

@@ -51,7 +51,7 @@ from accelerate import Accelerator
 
 from cluster import STOPPED, Stopped, StopRequest, progress
 from config import load_config
-from data import build_dataset, build_source, weights_info
+from data import build_source, reference_data, reference_data_config, weights_info
 from data.images import to_uint8
 from errors import UserError, atomic_write, exit_on, on_main_process
 from flows.latent import build_feature_encoder, build_space
@@ -446,7 +446,7 @@ def evaluate(args: argparse.Namespace, stop: StopRequest | None = None) -> None:
     meta = weights_info(checkpoints[-1][1] / "ema.safetensors", cfg)
     dataset = None
     if args.ref is None or args.bpd or meta["kind"] == "vector":
-        dataset = build_dataset(cfg)
+        dataset = reference_data(cfg)  # reflow runs: their teacher's data, not the pairs
     # The flow's state (data or latents) and the images that `space` decodes it to.
     shape, num_classes, kind = tuple(json.loads(meta.get("latent_shape", meta["data_shape"]))), \
         int(meta["num_classes"]), meta["kind"]
@@ -483,7 +483,8 @@ def evaluate(args: argparse.Namespace, stop: StopRequest | None = None) -> None:
             raise UserError(f"--n-samples {args.n_samples} exceeds the {len(dataset)} points of the dataset")
         pick = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(args.seed))[: args.n_samples]
         points = dataset[pick][0].double()
-        reference_name, mode, features_key = f"{cfg.data.name} ({args.n_samples} dataset points)", None, None
+        reference_name = f"{reference_data_config(cfg).name} ({args.n_samples} dataset points)"
+        mode, features_key = None, None
         protocol = (f"{args.n_samples} samples per row from noise seeded by ({args.seed}, k), W2 by exact optimal "
                     f"assignment and MMD² (Gaussian kernels, bandwidths 0.1-5) to {args.n_samples} points of the "
                     f"dataset drawn with seed {args.seed}")

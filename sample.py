@@ -18,6 +18,7 @@ adaptive ones, and forward_passes: 2·NFE under guidance; seed, weights).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -31,7 +32,7 @@ from accelerate import Accelerator
 
 from cluster import STOPPED, Stopped, StopRequest, progress
 from config import check_names, load_config
-from data import build_dataset, build_source, weights_info
+from data import build_source, reference_data, reference_data_config, weights_info
 from data.images import save_grid, to_uint8
 from errors import UserError, atomic_write, exit_on
 from flows.latent import build_feature_encoder, build_space
@@ -80,6 +81,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--raw", action="store_true", help="use the raw weights (model.safetensors), not the EMA")
     p.add_argument("--npz", action="store_true", help="also write samples.npz (N, H, W, C uint8)")
     p.add_argument("--grid", type=int, default=0, metavar="K", help="also write grid.png of the first K samples")
+    p.add_argument("--pairs", action="store_true",
+                   help="write (noise, sample) pairs for reflow and distillation (data.name=pairs data.path=DIR "
+                        "flow.coupling=pairs) into --save-dir, in shards of 1,024, instead of images")
     p.add_argument("--condition-images", metavar="DIR", help="Latent-CFM models: sample k shares the encoder features "
                                                              "of image k mod R of DIR (default: c from the prior)")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides, e.g. sample.atol=1e-6")
@@ -180,6 +184,69 @@ def reference_features(args, cfg, meta: dict, device: torch.device) -> torch.Ten
     return encoder(to_model_range(images).to(device))
 
 
+def write_pairs(args, cfg, accelerator, model, weights: Path, meta: dict, shape: tuple[int, ...], labels, source,
+                dtype: torch.dtype, what: str) -> None:
+    """--pairs: the noise x0 of items 0..N-1 and the teacher's samples x1 from it (and the labels), in shards of
+    pairs.SHARD written whole by the processes in turn; pairs.json, written last, says what made them."""
+    from safetensors.torch import save_file
+
+    from data.pairs import SHARD, shard_count, shard_path
+
+    s, n, folder = cfg.sample, args.n_samples, Path(args.save_dir)
+    if cfg.latent.autoencoder or "feature_dim" in meta:
+        raise UserError("--pairs makes pixel-space pairs of an unconditioned flow; this model is a latent or a "
+                        "Latent-CFM flow")
+    steps = s.steps if s.solver not in ADAPTIVE else None
+    missing = [k for k in range(shard_count(n)) if not shard_path(folder, k).exists()]
+    accelerator.wait_for_everyone()
+    mine = missing[accelerator.process_index::accelerator.num_processes]
+    if accelerator.is_main_process:
+        print(f"{weights}: {n} pairs in {shard_count(n)} shards ({shard_count(n) - len(missing)} already in "
+              f"{folder}), {what}, {accelerator.num_processes} process(es) on {accelerator.device}")
+    bar = progress(sum(min(SHARD, n - k * SHARD) for k in mine), unit="pair", desc="pairs",
+                   disable=not accelerator.is_main_process)
+    with StopRequest() as stop:
+        for slot in range(-(-len(missing) // accelerator.num_processes)):  # the same count on every process
+            if slot < len(mine):
+                k = mine[slot]
+                items = list(range(k * SHARD, min(n, (k + 1) * SHARD)))
+                x0s, x1s = [], []
+                for first in range(0, len(items), s.batch_size):
+                    batch = items[first: first + s.batch_size]
+                    x0 = noise(s.seed, batch, shape, source)
+                    y = None if labels is None else labels[batch].to(accelerator.device)
+                    out = generate(model, x0.to(accelerator.device, dtype), steps, s.solver, y=y,
+                                   schedule=s.schedule, cfg_scale=s.cfg_scale, atol=s.atol, rtol=s.rtol)
+                    x0s.append(x0.float())
+                    x1s.append(out.x.float().cpu())
+                    bar.update(len(batch))
+                tensors = {"x0": torch.cat(x0s), "x1": torch.cat(x1s)}
+                if labels is not None:
+                    tensors["y"] = labels[items].clone()
+                atomic_write(shard_path(folder, k), lambda tmp, tensors=tensors: save_file(tensors, str(tmp)))
+            if stop.now(accelerator) and slot + 1 < -(-len(missing) // accelerator.num_processes):
+                bar.close()
+                accelerator.wait_for_everyone()
+                if accelerator.is_main_process:
+                    done = sum(shard_path(folder, k).exists() for k in range(shard_count(n)))
+                    print(f"stopped by {stop.name}: {done} of {shard_count(n)} shards in {folder}; run the same "
+                          "command to continue", file=sys.stderr)
+                raise Stopped
+    bar.close()
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        # The data the pairs stand for: the teacher's, or its own teacher's for k-rectified chains.
+        teacher_data = dataclasses.asdict(reference_data_config(cfg))
+        manifest = {"n": n, "shard_size": SHARD, "shape": list(shape), "num_classes": int(meta["num_classes"]),
+                    "kind": meta["kind"], "teacher": str(weights), "solver": s.solver, "steps": steps,
+                    "schedule": s.schedule if steps else None, "atol": None if steps else s.atol,
+                    "rtol": None if steps else s.rtol, "cfg_scale": s.cfg_scale, "seed": s.seed,
+                    "nfe": fixed_grid_nfe(s.solver, steps) if steps else None, "teacher_data": teacher_data,
+                    "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+        atomic_write(folder / "pairs.json", lambda tmp: tmp.write_text(json.dumps(manifest, indent=1)))
+        print(f"done: {n} pairs in {folder} ({what})")
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     try:
@@ -210,11 +277,6 @@ def sample(args: argparse.Namespace) -> None:
         probe.unlink()
     except OSError as e:
         raise UserError(f"save dir {save_dir} is not writable ({e.strerror}); choose another --save-dir") from None
-    # Every process lists what is missing before any of them writes.
-    missing = [k for k in range(n) if not file_of(save_dir, k, kind).exists()]
-    accelerator.wait_for_everyone()
-    mine = missing[accelerator.process_index::accelerator.num_processes]
-
     # Model and source.
     model = build_model(cfg, shape, num_classes, int(meta.get("feature_dim", 0)))
     load_weights(model, weights)
@@ -228,6 +290,15 @@ def sample(args: argparse.Namespace) -> None:
     steps = s.steps if s.solver not in ADAPTIVE else None
     what = (f"{s.solver}, {f'{steps} steps, {s.schedule} schedule' if steps else f'atol {s.atol}, rtol {s.rtol}'}, "
             f"cfg scale {s.cfg_scale}, seed {s.seed}")
+    if args.pairs:
+        write_pairs(args, cfg, accelerator, model, weights, meta, shape, labels, source, dtype, what)
+        accelerator.end_training()
+        return
+
+    # Every process lists what is missing before any of them writes.
+    missing = [k for k in range(n) if not file_of(save_dir, k, kind).exists()]
+    accelerator.wait_for_everyone()
+    mine = missing[accelerator.process_index::accelerator.num_processes]
     if accelerator.is_main_process:
         print(f"{weights}: {n} samples ({n - len(missing)} already in {save_dir}), {what}, "
               f"{accelerator.num_processes} process(es) on {accelerator.device}")
@@ -269,7 +340,8 @@ def sample(args: argparse.Namespace) -> None:
             np.save(save_dir / "samples.npy", points)
             from data.toy import TOY, plot_points
 
-            data = build_dataset(cfg).x[:n] if cfg.data.name in TOY else torch.empty(0, points.shape[1])
+            data = reference_data(cfg).x[:n] if reference_data_config(cfg).name in TOY else \
+                torch.empty(0, points.shape[1])
             plot_points(torch.from_numpy(points), data, save_dir / "scatter.png", title=f"{n} samples, {what}")
         if args.npz and kind == "image":
             print(f"wrote {write_npz(save_dir, n, kind)}")

@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from cluster import STOPPED, RunLock, Stopped, StopRequest, progress
 from config import Config, check_names, config_changes, load_config, save_config, to_dict, to_yaml
-from data import build_dataset, build_loader, build_source, close_loader, data_info
+from data import build_dataset, build_loader, build_source, close_loader, data_info, reference_data
 from data.images import random_hflip, save_grid, to_uint8
 from data.latents import encode_dataset
 from data.toy import plot_points
@@ -38,7 +38,14 @@ from flows import BatchShard, LossByTime, build_objective, generate
 from flows.latent import build_feature_encoder, build_space
 from flows.solvers import class_labels, condition, noise
 from models import build_autoencoder, build_model
-from models.checkpoint import checkpoint_name, list_checkpoints, load_checkpoint, prune_checkpoints, save_checkpoint
+from models.checkpoint import (
+    checkpoint_name,
+    list_checkpoints,
+    load_checkpoint,
+    load_weights,
+    prune_checkpoints,
+    save_checkpoint,
+)
 from models.ema import EMA
 
 
@@ -88,6 +95,11 @@ def prepare_run_dir(run_dir: Path) -> None:
         raise UserError(f"run folder {run_dir} is not writable ({e.strerror}); choose another with -e") from None
 
 
+def preview_solver(cfg: Config) -> str:
+    """Previews and the in-training check sample with Euler, MeanFlow models with their jumps."""
+    return "meanflow" if cfg.flow.objective == "meanflow" else "euler"
+
+
 @torch.no_grad()
 def save_preview(path: Path, ema_model, dataset, source, cfg: Config, device: torch.device, step: int,
                  num_classes: int, space) -> None:
@@ -97,9 +109,9 @@ def save_preview(path: Path, ema_model, dataset, source, cfg: Config, device: to
     t = cfg.train
     g = torch.Generator(device).manual_seed(0)
     if len(dataset.shape) == 1:
-        out = generate(ema_model, source(t.preview_n, g, device), steps=t.preview_steps, solver="euler")
+        out = generate(ema_model, source(t.preview_n, g, device), steps=t.preview_steps, solver=preview_solver(cfg))
         plot_points(out.x.cpu(), dataset.x[: t.preview_n], path,
-                    title=f"{cfg.data.name}, step {step}, EMA, Euler {out.nfe} NFE")
+                    title=f"{cfg.data.name}, step {step}, EMA, {preview_solver(cfg)} {out.nfe} NFE")
         return
     rows = min(num_classes, 10) or max(1, round(t.preview_images ** 0.5))
     cols = -(-t.preview_images // rows)
@@ -109,7 +121,7 @@ def save_preview(path: Path, ema_model, dataset, source, cfg: Config, device: to
         y, labels = classes.repeat_interleave(cols).to(device), [str(c) for c in classes.tolist()]
     x0 = source(rows * cols, g, device)
     cond = condition(ema_model, t.seed, list(range(len(x0))))  # Latent-CFM: c from the prior
-    out = generate(ema_model, x0, steps=t.preview_steps, solver="euler", y=y, cond=cond)
+    out = generate(ema_model, x0, steps=t.preview_steps, solver=preview_solver(cfg), y=y, cond=cond)
     save_grid(getattr(dataset, "to_uint8", to_uint8)(space.decode(out.x)), path, rows, row_labels=labels)
 
 
@@ -139,10 +151,11 @@ def latent_statistics(autoencoder, dataset, device: torch.device, n: int = 1024)
 @torch.no_grad()
 def sample_quality(ema_model, dataset, cfg: Config, device: torch.device, num_classes: int, space,
                    cache: dict) -> dict[str, float]:
-    """train.eval_n samples of the EMA model (Euler, train.preview_steps steps) drawn as evaluate.py draws them
-    with --seed 0 (sample k's noise, label and condition from (0, k)): FID against train.eval_ref (default: the
-    dataset, its statistics computed once) for images, W2 to as many dataset points (picked with seed 0) for 2-D
-    data. `evaluate.py -e RUN --samplers euler:STEPS --n-samples N` reports the same number for that checkpoint.
+    """train.eval_n samples of the EMA model (Euler, MeanFlow models' jumps, train.preview_steps steps) drawn as
+    evaluate.py draws them with --seed 0 (sample k's noise, label and condition from (0, k)): FID against
+    train.eval_ref (default: the dataset, its statistics computed once) for images, W2 to as many dataset points
+    (picked with seed 0) for 2-D data. `evaluate.py -e RUN --samplers euler:STEPS --n-samples N` (meanflow:STEPS)
+    reports the same number for that checkpoint.
     `cache` keeps the feature network and the reference between calls."""
     from metrics import build_features, frechet_distance, w2
     from metrics.fid import default_stats_dir, load_reference
@@ -154,7 +167,7 @@ def sample_quality(ema_model, dataset, cfg: Config, device: torch.device, num_cl
     for first in range(0, n, 250):
         batch = list(range(first, min(first + 250, n)))
         chunks.append(generate(ema_model, noise(0, batch, space.shape, source).to(device), steps=t.preview_steps,
-                               solver="euler", y=None if labels is None else labels[batch].to(device),
+                               solver=preview_solver(cfg), y=None if labels is None else labels[batch].to(device),
                                cond=condition(ema_model, 0, batch)).x)
     x = space.decode(torch.cat(chunks))
     if len(dataset.shape) == 1:
@@ -205,7 +218,7 @@ def train(cfg: Config, run_dir: Path, accept_changes: bool = False) -> None:
 
     # Accelerator and run folder: one writer (the main process holds RUN/.lock until it ends).
     prepare_run_dir(run_dir)
-    for section, key in ((cfg.latent, "autoencoder"), (cfg.latentcfm, "encoder")):
+    for section, key in ((cfg.latent, "autoencoder"), (cfg.latentcfm, "encoder"), (cfg.train, "init_from")):
         path = getattr(section, key)
         if path and Path(path).exists():  # saved configs must find it from anywhere; a hub id stays as it is
             setattr(section, key, str(Path(path).resolve()))
@@ -243,8 +256,10 @@ def run(cfg: Config, run_dir: Path, accelerator, trackers: list[str], stop: Stop
     if "wandb" in t.trackers and "wandb" not in trackers:
         log("wandb is not installed (pip install wandb); logging to the other trackers only")
 
-    # Data, and the space the flow lives in: pixels, or the latents of a frozen autoencoder.
-    dataset = build_dataset(cfg)
+    # Data, and the space the flow lives in: pixels, or the latents of a frozen autoencoder. Reflow trains on
+    # (noise, sample) pairs; the teacher's data stay what previews and quality checks compare with.
+    dataset = reference_data(cfg)
+    pairs = build_dataset(cfg) if cfg.data.name == "pairs" else None
     space = build_space(cfg, dataset.shape).to(device)
     source = build_source(cfg, space.shape)
     features = build_feature_encoder(cfg, dataset.shape)  # Latent-CFM's frozen encoder, or None
@@ -252,7 +267,8 @@ def run(cfg: Config, run_dir: Path, accelerator, trackers: list[str], stop: Stop
     log(f"data: {cfg.data.name}, {len(dataset)} samples of shape {dataset.shape}, {dataset.num_classes} classes; "
         f"source: {cfg.data.source}" + (f"; latents of shape {space.shape} from {cfg.latent.autoencoder}"
                                         if cfg.latent.autoencoder else "")
-        + (f"; {cfg.data.path}: {dataset.converted}" if getattr(dataset, "converted", "") else ""))
+        + (f"; {cfg.data.path}: {dataset.converted}" if getattr(dataset, "converted", "") else "")
+        + (f"; trained on {len(pairs)} reflow pairs from {pairs.info['teacher']}" if pairs is not None else ""))
 
     num_classes = dataset.num_classes if cfg.model.class_cond else 0
     if cfg.model.class_cond and not dataset.num_classes:
@@ -260,6 +276,22 @@ def run(cfg: Config, run_dir: Path, accelerator, trackers: list[str], stop: Stop
     if cfg.flow.label_dropout > 0 and not num_classes:
         raise UserError("flow.label_dropout drops class labels, which an unconditional model does not have; "
                         "set model.class_cond=true or flow.label_dropout=0")
+    if (pairs is not None) != (cfg.flow.coupling == "pairs"):
+        raise UserError("flow.coupling=pairs trains on the noise that reflow pairs carry: use it with data.name=pairs "
+                        "data.path=DIR (made by sample.py --pairs), and data.name=pairs with it")
+    if pairs is not None and cfg.latent.autoencoder:
+        raise UserError("reflow pairs are made and read in pixel space here; remove latent.autoencoder")
+    if pairs is not None and pairs.shape != tuple(dataset.shape):
+        raise UserError(f"pairs folder {cfg.data.path} holds items of shape {pairs.shape} but its teacher's data "
+                        f"have shape {tuple(dataset.shape)}; make the pairs again with a teacher of these data")
+    if pairs is not None and cfg.data.hflip:
+        raise UserError("data.hflip would mirror a pair's sample without its noise; remove it for reflow pairs")
+    if cfg.flow.objective == "meanflow" and features is not None:
+        raise UserError("flow.objective=meanflow does not take Latent-CFM's condition here; remove latentcfm.encoder")
+    if cfg.flow.meanflow_cfg != 1 and not (num_classes and cfg.flow.label_dropout > 0):
+        raise UserError("flow.meanflow_cfg bakes classifier-free guidance into the target, which needs a "
+                        "class-conditional model trained with label dropout (model.class_cond=true "
+                        "flow.label_dropout=0.1)")
     if t.eval_every and data_info(cfg, dataset)["kind"] == "field":
         raise UserError("train.eval_every measures FID of images or W2 of points; these data are fields: set "
                         "train.eval_every=0")
@@ -281,6 +313,16 @@ def run(cfg: Config, run_dir: Path, accelerator, trackers: list[str], stop: Stop
     else:
         model = build_model(cfg, space.shape, num_classes, features.dim if features else 0)
     latent_shape = model.latent_shape(dataset.shape) if autoencoding else space.shape
+    if t.init_from and not list_checkpoints(run_dir):  # a new run starts from another's weights
+        init = Path(t.init_from) / "ema.safetensors" if Path(t.init_from).is_dir() else Path(t.init_from)
+        if (init.parent / "config.yaml").is_file():  # weights read the time through their own embedding's scale
+            scale = load_config(init.parent / "config.yaml").model.time_scale
+            if scale != cfg.model.time_scale:
+                raise UserError(f"train.init_from {init.parent} was trained with model.time_scale={scale:g}; set "
+                                f"model.time_scale={scale:g} (its time embedding reads {scale:g}·t)")
+        new = load_weights(model, init, missing_ok=("interval_embed.",))
+        log(f"initialized from {init}" + (f"; the MeanFlow interval embedding ({len(new)} tensors) starts adding "
+                                          "zero" if new else ""))
     memory_format = torch.channels_last if t.channels_last and len(space.shape) == 3 else torch.contiguous_format
     model.to(memory_format=memory_format)
     ema = EMA(model, t.ema_decay, t.ema_warmup)
@@ -295,9 +337,11 @@ def run(cfg: Config, run_dir: Path, accelerator, trackers: list[str], stop: Stop
 
     data_meta = data_info(cfg, dataset)  # written into the weight files: sampling needs no data
     data_meta["label_dropout"] = repr(cfg.flow.label_dropout)  # guidance needs a trained null class
+    if cfg.flow.objective == "meanflow":  # guidance baked in at this scale: sampling needs no --cfg-scale
+        data_meta["meanflow_cfg"] = repr(cfg.flow.meanflow_cfg)
 
     # Latent flow matching reads the dataset's latents from a cache, encoded once (or encodes every step).
-    train_data, encode_per_step = dataset, space if cfg.latent.autoencoder else None
+    train_data, encode_per_step = pairs if pairs is not None else dataset, space if cfg.latent.autoencoder else None
     if cfg.latent.autoencoder and cfg.latent.cache:
         if cfg.latent.sample_posterior:
             raise UserError("the latent cache stores posterior means; latent.sample_posterior=true needs "
@@ -414,7 +458,7 @@ def run(cfg: Config, run_dir: Path, accelerator, trackers: list[str], stop: Stop
                         log.metrics(step, quality)
                         accelerator.log({f"eval/{k}": v for k, v in quality.items()}, step=step)
                         log(f"eval: {', '.join(f'{k} {v:.4g}' for k, v in quality.items())} ({t.eval_n} samples, "
-                            f"Euler {t.preview_steps} steps, EMA)")
+                            f"{preview_solver(cfg)} {t.preview_steps} steps, EMA)")
             if stopping:
                 log(f"stopped by {stop.name} at step {step} of {t.steps}, checkpoint {path}; run the same command "
                     "to resume")
@@ -444,7 +488,8 @@ def micro_steps(loader, objective, shard: BatchShard, seed: int, first: int, dev
                 labels: bool = True, hflip: bool = False, memory_format: torch.memory_format = torch.contiguous_format,
                 space=None):
     """Yields (x1, draw) for micro-steps first, first+1, ...: the data (with its labels when `labels`,
-    randomly mirrored with `hflip`, encoded by `space` for latent flow matching) and all training randomness.
+    randomly mirrored with `hflip`, encoded by `space` for latent flow matching; reflow pairs bring their
+    noise as a third element) and all training randomness.
 
     Micro-step k's draws come from a generator seeded by (seed, k), the same on every process, so
     they depend neither on the number of processes nor on where training was resumed. With `ahead`
@@ -453,8 +498,9 @@ def micro_steps(loader, objective, shard: BatchShard, seed: int, first: int, dev
     """
 
     def prepare(k: int):
-        x1, y = next(loader)
+        x1, y, *paired = next(loader)
         x1, y = x1.to(device, non_blocking=True), None if y is None or not labels else y.to(device, non_blocking=True)
+        x0 = paired[0].to(device, non_blocking=True) if paired else None
         generator = torch.Generator(device).manual_seed(seed * 2**32 + k)
         if hflip:  # drawn for the global batch, like every draw, so that it does not depend on the processes
             x1 = random_hflip(x1, shard.local(torch.rand(x1.shape[0] * shard.world, generator=generator,
@@ -462,7 +508,7 @@ def micro_steps(loader, objective, shard: BatchShard, seed: int, first: int, dev
         if space is not None:
             x1 = space.encode(x1, generator)
         x1 = x1.contiguous(memory_format=memory_format)
-        return x1, objective.draw(x1, y, generator, shard)
+        return x1, objective.draw(x1, y, generator, shard, x0)
 
     k = first
     if not ahead:

@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader, Sampler
 
 from config import Config
 from data.images import IMAGE_DATASETS
+from data.pairs import PairsDataset, read_manifest
 from data.toy import TOY, load_tensor_file
 from errors import UserError
 
@@ -46,6 +47,7 @@ DATASETS: dict[str, Callable[[Config], Any]] = {
     **{name: _toy_dataset(name) for name in TOY},
     "tensor_file": lambda cfg: PointDataset(*load_tensor_file(cfg.data.path)),
     **IMAGE_DATASETS,
+    "pairs": lambda cfg: PairsDataset(cfg.data.path),  # reflow: (noise, sample) pairs made by sample.py --pairs
 }
 
 # Source distributions of x0: name -> (data shape) -> sampler(n, generator, device).
@@ -64,6 +66,27 @@ def build_dataset(cfg: Config) -> PointDataset:
     if cfg.data.size <= 0 and cfg.data.name in TOY:
         raise UserError(f"config key data.size must be positive, got {cfg.data.size}")
     return DATASETS[cfg.data.name](cfg)
+
+
+def reference_data_config(cfg: Config):
+    """The data section that a run's samples are compared with: its own, or for a run on reflow pairs that of the
+    first teacher in the chain (each pairs.json records its teacher's data settings)."""
+    if cfg.data.name != "pairs":
+        return cfg.data
+    import dataclasses
+
+    return dataclasses.replace(cfg.data, **read_manifest(cfg.data.path)["teacher_data"])
+
+
+def reference_data(cfg: Config):
+    """The dataset of reference_data_config: the run's own data, or its reflow pairs' teacher's."""
+    if cfg.data.name != "pairs":
+        return build_dataset(cfg)
+    import copy
+
+    teacher = copy.deepcopy(cfg)
+    teacher.data = reference_data_config(cfg)
+    return build_dataset(teacher)
 
 
 def data_info(cfg: Config, dataset) -> dict[str, str]:

@@ -56,6 +56,17 @@ class IndependentCoupling:
         return shard.local(x0)
 
 
+class PairsCoupling:
+    """Pairs made before training (reflow: noise and the sample a teacher made from it, Liu et al. 2023): the data
+    come with their noise (data.name=pairs), which is kept as it is."""
+
+    def pair(self, x0: torch.Tensor, x1: torch.Tensor, shard: BatchShard = BatchShard()) -> torch.Tensor:
+        """x0: this process's noise, paired row by row with x1 (n, ...)."""
+        if x0.shape != x1.shape:
+            raise ValueError("flow.coupling=pairs needs data that carry their noise (data.name=pairs)")
+        return x0
+
+
 class MinibatchOTCoupling:
     """Exact optimal transport between the global noise and data batches (OT-CFM, Tong et al. 2024,
     §3.2; Pooladian et al. 2023): the permutation minimizing Σ‖x0_i − x1_π(i)‖², solved as an

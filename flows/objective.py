@@ -26,6 +26,7 @@ class Draw:
     t: torch.Tensor | None
     y: torch.Tensor | None
     cond: dict = field(default_factory=dict)  # Latent-CFM: encoder features and the noise ε of c
+    s: torch.Tensor | None = None  # MeanFlow: the end of the interval [t, s] (N,)
 
 
 @dataclass
@@ -48,16 +49,21 @@ class FlowMatchingObjective:
     """
 
     def __init__(self, path, coupling, time_density, source: Callable, label_dropout: float = 0.0,
-                 num_classes: int = 0, features: Callable | None = None, cond_dim: int = 0, beta: float = 0.0):
+                 num_classes: int = 0, features: Callable | None = None, cond_dim: int = 0, beta: float = 0.0,
+                 huber_c: float | None = None):
         self.path, self.coupling, self.time_density, self.source = path, coupling, time_density, source
         self.label_dropout, self.num_classes = label_dropout, num_classes
+        # None: the squared error; c ≥ 0: the pseudo-Huber loss √(‖·‖² + c²) − c (c = 0: 0.00054·√D, Song &
+        # Dhariwal 2023, as Lee et al. 2024 use it for rectified flows), ‖·‖² summed over the sample's elements.
+        self.huber_c = huber_c
         # Latent-CFM (Samaddar et al. 2025, eq. 8): the loss adds β·KL(q(c|f) ‖ N(0, I)), f = features(x1).
         self.features, self.cond_dim, self.beta = features, cond_dim, beta
 
     def draw(self, x1: torch.Tensor, y: torch.Tensor | None, generator: torch.Generator,
-             shard: BatchShard = BatchShard()) -> Draw:
+             shard: BatchShard = BatchShard(), x0: torch.Tensor | None = None) -> Draw:
+        """The randomness of a micro-step; x0: the noise that the data come paired with (reflow pairs), if any."""
         n_global, device = x1.shape[0] * shard.world, x1.device
-        x0 = self.coupling.pair(self.source(n_global, generator, device), x1, shard)
+        x0 = self.coupling.pair(self.source(n_global, generator, device) if x0 is None else x0, x1, shard)
         t = shard.local(self.time_density(n_global, generator, device))
         if y is not None and self.label_dropout > 0:
             drop = shard.local(torch.rand(n_global, generator=generator, device=device) < self.label_dropout)
@@ -74,8 +80,16 @@ class FlowMatchingObjective:
         kl = None
         if draw.cond:
             v, kl = v
-        loss = (v.float() - sample.u_t.float()).square().flatten(1).mean(1)
+        loss = self.distance(v, sample.u_t)
         return ObjectiveOutput(loss=loss if kl is None else loss + self.beta * kl.float(), t=draw.t)
+
+    def distance(self, v: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Per-sample loss between a prediction and its target: the mean squared error, or pseudo-Huber."""
+        squared = (v.float() - target.float()).square().flatten(1)
+        if self.huber_c is None:
+            return squared.mean(1)
+        c = self.huber_c or 0.00054 * squared.shape[1] ** 0.5
+        return (squared.sum(1) + c * c).sqrt() - c
 
     def __call__(self, model: Callable, x1: torch.Tensor, y: torch.Tensor | None, generator: torch.Generator,
                  shard: BatchShard = BatchShard()) -> ObjectiveOutput:
@@ -91,7 +105,7 @@ class AutoencoderObjective:
         self.kl_weight, self.latent_shape = kl_weight, latent_shape
 
     def draw(self, x1: torch.Tensor, y: torch.Tensor | None, generator: torch.Generator,
-             shard: BatchShard = BatchShard()) -> Draw:
+             shard: BatchShard = BatchShard(), x0: torch.Tensor | None = None) -> Draw:
         eps = torch.randn(x1.shape[0] * shard.world, *self.latent_shape, generator=generator, device=x1.device)
         return Draw(x0=shard.local(eps), t=None, y=None)
 

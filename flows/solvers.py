@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from errors import UserError
+from flows.meanflow import unwrapped
 
 Velocity = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -64,8 +65,14 @@ def _rk4(v: Velocity, x, t0, t1):
     return x + h / 6 * (k1 + 2 * k2 + 2 * k3 + k4)
 
 
+def _meanflow(v: Velocity, x, t0, t1):
+    """One jump of a MeanFlow model: x_{t1} = x_{t0} + (t1 − t0)·u(x_{t0}, t0, t1), the average velocity."""
+    return x + (t1 - t0) * v(x, t0, t1)
+
+
 # name -> (one step, velocity evaluations per step)
-SOLVERS = {"euler": (_euler, 1), "midpoint": (_midpoint, 2), "heun": (_heun, 2), "rk4": (_rk4, 4)}
+SOLVERS = {"euler": (_euler, 1), "midpoint": (_midpoint, 2), "heun": (_heun, 2), "rk4": (_rk4, 4),
+           "meanflow": (_meanflow, 1)}
 
 
 def fixed_grid_nfe(solver: str, steps: int) -> int:
@@ -86,15 +93,18 @@ def uniform_grid(steps: int) -> torch.Tensor:
 
 
 class _Counted:
-    """velocity(x, t) with t broadcast to (N,), its output in x's dtype, and the calls counted."""
+    """velocity(x, t) (or velocity(x, t, s), the average over [t, s]) with t and s broadcast to (N,), its output
+    in x's dtype, and the calls counted."""
 
     def __init__(self, velocity: Velocity):
         self.velocity, self.calls = velocity, 0
 
-    def __call__(self, x: torch.Tensor, t) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, t, s=None) -> torch.Tensor:
         self.calls += 1
         t = torch.as_tensor(t, dtype=x.dtype, device=x.device).expand(x.shape[0])
-        return self.velocity(x, t).to(x.dtype)
+        if s is None:
+            return self.velocity(x, t).to(x.dtype)
+        return self.velocity(x, t, torch.as_tensor(s, dtype=x.dtype, device=x.device).expand(x.shape[0])).to(x.dtype)
 
 
 @torch.no_grad()
@@ -217,7 +227,7 @@ def guided(model: Callable, y: torch.Tensor | None, cfg_scale: float = 1.0, cond
     if cfg_scale == 1.0 or y is None:
         if y is None and cfg_scale != 1.0:
             raise UserError("classifier-free guidance needs class labels; give --class-labels or leave --cfg-scale 1")
-        return lambda x, t: model(x, t, y, **cond)
+        return lambda x, t, s=None: model(x, t, y, **({} if s is None else {"s": s}), **cond)
     label_embed = getattr(model, "label_embed", None)
     if label_embed is None:
         raise UserError(f"--cfg-scale {cfg_scale} asks for guidance but the model is unconditional "
@@ -225,8 +235,10 @@ def guided(model: Callable, y: torch.Tensor | None, cfg_scale: float = 1.0, cond
     null = torch.full_like(y, label_embed.num_classes)
     doubled = {key: torch.cat([value, value]) for key, value in cond.items()}
 
-    def velocity(x, t):
-        v_cond, v_uncond = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null]), **doubled).chunk(2)
+    def velocity(x, t, s=None):
+        interval = {} if s is None else {"s": torch.cat([s, s])}
+        v_cond, v_uncond = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null]), **interval,
+                                 **doubled).chunk(2)
         return v_uncond + cfg_scale * (v_cond - v_uncond)
 
     return velocity
@@ -260,6 +272,9 @@ def check_solver(solver: str, steps: int | None) -> None:
             raise UserError(f"solver {solver} chooses its own steps (set its tolerances with --atol/--rtol); "
                             f"drop --steps {steps} or choose a fixed-grid solver ({', '.join(SOLVERS)})")
         return
+    if "meanflow" in solver.split("+") and solver != "meanflow":
+        raise UserError(f"solver '{solver}': meanflow jumps over each interval of the grid on its own; give "
+                        "--solver meanflow without +LAST")
     for name in solver.split("+", 1):
         if name not in SOLVERS:
             import difflib
@@ -283,6 +298,10 @@ def generate(model: Callable, x0: torch.Tensor, steps: int | None = 100, solver:
     from flows.schedules import time_grid
 
     check_solver(solver, steps)
+    if solver == "meanflow" and getattr(unwrapped(model), "interval_embed", None) is None:
+        raise UserError("--solver meanflow jumps with the average velocity u(x, t, s) of a MeanFlow model "
+                        "(trained with flow.objective=meanflow); this model gives the instantaneous velocity only: "
+                        "use euler, midpoint, heun, rk4 or dopri5")
     velocity = guided(model, y, cfg_scale, cond)
     if solver in ADAPTIVE:
         return integrate_adaptive(velocity, x0, solver, atol, rtol)

@@ -40,3 +40,14 @@ class ModeTime:
     def __call__(self, n: int, generator: torch.Generator, device: torch.device) -> torch.Tensor:
         u = torch.rand(n, generator=generator, device=device)
         return 1 - u - self.scale * (torch.cos(math.pi / 2 * u) ** 2 - 1 + u)
+
+
+class GridTime:
+    """t uniform on the grid {0, 1/k, ..., (k − 1)/k}: the start times of k Euler steps. With reflow pairs this is
+    k-step distillation (Liu et al. 2023, §3.3: for k = 1, t = 0 and the loss fits x0 + v(x0, 0) to x1)."""
+
+    def __init__(self, steps: int = 1):
+        self.steps = steps
+
+    def __call__(self, n: int, generator: torch.Generator, device: torch.device) -> torch.Tensor:
+        return torch.randint(0, self.steps, (n,), generator=generator, device=device).float() / self.steps

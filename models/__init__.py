@@ -1,7 +1,8 @@
 """Velocity-field models: the MODELS registry and build_model.
 
 Every model has one signature: `model(x, t, y=None) -> velocity` of x's shape, t (N,) in [0, 1],
-y (N,) class labels (the null class is `num_classes`) or None.
+y (N,) class labels (the null class is `num_classes`) or None. MeanFlow models (flow.objective=meanflow)
+take a second time, `model(x, t, y, s=s)`: the average velocity over [t, s].
 """
 
 from __future__ import annotations
@@ -53,6 +54,10 @@ def build_model(cfg: Config, data_shape: tuple[int, ...], num_classes: int = 0, 
     """The model named by cfg.model.name, sized from the data (shape without batch, number of classes); with
     feature_dim, a Latent-CFM model conditioned on encoder features of that size (cfg.latentcfm)."""
     cls, kwargs = model_arguments(cfg)
+    if cfg.flow.objective == "meanflow":  # the average velocity over [t, s]: a second time input
+        kwargs.update(mean_flow=True)
+    if cfg.model.time_scale != 1000.0:
+        kwargs.update(time_scale=cfg.model.time_scale)
     if feature_dim:
         if cls is mlp.MLP:
             raise UserError("Latent-CFM (latentcfm.encoder) conditions image models (UNet, DiT), not the MLP")

@@ -42,8 +42,9 @@ def read_metadata(path: str | Path) -> dict[str, str]:
         raise UserError(f"weights file {path} is not a readable safetensors file ({e})") from None
 
 
-def load_weights(model: nn.Module, path: str | Path) -> None:
-    """Load safetensors weights into `model`, failing with one sentence when they do not fit."""
+def load_weights(model: nn.Module, path: str | Path, missing_ok: tuple[str, ...] = ()) -> list[str]:
+    """Load safetensors weights into `model`, failing with one sentence when they do not fit. Parameters whose
+    names start with one of `missing_ok` may be absent from the file (they keep their values); returns those."""
     try:
         state = load_file(str(path))
     except FileNotFoundError:
@@ -52,12 +53,15 @@ def load_weights(model: nn.Module, path: str | Path) -> None:
         raise UserError(f"weights file {path} is unreadable or truncated ({e}); delete that checkpoint "
                         "folder to fall back to an earlier one") from None
     missing, unexpected = model.state_dict().keys() - state.keys(), state.keys() - model.state_dict().keys()
+    kept = sorted(k for k in missing if k.startswith(missing_ok)) if missing_ok else []
+    missing = missing - set(kept)
     wrong = [k for k in model.state_dict().keys() & state.keys() if model.state_dict()[k].shape != state[k].shape]
     if missing or unexpected or wrong:
         detail = ", ".join(f"{k} {what}" for what, ks in (("missing", missing), ("unexpected", unexpected),
                                                           ("has another shape", wrong)) for k in sorted(ks)[:3])
         raise UserError(f"weights file {path} does not fit the model built from the config ({detail})")
-    model.load_state_dict(state)
+    model.load_state_dict(state, strict=not kept)
+    return kept
 
 
 # ---------------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.embeddings import FeatureCondition, LabelEmbedder, TimestepEmbedder
+from models.embeddings import FeatureCondition, IntervalEmbedder, LabelEmbedder, TimestepEmbedder
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -95,7 +95,7 @@ class DiT(nn.Module):
 
     def __init__(self, in_channels: int, resolution: int | tuple[int, int], patch: int = 2, width: int = 384,
                  depth: int = 12, heads: int = 6, mlp_ratio: float = 4.0, num_classes: int = 0, feature_dim: int = 0,
-                 cond_dim: int = 0):
+                 cond_dim: int = 0, mean_flow: bool = False, time_scale: float = 1000.0):
         super().__init__()
         h, w = (resolution, resolution) if isinstance(resolution, int) else resolution
         if h % patch or w % patch:
@@ -104,7 +104,8 @@ class DiT(nn.Module):
         self.patch_embed = nn.Conv2d(in_channels, width, patch, stride=patch)
         # Fixed positions; not saved with the weights, as they follow from the sizes.
         self.register_buffer("pos_embed", sincos_positions(width, *self.grid)[None], persistent=False)
-        self.time_embed = TimestepEmbedder(width)
+        self.time_embed = TimestepEmbedder(width, scale=time_scale)
+        self.interval_embed = IntervalEmbedder(width, scale=time_scale) if mean_flow else None
         self.label_embed = LabelEmbedder(num_classes, width) if num_classes > 0 else None
         self.feature_cond = FeatureCondition(feature_dim, cond_dim, width) if cond_dim > 0 else None
         self.blocks = nn.ModuleList([DiTBlock(width, heads, mlp_ratio) for _ in range(depth)])
@@ -124,6 +125,9 @@ class DiT(nn.Module):
             nn.init.normal_(self.label_embed.table.weight, std=0.02)
         nn.init.normal_(self.time_embed.mlp[0].weight, std=0.02)
         nn.init.normal_(self.time_embed.mlp[2].weight, std=0.02)
+        if self.interval_embed is not None:  # its output layer stays zero: it starts adding nothing
+            nn.init.normal_(self.interval_embed.embed.mlp[0].weight, std=0.02)
+            nn.init.zeros_(self.interval_embed.embed.mlp[2].weight)
         for block in self.blocks:  # adaLN-Zero: every residual branch starts closed
             nn.init.zeros_(block.adaLN[-1].weight)
             nn.init.zeros_(block.adaLN[-1].bias)
@@ -136,11 +140,14 @@ class DiT(nn.Module):
         x = x.reshape(n, gh, gw, p, p, c)
         return torch.einsum("nhwpqc->nchpwq", x).reshape(n, c, gh * p, gw * p)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None, features=None, eps=None,
-                c=None):
-        """The velocity; a Latent-CFM model trained from encoder features returns (velocity, KL per sample)."""
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None, s=None, features=None,
+                eps=None, c=None):
+        """The velocity (MeanFlow models: the average velocity over [t, s], s None for s = t); a Latent-CFM model
+        trained from encoder features returns (velocity, KL per sample)."""
         h = self.patch_embed(x).flatten(2).transpose(1, 2) + self.pos_embed.to(x.dtype)  # (N, T, D)
         emb = self.time_embed(t)
+        if self.interval_embed is not None:
+            emb = emb + self.interval_embed(t, s)
         if self.label_embed is not None:  # y None: the null class
             emb = emb + self.label_embed(y, x.shape[0])
         kl = None

@@ -9,24 +9,42 @@ from torch import nn
 
 
 class TimestepEmbedder(nn.Module):
-    """t ∈ [0, 1] (N,) -> (N, dim): sinusoidal features (Vaswani et al. 2017) of 1000·t, then an MLP.
+    """t ∈ [0, 1] (N,) -> (N, dim): sinusoidal features (Vaswani et al. 2017) of scale·t, then an MLP.
 
-    The ×1000 puts t on the scale the frequencies were designed for; it lives here and nowhere else.
+    The ×1000 (the default scale) puts t on the scale the frequencies were designed for; it lives here and
+    nowhere else. MeanFlow differentiates the network in t, and sines of 1000·t make that derivative a
+    thousand times larger: its models use scale 1 (model.time_scale), as MeanFlow's own code feeds t.
     """
 
-    def __init__(self, dim: int, freq_dim: int = 256, max_period: float = 10_000.0):
+    def __init__(self, dim: int, freq_dim: int = 256, max_period: float = 10_000.0, scale: float = 1000.0):
         super().__init__()
-        self.freq_dim, self.max_period = freq_dim, max_period
+        self.freq_dim, self.max_period, self.scale = freq_dim, max_period, scale
         self.mlp = nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
 
     def sinusoidal(self, t: torch.Tensor) -> torch.Tensor:
         half = self.freq_dim // 2
         freqs = torch.exp(-math.log(self.max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
-        angles = 1000 * t.float()[:, None] * freqs[None]
+        angles = self.scale * t.float()[:, None] * freqs[None]
         return torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
         return self.mlp(self.sinusoidal(t).to(self.mlp[0].weight.dtype))
+
+
+class IntervalEmbedder(nn.Module):
+    """MeanFlow's second time (Geng et al. 2025): the model predicts the average velocity over [t, s], and the
+    interval's length s − t (0 when s is None: the instantaneous velocity) is embedded like t and added to the
+    time embedding. The output layer starts at zero, so a flow-matching model given this input starts as the
+    same model (train.init_from)."""
+
+    def __init__(self, dim: int, freq_dim: int = 256, scale: float = 1000.0):
+        super().__init__()
+        self.embed = TimestepEmbedder(dim, freq_dim, scale=scale)
+        nn.init.zeros_(self.embed.mlp[2].weight)
+        nn.init.zeros_(self.embed.mlp[2].bias)
+
+    def forward(self, t: torch.Tensor, s: torch.Tensor | None) -> torch.Tensor:
+        return self.embed(torch.zeros_like(t) if s is None else s - t)
 
 
 class LabelEmbedder(nn.Module):

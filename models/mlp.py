@@ -10,13 +10,16 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from models.embeddings import LabelEmbedder, TimestepEmbedder
+from models.embeddings import IntervalEmbedder, LabelEmbedder, TimestepEmbedder
 
 
 class MLP(nn.Module):
-    def __init__(self, dim: int, width: int = 256, depth: int = 3, time_dim: int = 64, num_classes: int = 0):
+    def __init__(self, dim: int, width: int = 256, depth: int = 3, time_dim: int = 64, num_classes: int = 0,
+                 mean_flow: bool = False, time_scale: float = 1000.0):
         super().__init__()
-        self.time_embed = TimestepEmbedder(time_dim, freq_dim=time_dim)  # 256 frequencies are overkill here
+        # time_dim frequencies (256 are overkill here)
+        self.time_embed = TimestepEmbedder(time_dim, freq_dim=time_dim, scale=time_scale)
+        self.interval_embed = IntervalEmbedder(time_dim, freq_dim=time_dim, scale=time_scale) if mean_flow else None
         self.label_embed = LabelEmbedder(num_classes, time_dim) if num_classes > 0 else None
         layers, d_in = [], dim + time_dim
         for _ in range(depth):
@@ -27,9 +30,13 @@ class MLP(nn.Module):
         nn.init.zeros_(self.out.weight)
         nn.init.zeros_(self.out.bias)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-        """x (N, D), t (N,) in [0, 1], y (N,) labels or None -> velocity (N, D)."""
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None,
+                s: torch.Tensor | None = None) -> torch.Tensor:
+        """x (N, D), t (N,) in [0, 1], y (N,) labels or None -> velocity (N, D); MeanFlow models: the average
+        velocity over [t, s] (s (N,) ≥ t, None for s = t)."""
         c = self.time_embed(t)
+        if self.interval_embed is not None:
+            c = c + self.interval_embed(t, s)
         if self.label_embed is not None:  # y None: the null class
             c = c + self.label_embed(y, x.shape[0])
         return self.out(self.body(torch.cat([x, c.to(x.dtype)], dim=-1)))

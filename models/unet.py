@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.embeddings import FeatureCondition, LabelEmbedder, TimestepEmbedder
+from models.embeddings import FeatureCondition, IntervalEmbedder, LabelEmbedder, TimestepEmbedder
 
 
 def norm(channels: int) -> nn.GroupNorm:
@@ -119,10 +119,12 @@ class UNet(nn.Module):
     def __init__(self, in_channels: int, resolution: int, channels: int = 128, channel_mult=(1, 2, 2, 2),
                  num_res_blocks: int = 2, attention_resolutions=(16,), head_channels: int = 64,
                  dropout: float = 0.0, num_classes: int = 0, scale_shift: bool = False,
-                 resblock_updown: bool = False, feature_dim: int = 0, cond_dim: int = 0):
+                 resblock_updown: bool = False, feature_dim: int = 0, cond_dim: int = 0, mean_flow: bool = False,
+                 time_scale: float = 1000.0):
         super().__init__()
         emb_dim = 4 * channels
-        self.time_embed = TimestepEmbedder(emb_dim, freq_dim=channels)
+        self.time_embed = TimestepEmbedder(emb_dim, freq_dim=channels, scale=time_scale)
+        self.interval_embed = IntervalEmbedder(emb_dim, freq_dim=channels, scale=time_scale) if mean_flow else None
         self.label_embed = LabelEmbedder(num_classes, emb_dim) if num_classes > 0 else None
         self.feature_cond = FeatureCondition(feature_dim, cond_dim, emb_dim) if cond_dim > 0 else None
 
@@ -163,10 +165,13 @@ class UNet(nn.Module):
                 size *= 2  # nominal; the true size is taken from the skip at run time
         self.out = nn.Sequential(norm(c), nn.SiLU(), zero(nn.Conv2d(c, in_channels, 3, padding=1)))
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None, features=None, eps=None,
-                c=None):
-        """The velocity; a Latent-CFM model trained from encoder features returns (velocity, KL per sample)."""
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None, s=None, features=None,
+                eps=None, c=None):
+        """The velocity (MeanFlow models: the average velocity over [t, s], s None for s = t); a Latent-CFM model
+        trained from encoder features returns (velocity, KL per sample)."""
         emb = self.time_embed(t)
+        if self.interval_embed is not None:
+            emb = emb + self.interval_embed(t, s)
         if self.label_embed is not None:  # y None: the null class
             emb = emb + self.label_embed(y, x.shape[0])
         kl = None

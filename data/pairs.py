@@ -1,0 +1,77 @@
+"""Reflow pairs: the noise x0 and the sample x1 a teacher made from it, for training on a fixed coupling.
+
+`sample.py --pairs` writes them (Liu et al. 2023, "Flow Straight and Fast": k-rectified flow trains the
+next flow on the pairs of the previous one; distillation fits few steps to them). A pairs folder holds
+shards pairs_00000.safetensors, ... of SHARD items each (x0, x1 and, for class-conditional teachers, the
+labels y), item k from the teacher's noise of seed (S, k); each shard is written whole, so an
+interrupted run continues, and pairs.json (written last) says what made them. The pairs do not depend
+on the batch size or the number of processes that made them.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from errors import UserError
+
+SHARD = 1024  # items per shard
+
+
+def shard_path(folder: Path, k: int) -> Path:
+    return folder / f"pairs_{k:05d}.safetensors"
+
+
+def shard_count(n: int) -> int:
+    return -(-n // SHARD)
+
+
+def read_manifest(folder: str | Path) -> dict:
+    """pairs.json of a pairs folder: n, shape, num_classes, the teacher and how it sampled, teacher_data."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UserError(f"pairs folder '{folder}' does not exist; make it with sample.py --pairs --save-dir {folder}")
+    manifest = folder / "pairs.json"
+    if not manifest.is_file():
+        made = len(list(folder.glob("pairs_*.safetensors")))
+        raise UserError(f"pairs folder {folder} has no pairs.json: its generation was cut off ({made} shards "
+                        "written); run the same sample.py --pairs command again to finish it")
+    return json.loads(manifest.read_text())
+
+
+class PairsDataset:
+    """A pairs folder as a dataset: batches (x1, y, x0), x1 the teacher's samples (the data), x0 their noise."""
+
+    def __init__(self, folder: str | Path):
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        folder = Path(folder)
+        self.info = read_manifest(folder)
+        n, shape = self.info["n"], tuple(self.info["shape"])
+        parts = []
+        for k in range(shard_count(n)):
+            path = shard_path(folder, k)
+            try:
+                part = load_file(str(path))
+            except (FileNotFoundError, SafetensorError, OSError) as e:
+                raise UserError(f"pairs shard {path} is missing or cut off ({type(e).__name__}); run the "
+                                "sample.py --pairs command that made the folder again") from None
+            items = min(SHARD, n - k * SHARD)
+            if tuple(part["x1"].shape) != (items, *shape) or part["x0"].shape != part["x1"].shape:
+                raise UserError(f"pairs shard {path} holds {tuple(part['x1'].shape)} where {(items, *shape)} was "
+                                "written; run the sample.py --pairs command that made the folder again")
+            parts.append(part)
+        self.x0 = torch.cat([p["x0"] for p in parts]).float()
+        self.x1 = torch.cat([p["x1"] for p in parts]).float()
+        self.y = torch.cat([p["y"] for p in parts]).long() if "y" in parts[0] else None
+        self.shape, self.num_classes = shape, int(self.info["num_classes"])
+        self.converted = ""
+
+    def __len__(self) -> int:
+        return len(self.x1)
+
+    def __getitem__(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        return self.x1[idx], None if self.y is None else self.y[idx], self.x0[idx]
