@@ -1,0 +1,106 @@
+"""The cost of a MeanFlow training step beside a flow-matching step of the same model and batch.
+
+    python bench/meanflow_step.py [--models unet-cifar10 DiT-B/2] [--batch 32] [--steps 5] [--device cuda]
+        [--mixed-precision bf16] [--compile]
+
+Each step is the toolkit's own: the objective's draw and per-sample loss (flows.FlowMatchingObjective, or
+flows.MeanFlowObjective: a forward-mode JVP of the unwrapped network without gradient, then the forward and
+backward of the prediction), backward, clipping, AdamW and EMA (train.update_weights). unet-cifar10 runs on
+CIFAR-shaped pixels (3×32×32), DiTs on SD-VAE-shaped latents (4×32×32). The two objectives alternate in ABBA
+order --repeats times; the best seconds per step of each and their ratio are printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from config import load_config  # noqa: E402
+from flows import build_objective  # noqa: E402
+from models import build_model  # noqa: E402
+from models.ema import EMA  # noqa: E402
+from train import update_weights  # noqa: E402
+
+
+class _Accelerator:
+    """What update_weights needs of accelerate on one device: clipping."""
+
+    @staticmethod
+    def clip_grad_norm_(params, max_norm):
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+
+
+def step_time(name: str, objective_name: str, args, device: torch.device) -> float:
+    """Best seconds per training step over --steps steps after --warmup, for one objective."""
+    shape = (3, 32, 32) if name.startswith("unet") else (4, 32, 32)
+    cfg = load_config(None, [f"model.name={name}", f"flow.objective={objective_name}", "flow.meanflow_ratio=0.75",
+                             *(["model.time_scale=1"] if objective_name == "meanflow" else [])])
+    torch.manual_seed(0)
+    model = build_model(cfg, shape).to(device)
+    ema = EMA(model, 0.9999)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True, fused=device.type == "cuda" or None)
+    net = torch.compile(model) if args.compile else model
+    objective = build_objective(cfg, lambda n, g, d: torch.randn(n, *shape, generator=g, device=d))
+    params, x1 = list(model.parameters()), torch.randn(args.batch, *shape, device=device)
+    autocast = torch.autocast(device.type, torch.bfloat16) if args.mixed_precision == "bf16" \
+        else contextlib.nullcontext()
+    n = 0
+
+    def step():
+        nonlocal n
+        n += 1
+        draw = objective.draw(x1, None, torch.Generator(device).manual_seed(n))
+        with autocast:
+            loss = objective.loss(net, x1, draw).loss.mean()
+        loss.backward()
+        update_weights(_Accelerator, params, optimizer, ema, model, n, 1.0)
+
+    for _ in range(args.warmup):
+        step()
+    best = float("inf")
+    for _ in range(args.steps):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", nargs="+", default=["unet-cifar10", "DiT-B/2"])
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--mixed-precision", default="no", choices=["no", "bf16"])
+    p.add_argument("--compile", action="store_true")
+    args = p.parse_args()
+    device = torch.device(args.device)
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} CPU threads"
+    print(f"{where}, batch {args.batch}, {args.mixed_precision}{', torch.compile' if args.compile else ''}; best "
+          f"seconds per step of {args.steps} after {args.warmup}, {args.repeats} ABBA repeats")
+    print("| model | flow matching s/step | MeanFlow s/step | MeanFlow / flow matching |")
+    print("|---|---:|---:|---:|")
+    for name in args.models:
+        best = {"cfm": float("inf"), "meanflow": float("inf")}
+        for repeat in range(args.repeats):
+            for objective in ("cfm", "meanflow") if repeat % 2 == 0 else ("meanflow", "cfm"):
+                best[objective] = min(best[objective], step_time(name, objective, args, device))
+        print(f"| {name} | {best['cfm']:.3f} | {best['meanflow']:.3f} | {best['meanflow'] / best['cfm']:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
