@@ -29,8 +29,7 @@ The JVP is computed on the unwrapped network without gradient (a DDP wrapper's h
 the gradients do not run under torch.func.jvp, so the gradient flows through a plain forward call of
 the wrapped model), in float32 with autocast off, and with the math attention kernel (flash and
 memory-efficient attention have no forward-mode derivative). A MeanFlow step therefore costs a JVP
-(about two forward passes) on top of a flow-matching step; bench/train_throughput.py --objective
-meanflow measures it.
+(about two forward passes) on top of a flow-matching step; bench/meanflow_step.py measures it.
 """
 
 from __future__ import annotations
