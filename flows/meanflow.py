@@ -46,7 +46,8 @@ from flows.paths import expand_like
 
 
 def unwrapped(model: torch.nn.Module) -> torch.nn.Module:
-    """The network inside DDP (`.module`) and torch.compile (`._orig_mod`) wrappers."""
+    """The network inside DDP (`.module`) and torch.compile (`._orig_mod`) wrappers; any other callable as it is
+    (accelerate's extract_model_from_parallel takes modules only)."""
     while True:
         inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
         if not isinstance(inner, torch.nn.Module):
@@ -80,9 +81,10 @@ def total_derivative(model: torch.nn.Module, z: torch.Tensor, t: torch.Tensor, s
 
 
 def meanflow_target(model: torch.nn.Module, z: torch.Tensor, t: torch.Tensor, s: torch.Tensor, v: torch.Tensor,
-                    y: torch.Tensor | None = None) -> torch.Tensor:
-    """u_tgt = v + (s − t)·d/dt u_θ(z, t, s) along dz/dt = v (the MeanFlow identity; no gradient), float32."""
-    _, dudt = total_derivative(model, z, t, s, v, y)
+                    y: torch.Tensor | None = None, along: torch.Tensor | None = None) -> torch.Tensor:
+    """u_tgt = v + (s − t)·d/dt u_θ(z, t, s) with the derivative along dz/dt = `along` (default v): the MeanFlow
+    identity, without gradient, in float32."""
+    _, dudt = total_derivative(model, z, t, s, v if along is None else along, y)
     return v.float() + expand_like(s - t, v).float() * dudt
 
 
@@ -119,9 +121,8 @@ class MeanFlowObjective(FlowMatchingObjective):
             with torch.no_grad():
                 along = unwrapped(model)(sample.x_t, draw.t, draw.y).to(v.dtype)
         rng = _rng_state(v.device)  # the JVP and the prediction see the same dropout masks
-        _, dudt = total_derivative(model, sample.x_t, draw.t, draw.s, along, draw.y)
+        target = meanflow_target(model, sample.x_t, draw.t, draw.s, v, draw.y, along)
         _set_rng_state(v.device, rng)
-        target = v.float() + expand_like(draw.s - draw.t, v).float() * dudt
         u = model(sample.x_t, draw.t, draw.y, s=draw.s)
         error = (u.float() - target).square().flatten(1).sum(1)
         weight = (error.detach() + self.eps) ** -self.power
