@@ -1,7 +1,8 @@
 """Velocity-field models: the MODELS registry and build_model.
 
 Every model has one signature: `model(x, t, y=None) -> velocity` of x's shape, t (N,) in [0, 1],
-y (N,) class labels (the null class is `num_classes`) or None. MeanFlow models (flow.objective=meanflow)
+y (N,) class labels (the null class is `num_classes`) or None. Image-conditioned models (data.task) also take
+`image_cond=` (N, C_c, H, W), the task's spatial condition at x's resolution. MeanFlow models (flow.objective=meanflow)
 take a second time, `model(x, t, y, s=s)`: the average velocity over [t, s].
 """
 
@@ -50,10 +51,17 @@ def model_arguments(cfg: Config) -> tuple[type[nn.Module], dict]:
     return cls, kwargs
 
 
-def build_model(cfg: Config, data_shape: tuple[int, ...], num_classes: int = 0, feature_dim: int = 0) -> nn.Module:
+def build_model(cfg: Config, data_shape: tuple[int, ...], num_classes: int = 0, feature_dim: int = 0,
+                cond_channels: int = 0, cond_classes: int = 0) -> nn.Module:
     """The model named by cfg.model.name, sized from the data (shape without batch, number of classes); with
-    feature_dim, a Latent-CFM model conditioned on encoder features of that size (cfg.latentcfm)."""
+    feature_dim, a Latent-CFM model conditioned on encoder features of that size (cfg.latentcfm); with
+    cond_channels, an image-conditioned model (data.task) taking that many condition channels beside x (a semantic
+    map's cond_classes one-hot channels projected to them)."""
     cls, kwargs = model_arguments(cfg)
+    if cond_channels:
+        if cls is mlp.MLP:
+            raise UserError(f"data.task={cfg.data.task} conditions image models (UNet, DiT), not the MLP")
+        kwargs.update(cond_channels=cond_channels, cond_classes=cond_classes)
     if cfg.flow.objective == "meanflow":  # the average velocity over [t, s]: a second time input
         kwargs.update(mean_flow=True)
     if cfg.model.time_scale != 1000.0:

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.embeddings import FeatureCondition, IntervalEmbedder, LabelEmbedder, TimestepEmbedder
+from models.embeddings import FeatureCondition, ImageCondition, IntervalEmbedder, LabelEmbedder, TimestepEmbedder
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -95,13 +95,15 @@ class DiT(nn.Module):
 
     def __init__(self, in_channels: int, resolution: int | tuple[int, int], patch: int = 2, width: int = 384,
                  depth: int = 12, heads: int = 6, mlp_ratio: float = 4.0, num_classes: int = 0, feature_dim: int = 0,
-                 cond_dim: int = 0, mean_flow: bool = False, time_scale: float = 1000.0):
+                 cond_dim: int = 0, mean_flow: bool = False, time_scale: float = 1000.0, cond_channels: int = 0,
+                 cond_classes: int = 0):
         super().__init__()
+        self.image_cond = ImageCondition(cond_channels, cond_classes) if cond_channels else None
         h, w = (resolution, resolution) if isinstance(resolution, int) else resolution
         if h % patch or w % patch:
             raise ValueError(f"DiT with patch {patch} needs image sides divisible by {patch}, got {h}×{w}")
         self.in_channels, self.patch, self.grid = in_channels, patch, (h // patch, w // patch)
-        self.patch_embed = nn.Conv2d(in_channels, width, patch, stride=patch)
+        self.patch_embed = nn.Conv2d(in_channels + cond_channels, width, patch, stride=patch)
         # Fixed positions; not saved with the weights, as they follow from the sizes.
         self.register_buffer("pos_embed", sincos_positions(width, *self.grid)[None], persistent=False)
         self.time_embed = TimestepEmbedder(width, scale=time_scale)
@@ -141,9 +143,11 @@ class DiT(nn.Module):
         return torch.einsum("nhwpqc->nchpwq", x).reshape(n, c, gh * p, gw * p)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None, s=None, features=None,
-                eps=None, c=None):
+                eps=None, c=None, image_cond=None):
         """The velocity (MeanFlow models: the average velocity over [t, s], s None for s = t); a Latent-CFM model
-        trained from encoder features returns (velocity, KL per sample)."""
+        trained from encoder features returns (velocity, KL per sample); image_cond: a task's spatial condition."""
+        if self.image_cond is not None:
+            x = self.image_cond(x, image_cond)
         h = self.patch_embed(x).flatten(2).transpose(1, 2) + self.pos_embed.to(x.dtype)  # (N, T, D)
         emb = self.time_embed(t)
         if self.interval_embed is not None:

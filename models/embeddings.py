@@ -1,4 +1,4 @@
-"""Conditioning embedders shared by every model: timestep and class label."""
+"""Conditioning embedders shared by every model: timestep, class label, encoder features and spatial conditions."""
 
 from __future__ import annotations
 
@@ -93,3 +93,23 @@ class FeatureCondition(nn.Module):
         else:
             kl = None
         return self.embed(c.to(self.posterior.weight.dtype)), kl
+
+
+class ImageCondition(nn.Module):
+    """A task's spatial condition (data/tasks.py) beside x: x (N, C, H, W), cond (N, C_c, H, W) -> (N, C + C_c, H, W),
+    concatenated channel-wise as LFM's models take it (Dao et al. 2023). A semantic map arrives as `classes` one-hot
+    channels and is first projected to `channels` by a learned 1×1 convolution (trained with the model; LFM's never
+    receives a gradient)."""
+
+    def __init__(self, channels: int, classes: int = 0):
+        super().__init__()
+        self.channels, self.classes = channels, classes
+        self.project = nn.Conv2d(classes, channels, 1) if classes else None
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
+        if cond is None:
+            raise ValueError("an image-conditioned model needs its condition (image_cond)")
+        cond = cond.to(x.dtype)
+        if self.project is not None:
+            cond = self.project(cond)
+        return torch.cat([x, cond], dim=1)

@@ -6,7 +6,8 @@ conv; the time (+ label) embedding enters each block, added or as a scale-shift 
 normalization), self-attention at the chosen resolutions, then a down-sampling; a middle of
 block-attention-block; the mirror path up with skip connections; GroupNorm, SiLU and a zero-initialized
 3×3 conv out, so the untrained model predicts zero velocity. Class-conditional models add a label
-embedding (with the null class of classifier-free guidance) to the time embedding.
+embedding (with the null class of classifier-free guidance) to the time embedding; image-conditioned models
+(data.task) take the condition's channels beside x's in the stem.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.embeddings import FeatureCondition, IntervalEmbedder, LabelEmbedder, TimestepEmbedder
+from models.embeddings import FeatureCondition, ImageCondition, IntervalEmbedder, LabelEmbedder, TimestepEmbedder
 
 
 def norm(channels: int) -> nn.GroupNorm:
@@ -120,8 +121,9 @@ class UNet(nn.Module):
                  num_res_blocks: int = 2, attention_resolutions=(16,), head_channels: int = 64,
                  dropout: float = 0.0, num_classes: int = 0, scale_shift: bool = False,
                  resblock_updown: bool = False, feature_dim: int = 0, cond_dim: int = 0, mean_flow: bool = False,
-                 time_scale: float = 1000.0):
+                 time_scale: float = 1000.0, cond_channels: int = 0, cond_classes: int = 0):
         super().__init__()
+        self.image_cond = ImageCondition(cond_channels, cond_classes) if cond_channels else None
         emb_dim = 4 * channels
         self.time_embed = TimestepEmbedder(emb_dim, freq_dim=channels, scale=time_scale)
         self.interval_embed = IntervalEmbedder(emb_dim, freq_dim=channels, scale=time_scale) if mean_flow else None
@@ -139,7 +141,7 @@ class UNet(nn.Module):
             return Resample(c, up)
 
         # Down path: every module's output is kept for the skip connections.
-        self.stem = nn.Conv2d(in_channels, channels, 3, padding=1)
+        self.stem = nn.Conv2d(in_channels + cond_channels, channels, 3, padding=1)
         self.down = nn.ModuleList()
         skips, c, size = [channels], channels, resolution
         for i, mult in enumerate(channel_mult):
@@ -166,9 +168,11 @@ class UNet(nn.Module):
         self.out = nn.Sequential(norm(c), nn.SiLU(), zero(nn.Conv2d(c, in_channels, 3, padding=1)))
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None, s=None, features=None,
-                eps=None, c=None):
+                eps=None, c=None, image_cond=None):
         """The velocity (MeanFlow models: the average velocity over [t, s], s None for s = t); a Latent-CFM model
-        trained from encoder features returns (velocity, KL per sample)."""
+        trained from encoder features returns (velocity, KL per sample); image_cond: a task's spatial condition."""
+        if self.image_cond is not None:
+            x = self.image_cond(x, image_cond)
         emb = self.time_embed(t)
         if self.interval_embed is not None:
             emb = emb + self.interval_embed(t, s)
