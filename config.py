@@ -38,6 +38,12 @@ class DataConfig:
     size: int = 100_000  # number of points drawn once from a toy distribution to form the dataset
     seed: int = 0  # seed of those points (the data stay fixed when the training seed changes)
     num_workers: int = 0  # DataLoader worker processes per training process
+    # Image-conditioned tasks (data/tasks.py): the model reads a spatial condition made from each image.
+    task: str = ""  # '' (none), 'inpaint', 'superres' or 'semantic' (label maps in data.label_maps)
+    mask: str = "mixed"  # inpaint: training masks, 'mixed' (LaMa-style strokes and boxes), 'strokes', 'boxes', 'center'
+    factor: int = 4  # superres: the condition is the image averaged over factor×factor blocks (28 px -> 7 px)
+    label_maps: str = ""  # semantic: folder of PNG label maps (class indices), ROOT/a/b.jpg's map at MAPS/a/b.png
+    label_classes: int = 0  # semantic: classes in the label maps (CelebAMask-HQ: 19)
 
 
 @dataclass
@@ -77,6 +83,7 @@ class FlowConfig:
     meanflow_cfg: float = 1.0  # MeanFlow: guidance scale ω baked into the target (1: none; needs label dropout)
     meanflow_tangent: str = "conditional"  # MeanFlow: direction of d/dt u: 'conditional' (x1 − x0) or 'model' u(z,t,t)
     label_dropout: float = 0.0  # probability of replacing a label by the null class (> 0 for guidance to work)
+    cond_dropout: float = 0.0  # data.task: probability of replacing the spatial condition by the null one (guidance)
 
 
 @dataclass
@@ -277,7 +284,8 @@ def _coerce(value: Any, kind: Any, dotted: str) -> Any:
 # Ranges of the numeric keys: (low, high, low included, high included); None is unbounded.
 RANGES = {
     "data.resolution": (0, None, True, True), "data.size": (0, None, False, True),
-    "data.num_workers": (0, None, True, True),
+    "data.num_workers": (0, None, True, True), "data.factor": (0, None, False, True),
+    "data.label_classes": (0, None, True, True), "flow.cond_dropout": (0, 1, True, False),
     "model.width": (0, None, False, True), "model.depth": (0, None, False, True),
     "model.heads": (0, None, False, True), "model.patch": (0, None, False, True),
     "model.dropout": (0, 1, True, False), "model.time_dim": (0, None, False, True),
@@ -366,6 +374,17 @@ def check_names(cfg: Config) -> None:
     check_name(PATHS, cfg.flow.path, "flow.path")
     check_name(COUPLINGS, cfg.flow.coupling, "flow.coupling")
     check_name(TIME_DENSITIES, cfg.flow.time_density, "flow.time_density")
+    if cfg.data.task:
+        from data.tasks import MASKS, TASKS
+
+        check_name({name: None for name in TASKS}, cfg.data.task, "data.task")
+        check_name({name: None for name in MASKS}, cfg.data.mask, "data.mask")
+        if cfg.data.task == "semantic" and cfg.data.label_classes <= 0:
+            raise UserError("data.task=semantic needs data.label_classes, the number of classes in the label maps "
+                            "(CelebAMask-HQ: 19)")
+    if cfg.flow.cond_dropout > 0 and not cfg.data.task:
+        raise UserError("flow.cond_dropout drops the spatial condition of data.task, which is not set; set data.task "
+                        "or flow.cond_dropout=0")
     if cfg.train.eval_every:
         from metrics import FEATURES
 

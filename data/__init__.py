@@ -1,7 +1,8 @@
 """Datasets: the DATASETS registry, source distributions, and a resumable sharded loader.
 
 A dataset is a map-style dataset indexed by a list of indices, returning a batch (x1, y) with
-y None for unlabelled data, and telling its `shape` (without batch) and `num_classes` (0 if none):
+y None for unlabelled data, or (x1, y, extras) with a dict of what travels with the data (reflow pairs' noise
+'x0', semantic tasks' 'label_map'), and telling its `shape` (without batch) and `num_classes` (0 if none):
 sizes that follow from data are read from it, never typed twice.
 """
 
@@ -65,6 +66,14 @@ SOURCES: dict[str, Callable] = {"gaussian": _gaussian_source, **{name: _toy_sour
 def build_dataset(cfg: Config) -> PointDataset:
     if cfg.data.size <= 0 and cfg.data.name in TOY:
         raise UserError(f"config key data.size must be positive, got {cfg.data.size}")
+    if cfg.data.task == "semantic":
+        from data.tasks import SemanticFolderDataset
+
+        if cfg.data.name != "imagefolder":
+            raise UserError(f"data.task=semantic reads label maps beside an image folder; set data.name=imagefolder "
+                            f"(got '{cfg.data.name}')")
+        return SemanticFolderDataset(cfg.data.path, cfg.data.label_maps, cfg.data.label_classes, cfg.data.resolution,
+                                     cfg.data.class_folders)
     return DATASETS[cfg.data.name](cfg)
 
 

@@ -42,7 +42,8 @@ def read_manifest(folder: str | Path) -> dict:
 
 
 class PairsDataset:
-    """A pairs folder as a dataset: batches (x1, y, x0), x1 the teacher's samples (the data), x0 their noise."""
+    """A pairs folder as a dataset: batches (x1, y, {'x0': x0}), x1 the teacher's samples (the data), x0 their
+    noise."""
 
     def __init__(self, folder: str | Path):
         from safetensors import SafetensorError
@@ -73,5 +74,5 @@ class PairsDataset:
     def __len__(self) -> int:
         return len(self.x1)
 
-    def __getitem__(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-        return self.x1[idx], None if self.y is None else self.y[idx], self.x0[idx]
+    def __getitem__(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, dict]:
+        return self.x1[idx], None if self.y is None else self.y[idx], {"x0": self.x0[idx]}
