@@ -32,6 +32,7 @@ from config import Config, check_names, config_changes, load_config, save_config
 from data import build_dataset, build_loader, build_source, close_loader, data_info, reference_data
 from data.images import random_hflip, save_grid, to_uint8
 from data.latents import encode_dataset
+from data.tasks import Measurement, sample_masks, task_info, task_of_config, task_picture, training_measurement
 from data.toy import plot_points
 from errors import UserError, exit_on, full_disk, on_main_process
 from flows import BatchShard, LossByTime, build_objective, generate
@@ -182,6 +183,44 @@ def sample_quality(ema_model, dataset, cfg: Config, device: torch.device, num_cl
     return {name: frechet_distance(features.mean(0), np.cov(features, rowvar=False), reference.mu, reference.sigma)}
 
 
+def check_task(cfg: Config, task, dataset, pairs, features) -> None:
+    """What an image-conditioned task (data.task) does not go with, one line each."""
+    if len(dataset.shape) != 3:
+        raise UserError(f"data.task={task.name} conditions on images but {cfg.data.name} has shape {dataset.shape}; "
+                        "use an image dataset or remove data.task")
+    if task.name == "superres":
+        task.check(dataset.shape)
+    if cfg.latent.autoencoder and cfg.latent.cache:
+        raise UserError(f"data.task={task.name} in latent space encodes each batch's condition as it trains; set "
+                        "latent.cache=false")
+    for reason, present in (("flow.objective=meanflow", cfg.flow.objective != "cfm"),
+                            ("reflow pairs (data.name=pairs)", pairs is not None),
+                            ("Latent-CFM (latentcfm.encoder)", features is not None),
+                            ("train.eval_every (use evaluate.py --task)", cfg.train.eval_every > 0)):
+        if present:
+            raise UserError(f"data.task={task.name} does not go with {reason} here; remove one of them")
+
+
+@torch.no_grad()
+def save_task_preview(path: Path, ema_model, dataset, cfg: Config, device: torch.device, task, space) -> None:
+    """A grid of fixed dataset images: per row, condition | sample of the EMA model | original, Euler with
+    train.preview_steps steps, masks and noise from seed 0 as evaluate.py --task draws them."""
+    rows = max(1, min(len(dataset), cfg.train.preview_images // 3, 16))
+    batch = dataset[torch.arange(rows)]
+    x1, extras = batch[0].to(device), batch[2] if len(batch) > 2 else {}
+    if task.name == "inpaint":
+        m = task.measure(x1, sample_masks(task.mask, *x1.shape[-2:], 0, list(range(rows))).to(device))
+    elif task.name == "superres":
+        m = task.measure(x1)
+    else:
+        m = Measurement(extras["label_map"].to(device))
+    x0 = noise(0, list(range(rows)), space.shape).to(device)
+    out = generate(ema_model, x0, steps=cfg.train.preview_steps, cond={"image_cond": task.condition(m, space)})
+    x = task.enforce(space.decode(out.x).float(), m)
+    grid = torch.stack([task_picture(task, m, x1.shape[1]), x, x1], 1).flatten(0, 1)
+    save_grid(to_uint8(grid), path, rows, row_labels=None)
+
+
 def check_config_change(run_dir: Path, cfg: Config, accept: bool) -> list[str]:
     """The run folder's config.yaml against this start's config: changes to RESUMABLE keys are fine; others are
     refused in one line naming each (old → new) unless `accept`. Returns the log lines that say what changed."""
@@ -292,6 +331,9 @@ def run(cfg: Config, run_dir: Path, accelerator, trackers: list[str], stop: Stop
         raise UserError("flow.meanflow_cfg bakes classifier-free guidance into the target, which needs a "
                         "class-conditional model trained with label dropout (model.class_cond=true "
                         "flow.label_dropout=0.1)")
+    task = task_of_config(cfg)  # an image-conditioned task (data.task), or None
+    if task is not None:
+        check_task(cfg, task, dataset, pairs, features)
     if t.eval_every and data_info(cfg, dataset)["kind"] == "field":
         raise UserError("train.eval_every measures FID of images or W2 of points; these data are fields: set "
                         "train.eval_every=0")
@@ -311,7 +353,8 @@ def run(cfg: Config, run_dir: Path, accelerator, trackers: list[str], stop: Stop
     if autoencoding:
         model = build_autoencoder(cfg, dataset.shape)
     else:
-        model = build_model(cfg, space.shape, num_classes, features.dim if features else 0)
+        model = build_model(cfg, space.shape, num_classes, features.dim if features else 0,
+                            *((task.cond_channels(space.shape[0]), task.cond_classes) if task else ()))
     latent_shape = model.latent_shape(dataset.shape) if autoencoding else space.shape
     if t.init_from and not list_checkpoints(run_dir):  # a new run starts from another's weights
         init = Path(t.init_from) / "ema.safetensors" if Path(t.init_from).is_dir() else Path(t.init_from)
@@ -337,6 +380,7 @@ def run(cfg: Config, run_dir: Path, accelerator, trackers: list[str], stop: Stop
 
     data_meta = data_info(cfg, dataset)  # written into the weight files: sampling needs no data
     data_meta["label_dropout"] = repr(cfg.flow.label_dropout)  # guidance needs a trained null class
+    data_meta.update(task_info(task, space.shape[0]), cond_dropout=repr(cfg.flow.cond_dropout))
     if cfg.flow.objective == "meanflow":  # guidance baked in at this scale: sampling needs no --cfg-scale
         data_meta["meanflow_cfg"] = repr(cfg.flow.meanflow_cfg)
 
@@ -357,7 +401,7 @@ def run(cfg: Config, run_dir: Path, accelerator, trackers: list[str], stop: Stop
         data_meta.update(feature_dim=str(features.dim), condition_dim=str(cfg.latentcfm.dim))
 
     # Objective.
-    objective = build_objective(cfg, source, num_classes, latent_shape, features)
+    objective = build_objective(cfg, source, num_classes, latent_shape, features, task)
     shard = BatchShard.from_accelerator(accelerator)
 
     # Resume from the newest complete checkpoint.
@@ -386,7 +430,7 @@ def run(cfg: Config, run_dir: Path, accelerator, trackers: list[str], stop: Stop
         torch.set_num_threads(torch.get_num_threads() - 1)
     batches = micro_steps(loader, objective, shard, t.seed, step * t.grad_accum, device, ahead,
                           labels=num_classes > 0, hflip=cfg.data.hflip and train_data is dataset,
-                          memory_format=memory_format, space=encode_per_step)
+                          memory_format=memory_format, space=encode_per_step, task=task, task_space=space)
     # Listed once: unwrapping the model and walking its parameters cost host time on every step.
     raw_model, params = accelerator.unwrap_model(model), list(model.parameters())
     loss_by_time, eval_cache = LossByTime(t.t_bins, device), {}
@@ -441,8 +485,10 @@ def run(cfg: Config, run_dir: Path, accelerator, trackers: list[str], stop: Stop
             if (t.preview_every > 0 and step % t.preview_every == 0) or last:
                 path = run_dir / "samples" / f"{checkpoint_name(step)}.png"
                 on_main_process(accelerator, partial(save_reconstructions, path, ema.model, dataset, cfg, device)
-                                if autoencoding else partial(save_preview, path, ema.model, dataset, source, cfg,
-                                                             device, step, num_classes, space))
+                                if autoencoding else partial(save_task_preview, path, ema.model, dataset, cfg, device,
+                                                             task, space) if task is not None
+                                else partial(save_preview, path, ema.model, dataset, source, cfg, device, step,
+                                             num_classes, space))
                 log(f"preview: {path}")
             if step % t.checkpoint_every == 0 or last or stopping:
                 meta = {**data_meta, **latent_statistics(ema.model, dataset, device)} if autoencoding else data_meta
@@ -486,10 +532,11 @@ def update_weights(accelerator, params, optimizer, ema: EMA, raw_model, step: in
 
 def micro_steps(loader, objective, shard: BatchShard, seed: int, first: int, device: torch.device, ahead: bool,
                 labels: bool = True, hflip: bool = False, memory_format: torch.memory_format = torch.contiguous_format,
-                space=None):
+                space=None, task=None, task_space=None):
     """Yields (x1, draw) for micro-steps first, first+1, ...: the data (with its labels when `labels`,
     randomly mirrored with `hflip`, encoded by `space` for latent flow matching; reflow pairs bring their
-    noise as a third element) and all training randomness.
+    noise, semantic data their label maps, in a dict as a third element), the spatial condition of an
+    image-conditioned `task` (made in `task_space`, the flow's) and all training randomness.
 
     Micro-step k's draws come from a generator seeded by (seed, k), the same on every process, so
     they depend neither on the number of processes nor on where training was resumed. With `ahead`
@@ -498,17 +545,24 @@ def micro_steps(loader, objective, shard: BatchShard, seed: int, first: int, dev
     """
 
     def prepare(k: int):
-        x1, y, *paired = next(loader)
+        x1, y, *extras = next(loader)
+        extras = extras[0] if extras else {}
         x1, y = x1.to(device, non_blocking=True), None if y is None or not labels else y.to(device, non_blocking=True)
-        x0 = paired[0].to(device, non_blocking=True) if paired else None
+        x0 = extras["x0"].to(device, non_blocking=True) if "x0" in extras else None
         generator = torch.Generator(device).manual_seed(seed * 2**32 + k)
         if hflip:  # drawn for the global batch, like every draw, so that it does not depend on the processes
-            x1 = random_hflip(x1, shard.local(torch.rand(x1.shape[0] * shard.world, generator=generator,
-                                                         device=device) < 0.5))
+            flip = shard.local(torch.rand(x1.shape[0] * shard.world, generator=generator, device=device) < 0.5)
+            x1 = random_hflip(x1, flip)
+            if "label_map" in extras:
+                extras["label_map"] = random_hflip(extras["label_map"][:, None].to(device), flip)[:, 0]
+        image_cond = None
+        if task is not None:  # from the pixels, before latent flow matching encodes them
+            image_cond = task.condition(training_measurement(task, x1, extras, generator, shard), task_space)
+            image_cond = image_cond.contiguous(memory_format=memory_format)
         if space is not None:
             x1 = space.encode(x1, generator)
         x1 = x1.contiguous(memory_format=memory_format)
-        return x1, objective.draw(x1, y, generator, shard, x0)
+        return x1, objective.draw(x1, y, generator, shard, x0, image_cond)
 
     k = first
     if not ahead:

@@ -28,9 +28,9 @@ TIME_DENSITIES = {
 
 
 def build_objective(cfg: Config, source: Callable, num_classes: int = 0, latent_shape: tuple[int, ...] = (),
-                    features: Callable | None = None) -> FlowMatchingObjective | AutoencoderObjective:
+                    features: Callable | None = None, task=None) -> FlowMatchingObjective | AutoencoderObjective:
     """The training objective of cfg.flow.objective: flow matching, or an autoencoder's (which needs the
-    shape of its latent)."""
+    shape of its latent); `task` (data/tasks.py) gives the null condition that flow.cond_dropout puts in."""
     f = cfg.flow
     if f.objective == "autoencoder":
         return AutoencoderObjective(f.kl_weight, latent_shape)
@@ -41,7 +41,8 @@ def build_objective(cfg: Config, source: Callable, num_classes: int = 0, latent_
         return MeanFlowObjective(**common, ratio=f.meanflow_ratio, power=f.meanflow_p, eps=f.meanflow_eps,
                                  cfg_scale=f.meanflow_cfg, tangent=f.meanflow_tangent)
     return FlowMatchingObjective(**common, features=features, cond_dim=cfg.latentcfm.dim if features is not None else 0,
-                                 beta=cfg.latentcfm.beta)
+                                 beta=cfg.latentcfm.beta, cond_dropout=f.cond_dropout,
+                                 null_condition=None if task is None else task.null)
 
 
 __all__ = ["AutoencoderObjective", "PATHS", "COUPLINGS", "TIME_DENSITIES", "SOLVERS", "build_objective", "BatchShard",

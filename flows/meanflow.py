@@ -97,10 +97,11 @@ class MeanFlowObjective(FlowMatchingObjective):
         self.ratio, self.power, self.eps, self.cfg_scale, self.tangent = ratio, power, eps, cfg_scale, tangent
 
     def draw(self, x1: torch.Tensor, y: torch.Tensor | None, generator: torch.Generator,
-             shard: BatchShard = BatchShard(), x0: torch.Tensor | None = None) -> Draw:
+             shard: BatchShard = BatchShard(), x0: torch.Tensor | None = None,
+             image_cond: torch.Tensor | None = None) -> Draw:
         """Flow matching's draw, its t the smaller and s the larger of two times from the density for a
         fraction `ratio` of the samples, s = t for the others (all drawn for the global batch)."""
-        draw = super().draw(x1, y, generator, shard, x0)
+        draw = super().draw(x1, y, generator, shard, x0, image_cond)
         n_global, device = x1.shape[0] * shard.world, x1.device
         other = shard.local(self.time_density(n_global, generator, device))
         apart = shard.local(torch.rand(n_global, generator=generator, device=device) < self.ratio)

@@ -25,7 +25,7 @@ class Draw:
     x0: torch.Tensor
     t: torch.Tensor | None
     y: torch.Tensor | None
-    cond: dict = field(default_factory=dict)  # Latent-CFM: encoder features and the noise ε of c
+    cond: dict = field(default_factory=dict)  # Latent-CFM: encoder features and the noise ε of c; data.task: image_cond
     s: torch.Tensor | None = None  # MeanFlow: the end of the interval [t, s] (N,)
 
 
@@ -50,7 +50,7 @@ class FlowMatchingObjective:
 
     def __init__(self, path, coupling, time_density, source: Callable, label_dropout: float = 0.0,
                  num_classes: int = 0, features: Callable | None = None, cond_dim: int = 0, beta: float = 0.0,
-                 huber_c: float | None = None):
+                 huber_c: float | None = None, cond_dropout: float = 0.0, null_condition: Callable | None = None):
         self.path, self.coupling, self.time_density, self.source = path, coupling, time_density, source
         self.label_dropout, self.num_classes = label_dropout, num_classes
         # None: the squared error; c ≥ 0: the pseudo-Huber loss √(‖·‖² + c²) − c (c = 0: 0.00054·√D, Song &
@@ -58,10 +58,15 @@ class FlowMatchingObjective:
         self.huber_c = huber_c
         # Latent-CFM (Samaddar et al. 2025, eq. 8): the loss adds β·KL(q(c|f) ‖ N(0, I)), f = features(x1).
         self.features, self.cond_dim, self.beta = features, cond_dim, beta
+        # Image-conditioned tasks: the spatial condition is replaced by null_condition(condition) ("nothing known")
+        # with probability cond_dropout, which trains the unconditional velocity that guidance needs.
+        self.cond_dropout, self.null_condition = cond_dropout, null_condition
 
     def draw(self, x1: torch.Tensor, y: torch.Tensor | None, generator: torch.Generator,
-             shard: BatchShard = BatchShard(), x0: torch.Tensor | None = None) -> Draw:
-        """The randomness of a micro-step; x0: the noise that the data come paired with (reflow pairs), if any."""
+             shard: BatchShard = BatchShard(), x0: torch.Tensor | None = None,
+             image_cond: torch.Tensor | None = None) -> Draw:
+        """The randomness of a micro-step; x0: the noise that the data come paired with (reflow pairs), if any;
+        image_cond: the spatial condition of an image-conditioned task (N, C_c, H, W), dropped here."""
         n_global, device = x1.shape[0] * shard.world, x1.device
         x0 = self.coupling.pair(self.source(n_global, generator, device) if x0 is None else x0, x1, shard)
         t = shard.local(self.time_density(n_global, generator, device))
@@ -72,13 +77,18 @@ class FlowMatchingObjective:
         if self.features is not None:
             eps = shard.local(torch.randn(n_global, self.cond_dim, generator=generator, device=device))
             cond = {"features": self.features(x1), "eps": eps}
+        if image_cond is not None:
+            if self.cond_dropout > 0:
+                drop = shard.local(torch.rand(n_global, generator=generator, device=device) < self.cond_dropout)
+                image_cond = torch.where(drop[:, None, None, None], self.null_condition(image_cond), image_cond)
+            cond["image_cond"] = image_cond
         return Draw(x0=x0, t=t, y=y, cond=cond)
 
     def loss(self, model: Callable, x1: torch.Tensor, draw: Draw) -> ObjectiveOutput:
         sample = self.path.sample(draw.x0, x1.to(draw.x0.dtype), draw.t)
         v = model(sample.x_t, draw.t, draw.y, **draw.cond)
         kl = None
-        if draw.cond:
+        if isinstance(v, tuple):  # Latent-CFM: the velocity and the KL of its condition
             v, kl = v
         loss = self.distance(v, sample.u_t)
         return ObjectiveOutput(loss=loss if kl is None else loss + self.beta * kl.float(), t=draw.t)
@@ -105,7 +115,8 @@ class AutoencoderObjective:
         self.kl_weight, self.latent_shape = kl_weight, latent_shape
 
     def draw(self, x1: torch.Tensor, y: torch.Tensor | None, generator: torch.Generator,
-             shard: BatchShard = BatchShard(), x0: torch.Tensor | None = None) -> Draw:
+             shard: BatchShard = BatchShard(), x0: torch.Tensor | None = None,
+             image_cond: torch.Tensor | None = None) -> Draw:
         eps = torch.randn(x1.shape[0] * shard.world, *self.latent_shape, generator=generator, device=x1.device)
         return Draw(x0=shard.local(eps), t=None, y=None)
 
