@@ -10,7 +10,8 @@ index and written whole (temporary name, then rename), so an interrupted run con
 stopped and every sample is written exactly once. Outputs in --save-dir: images as NNNNNN.png
 (uint8, rounded), fields and vectors as NNNNNN.npy; --npz also writes samples.npz (N, H, W, C
 uint8, as clean-fid and the ADM evaluator read it) and 2-D data get samples.npy and scatter.png;
---grid K writes grid.png of the first K images; info.json records what was computed (solver, steps,
+--grid K writes grid.png of the first K images (image-conditioned tasks: condition | sample | original per row);
+info.json records what was computed (solver, steps,
 NFE: velocity evaluations per sample, exact for fixed-grid solvers and the mean over the samples of this run for
 adaptive ones, and forward_passes: 2·NFE under guidance; seed, weights).
 """
@@ -34,7 +35,9 @@ from cluster import STOPPED, Stopped, StopRequest, progress
 from config import check_names, load_config
 from data import build_source, reference_data, reference_data_config, weights_info
 from data.images import save_grid, to_uint8
+from data.tasks import cases_from_dataset, cases_from_folder, task_of_meta, task_picture
 from errors import UserError, atomic_write, exit_on
+from flows.inverse import check_task_guidance
 from flows.latent import build_feature_encoder, build_space
 from flows.schedules import parse_schedule
 from flows.solvers import (
@@ -84,8 +87,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--pairs", action="store_true",
                    help="write (noise, sample) pairs for reflow and distillation (data.name=pairs data.path=DIR "
                         "flow.coupling=pairs) into --save-dir, in shards of 1,024, instead of images")
-    p.add_argument("--condition-images", metavar="DIR", help="Latent-CFM models: sample k shares the encoder features "
-                                                             "of image k mod R of DIR (default: c from the prior)")
+    p.add_argument("--condition-images", metavar="DIR",
+                   help="image-conditioned sampling (a model trained with data.task, or --task): sample k from file k "
+                        "of DIR in sorted order, the original image (inpaint, superres; superres also takes the "
+                        "low-resolution images themselves) or a label map (semantic); default: item k of the run's "
+                        "dataset. Latent-CFM models: sample k "
+                        "shares the encoder features of image k mod R of DIR (default: c from the prior)")
+    p.add_argument("--task", choices=["inpaint", "superres", "semantic"],
+                   help="the task to sample (default: the one the model was trained for); on an unconditional model, "
+                        "inpaint or superres by a training-free --method")
+    p.add_argument("--method", choices=["model", "replace", "pnp", "mean", "bicubic"],
+                   help="model (a conditional model; the default for one), replace (training-free inpainting by "
+                        "replacement; the default on unconditional models), pnp (PnP-Flow: inpaint or superres from "
+                        "an unconditional model, Euler steps), mean or bicubic (baselines without a model)")
+    p.add_argument("--masks", metavar="DIR", help="inpaint: mask images (white = missing, black = known) of the "
+                                                  "images' size, case k takes mask k mod R (default: drawn per case)")
+    p.add_argument("--mask", choices=["mixed", "strokes", "boxes", "center"],
+                   help="inpaint without --masks: the masks drawn for case k from (seed, k) (default: the model's "
+                        "training masks, or mixed)")
+    p.add_argument("--factor", type=int, help="superres on an unconditional model: the downsampling factor "
+                                              "(default: the config's data.factor, 4)")
+    p.add_argument("--pnp-alpha", type=float, default=0.01, help="PnP-Flow: step sizes γ_n = (1 − t_n)^α")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides, e.g. sample.atol=1e-6")
     return p.parse_intermixed_args(argv)
 
@@ -247,6 +269,103 @@ def write_pairs(args, cfg, accelerator, model, weights: Path, meta: dict, shape:
         print(f"done: {n} pairs in {folder} ({what})")
 
 
+def resolve_task(args, cfg, meta: dict):
+    """The image-conditioned task to sample and its method, or (None, None): the model's own task (a model trained
+    with data.task), or --task on an unconditional model with a training-free method."""
+    from flows.inverse import check_method, choose_task
+
+    trained = task_of_meta(meta)
+    if args.task is None and trained is None:
+        for flag in ("method", "masks", "mask", "factor"):
+            if getattr(args, flag) is not None:
+                raise UserError(f"--{flag} belongs to image-conditioned sampling; give --task inpaint or superres "
+                                "(or sample a model trained with data.task)")
+        return None, None
+    if args.pairs or "feature_dim" in meta or cfg.flow.objective != "cfm":
+        raise UserError("image-conditioned sampling (--task) takes a flow-matching model of images, without --pairs, "
+                        "Latent-CFM or MeanFlow")
+    if meta["kind"] != "image":
+        raise UserError(f"--task {args.task} needs a model of images; this one makes {meta['kind']}s")
+    if args.mask and args.masks:
+        raise UserError("give either --masks DIR (your masks) or --mask KIND (drawn ones), not both")
+    task, method = choose_task(trained, args.task, args.method, args.mask, args.factor, cfg.data.factor,
+                               tuple(json.loads(meta["data_shape"])))
+    check_method(method, task, trained is not None, cfg.sample.solver)
+    return task, method
+
+
+def sample_task(args, cfg, accelerator, model, weights: Path, meta: dict, task, method: str, space, save_dir: Path,
+                what: str) -> None:
+    """Image-conditioned samples: case k's measurement (from file k of --condition-images, its mask from --masks or
+    (seed, k)) and noise (seed, k), enforced (known pixels pasted back, block means restored) and written as
+    NNNNNN.png; info.json adds the task, the method and the measurement error. Resumes like plain sampling."""
+    from flows.inverse import restore
+
+    s, n = cfg.sample, args.n_samples
+    image_shape = tuple(json.loads(meta["data_shape"]))
+    if args.condition_images:
+        cases = cases_from_folder(task, args.condition_images, image_shape, n, args.masks,
+                                  getattr(task, "mask", "mixed"), s.seed)
+    else:  # items 0..N-1 of the run's own dataset, as evaluate.py takes them
+        cases = cases_from_dataset(task, reference_data(cfg), n, args.masks, getattr(task, "mask", "mixed"), s.seed)
+    steps = s.steps if s.solver not in ADAPTIVE else None
+    missing = [k for k in range(n) if not file_of(save_dir, k, "image").exists()]
+    accelerator.wait_for_everyone()
+    mine = missing[accelerator.process_index::accelerator.num_processes]
+    if accelerator.is_main_process:
+        print(f"{weights}: {n} samples ({n - len(missing)} already in {save_dir}), {task.describe()}, method {method}, "
+              f"{what}, {accelerator.num_processes} process(es) on {accelerator.device}")
+    bar = progress(len(mine), unit="sample", desc=task.name, disable=not accelerator.is_main_process)
+    totals = torch.zeros(3, dtype=torch.float64, device=accelerator.device)  # NFE, samples, largest error
+    share = -(-len(missing) // accelerator.num_processes)
+    with StopRequest() as stop:
+        for first in range(0, share, s.batch_size):
+            batch = mine[first: first + s.batch_size]
+            if batch:
+                m = cases.measurement(batch).to(accelerator.device)
+                x, nfe = restore(model, task, m, space, method, s.seed, batch, steps, s.solver, s.schedule,
+                                 s.cfg_scale, cfg.flow.sigma_min, args.pnp_alpha, s.atol, s.rtol)
+                x = task.enforce(x, m)
+                if task.name != "semantic":
+                    error = task.consistency(to_uint8(x).float() / 127.5 - 1, m).max().item()
+                    totals[2] = max(totals[2].item(), error)
+                totals[:2] += torch.tensor([nfe * len(batch), len(batch)], dtype=torch.float64,
+                                           device=accelerator.device)
+                for k, image in zip(batch, x.cpu()):
+                    write_sample(file_of(save_dir, k, "image"), image, "image", meta)
+                bar.update(len(batch))
+            if stop.now(accelerator) and first + s.batch_size < share:
+                bar.close()
+                accelerator.wait_for_everyone()
+                if accelerator.is_main_process:
+                    print(f"stopped by {stop.name}; run the same command to continue", file=sys.stderr)
+                raise Stopped
+    bar.close()
+    nfe, count = accelerator.reduce(totals[:2], "sum").tolist()
+    error = accelerator.reduce(totals[2:], "max").item()
+    if accelerator.is_main_process:
+        if args.grid:
+            k = list(range(min(args.grid, n)))
+            samples = torch.stack([torch.from_numpy(read_sample(file_of(save_dir, i, "image"))) for i in k])
+            samples = samples[:, None] if samples.dim() == 3 else samples.permute(0, 3, 1, 2)
+            m = cases.measurement(k)
+            columns = [to_uint8(task_picture(task, m, image_shape[0])), samples]
+            if cases.original(k) is not None:
+                columns.append(to_uint8(cases.original(k)))
+            save_grid(torch.stack(columns, 1).flatten(0, 1), save_dir / "grid.png", rows=len(k))
+        info = {"weights": str(weights), "n_samples": n, "task": task.name, "method": method,
+                "mask": getattr(task, "mask", None) if task.name == "inpaint" and not args.masks else None,
+                "masks": args.masks, "factor": getattr(task, "factor", None), "condition": args.condition_images,
+                "solver": s.solver, "steps": steps, "schedule": s.schedule if steps else None,
+                "nfe": nfe / count if count else None, "cfg_scale": s.cfg_scale, "seed": s.seed,
+                "pnp_alpha": args.pnp_alpha if method == "pnp" else None,
+                "measurement_error_uint8": None if task.name == "semantic" else error,
+                "processes": accelerator.num_processes, "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+        (save_dir / "info.json").write_text(json.dumps(info, indent=1))
+        told = "" if task.name == "semantic" else f", largest measurement error {error:g} uint8 levels"
+        print(f"done: {n} samples in {save_dir} ({task.describe()}, method {method}, NFE {info['nfe']:g}{told})")
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     try:
@@ -264,7 +383,11 @@ def sample(args: argparse.Namespace) -> None:
     shape, num_classes, kind = tuple(json.loads(meta.get("latent_shape", meta["data_shape"]))), \
         int(meta["num_classes"]), meta["kind"]
     labels = class_labels(args.class_labels, n, num_classes, s.seed)
-    check_guidance(s.cfg_scale, num_classes, float(meta.get("label_dropout", cfg.flow.label_dropout)))
+    task, method = resolve_task(args, cfg, meta)
+    if task is None:
+        check_guidance(s.cfg_scale, num_classes, float(meta.get("label_dropout", cfg.flow.label_dropout)))
+    else:
+        check_task_guidance(s.cfg_scale, method, float(meta.get("cond_dropout", 0)))  # over the spatial condition
 
     # Processes and output folder.
     cpu_multiprocess = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
@@ -278,18 +401,24 @@ def sample(args: argparse.Namespace) -> None:
     except OSError as e:
         raise UserError(f"save dir {save_dir} is not writable ({e.strerror}); choose another --save-dir") from None
     # Model and source.
-    model = build_model(cfg, shape, num_classes, int(meta.get("feature_dim", 0)))
+    trained_task = task_of_meta(meta)
+    model = build_model(cfg, shape, num_classes, int(meta.get("feature_dim", 0)),
+                        *((trained_task.cond_channels(shape[0]), trained_task.cond_classes) if trained_task else ()))
     load_weights(model, weights)
     # Vectors are integrated in float64: float32 matrix products differ in the last bit with the batch size,
     # which would make sample k depend on --bspp; images are rounded to uint8, which absorbs those bits.
     dtype = torch.float64 if kind == "vector" else torch.float32
     model.to(accelerator.device, dtype).eval()
     source = None if cfg.data.source == "gaussian" else build_source(cfg, shape)
-    references = reference_features(args, cfg, meta, accelerator.device)
+    references = None if task is not None else reference_features(args, cfg, meta, accelerator.device)
     space = build_space(cfg, tuple(json.loads(meta["data_shape"]))).to(accelerator.device)
     steps = s.steps if s.solver not in ADAPTIVE else None
     what = (f"{s.solver}, {f'{steps} steps, {s.schedule} schedule' if steps else f'atol {s.atol}, rtol {s.rtol}'}, "
             f"cfg scale {s.cfg_scale}, seed {s.seed}")
+    if task is not None:
+        sample_task(args, cfg, accelerator, model, weights, meta, task, method, space, save_dir, what)
+        accelerator.end_training()
+        return
     if args.pairs:
         write_pairs(args, cfg, accelerator, model, weights, meta, shape, labels, source, dtype, what)
         accelerator.end_training()

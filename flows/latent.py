@@ -52,8 +52,9 @@ class LatentSpace:
             z = q.sample(torch.randn(z.shape, generator=generator, device=z.device, dtype=z.dtype))
         return (z - self.shift) * self.scale
 
-    @torch.no_grad()
     def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Images of latents z. Differentiable in z (PnP-Flow's fidelity gradient goes through it); the frozen
+        autoencoder records no graph for z that needs no gradient."""
         return self.autoencoder.decode(z.to(next(self.autoencoder.parameters()).dtype) / self.scale + self.shift)
 
     def to(self, device: torch.device) -> LatentSpace:

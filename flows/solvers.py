@@ -108,15 +108,19 @@ class _Counted:
 
 
 @torch.no_grad()
-def integrate(velocity: Velocity, x0: torch.Tensor, grid: torch.Tensor, solver: str = "euler") -> SolverResult:
+def integrate(velocity: Velocity, x0: torch.Tensor, grid: torch.Tensor, solver: str = "euler",
+              after_step: Callable | None = None) -> SolverResult:
     """Integrate dx/dt = velocity(x, t) over `grid` (a monotone 1-D tensor of times), t of shape (N,).
-    solver: a name in SOLVERS, or 'SOLVER+LAST' for LAST's step on the last interval."""
+    solver: a name in SOLVERS, or 'SOLVER+LAST' for LAST's step on the last interval. after_step(x, t) -> x
+    changes the state after each step (inpainting by replacement)."""
     body, _, last = solver.partition("+")
     steps = [SOLVERS[body][0]] * (len(grid) - 2) + [SOLVERS[last or body][0]]
     v = _Counted(velocity)
     x = x0 if x0.dtype == torch.float64 else x0.float()
     for step, t0, t1 in zip(steps, grid[:-1].tolist(), grid[1:].tolist()):
         x = step(v, x, t0, t1)
+        if after_step is not None:
+            x = after_step(x, t1)
     assert v.calls == fixed_grid_nfe(solver, len(grid) - 1)
     return SolverResult(x=x, nfe=v.calls)
 
@@ -218,27 +222,31 @@ def integrate_adaptive(velocity: Velocity, x0: torch.Tensor, solver: str = "dopr
     return SolverResult(x=x, nfe=v.calls, sample_nfe=sample_nfe.cpu())
 
 
-def guided(model: Callable, y: torch.Tensor | None, cfg_scale: float = 1.0, cond: dict | None = None) -> Velocity:
+def guided(model: Callable, y: torch.Tensor | None, cfg_scale: float = 1.0, cond: dict | None = None,
+           null_cond: dict | None = None) -> Velocity:
     """The velocity of `model(x, t, y)` with classifier-free guidance (Ho & Salimans 2022, in velocity form):
     v = v(x, t, ∅) + w · (v(x, t, y) − v(x, t, ∅)), both halves in one batched call. w = 1 is the
     conditional velocity alone (one half, no extra cost), w = 0 the unconditional one. `cond`: further
-    per-sample model inputs (Latent-CFM's c), batched with x."""
+    per-sample model inputs (Latent-CFM's c, a task's image_cond), batched with x; `null_cond`: those of them that
+    the unconditional half replaces (a task's null condition), which makes guidance apply to them."""
     cond = cond or {}
-    if cfg_scale == 1.0 or y is None:
-        if y is None and cfg_scale != 1.0:
+    if cfg_scale == 1.0 or (y is None and not null_cond):
+        if cfg_scale != 1.0:
             raise UserError("classifier-free guidance needs class labels; give --class-labels or leave --cfg-scale 1")
         return lambda x, t, s=None: model(x, t, y, **({} if s is None else {"s": s}), **cond)
-    label_embed = getattr(model, "label_embed", None)
-    if label_embed is None:
-        raise UserError(f"--cfg-scale {cfg_scale} asks for guidance but the model is unconditional "
-                        "(trained without model.class_cond); leave --cfg-scale 1")
-    null = torch.full_like(y, label_embed.num_classes)
-    doubled = {key: torch.cat([value, value]) for key, value in cond.items()}
+    labels = None
+    if y is not None:
+        label_embed = getattr(model, "label_embed", None)
+        if label_embed is None:
+            raise UserError(f"--cfg-scale {cfg_scale} asks for guidance but the model is unconditional "
+                            "(trained without model.class_cond); leave --cfg-scale 1")
+        labels = torch.cat([y, torch.full_like(y, label_embed.num_classes)])
+    unconditional = {**cond, **(null_cond or {})}
+    doubled = {key: torch.cat([value, unconditional[key]]) for key, value in cond.items()}
 
     def velocity(x, t, s=None):
         interval = {} if s is None else {"s": torch.cat([s, s])}
-        v_cond, v_uncond = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null]), **interval,
-                                 **doubled).chunk(2)
+        v_cond, v_uncond = model(torch.cat([x, x]), torch.cat([t, t]), labels, **interval, **doubled).chunk(2)
         return v_uncond + cfg_scale * (v_cond - v_uncond)
 
     return velocity
@@ -292,9 +300,11 @@ def check_solver(solver: str, steps: int | None) -> None:
 @torch.no_grad()
 def generate(model: Callable, x0: torch.Tensor, steps: int | None = 100, solver: str = "euler",
              y: torch.Tensor | None = None, schedule: str = "linear", cfg_scale: float = 1.0,
-             atol: float = 1e-5, rtol: float = 1e-5, cond: dict | None = None) -> SolverResult:
+             atol: float = 1e-5, rtol: float = 1e-5, cond: dict | None = None, null_cond: dict | None = None,
+             after_step: Callable | None = None) -> SolverResult:
     """Samples from noise x0 (N, ...) with `model(x, t, y)`: a fixed-grid solver over `steps` intervals
-    of the time schedule, or an adaptive one (steps None) under atol/rtol; guidance with cfg_scale."""
+    of the time schedule, or an adaptive one (steps None) under atol/rtol; guidance with cfg_scale (over the
+    labels, and over the inputs of `cond` that `null_cond` replaces); after_step: see integrate."""
     from flows.schedules import time_grid
 
     check_solver(solver, steps)
@@ -302,10 +312,13 @@ def generate(model: Callable, x0: torch.Tensor, steps: int | None = 100, solver:
         raise UserError("--solver meanflow jumps with the average velocity u(x, t, s) of a MeanFlow model "
                         "(trained with flow.objective=meanflow); this model gives the instantaneous velocity only: "
                         "use euler, midpoint, heun, rk4 or dopri5")
-    velocity = guided(model, y, cfg_scale, cond)
+    velocity = guided(model, y, cfg_scale, cond, null_cond)
     if solver in ADAPTIVE:
+        if after_step is not None:
+            raise UserError(f"{solver} chooses its own steps, between which nothing can be replaced; use a "
+                            "fixed-grid solver (euler, midpoint, heun, rk4) with this method")
         return integrate_adaptive(velocity, x0, solver, atol, rtol)
-    return integrate(velocity, x0, time_grid(schedule, steps).to(x0.device), solver)
+    return integrate(velocity, x0, time_grid(schedule, steps).to(x0.device), solver, after_step)
 
 # Per-sample randomness: sample k's noise and label depend on (seed, k) only.
 
@@ -328,9 +341,16 @@ def class_labels(given: list[str] | None, n: int, num_classes: int, seed: int) -
 
 
 def _generator(seed: int, k: int, stream: int = 0) -> torch.Generator:
-    """The generator of sample k: one per (seed, k, stream), stream 0 the noise, 1 the label, 2 Latent-CFM's c
-    (streams 0 and 1 keep the seeds of earlier versions; stream 2 lives above 2^62)."""
-    return torch.Generator().manual_seed((seed * 2**32 + k) * 2 + min(stream, 1) + (2**62 if stream == 2 else 0))
+    """The generator of sample k: one per (seed, k, stream), stream 0 the noise, 1 the label, 2 Latent-CFM's c, 3 the
+    noise a restoration sampler injects at each step (streams 0 and 1 keep the seeds of earlier versions; stream 2
+    lives above 2^62, stream 3 above 2^61)."""
+    high = {2: 2**62, 3: 2**61}.get(stream, 0)
+    return torch.Generator().manual_seed((seed * 2**32 + k) * 2 + min(stream, 1) + high)
+
+
+def sample_generators(seed: int, indices: list[int], stream: int) -> list[torch.Generator]:
+    """One generator per sample of a stream (see _generator), for draws a sampler makes step after step."""
+    return [_generator(seed, k, stream) for k in indices]
 
 
 def condition(model, seed: int, indices: list[int], features: torch.Tensor | None = None) -> dict:
