@@ -76,10 +76,12 @@ from models.checkpoint import list_checkpoints, load_weights
 
 # The settings that define a row: a row with the same values is the same measurement.
 KEY = ("step", "weights", "solver", "steps", "schedule", "atol", "rtol", "cfg_scale", "n_samples", "seed",
-       "reference", "mode", "features")
+       "reference", "mode", "features", "task", "mask", "factor", "method", "pnp_alpha")
 # Columns of report.csv and report.md, in order.
 COLUMNS = ("step", "weights", "solver", "steps", "schedule", "cfg_scale", "nfe", "forward_passes", "fid", "kid",
-           "kid_std", "w2", "mmd", "bpd", "n_samples", "seed", "reference", "mode", "features", "seconds")
+           "kid_std", "w2", "mmd", "bpd", "n_samples", "seed", "reference", "mode", "features", "seconds", "task",
+           "mask", "factor", "method", "psnr", "ssim", "measurement_error", "raw_measurement_error",
+           "seconds_per_image")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -112,6 +114,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--stats-dir", default=str(fid.default_stats_dir()), help="cache of reference statistics "
                                                                          "(default %(default)s)")
     p.add_argument("--out", help="report folder (default RUN/eval)")
+    task = p.add_argument_group("image-conditioned tasks", "score a task on the first N items of the run's dataset "
+                                "(fixed cases: case k's mask and noise from (seed, k)): FID of the outputs against "
+                                "--ref, PSNR and SSIM against the originals, the measurement error, NFE and seconds "
+                                "per image")
+    task.add_argument("--task", choices=["inpaint", "superres", "semantic"],
+                      help="the task (default: the one the run's model was trained for, if any)")
+    task.add_argument("--method", default=None, choices=["model", "replace", "pnp", "mean", "bicubic"],
+                      help="model (a conditional run's), replace or pnp (training-free, on an unconditional run), "
+                           "mean or bicubic (baselines: one row, no checkpoint)")
+    task.add_argument("--mask", choices=["mixed", "strokes", "boxes", "center"],
+                      help="inpaint: the masks of the cases (default: the model's training masks, or mixed)")
+    task.add_argument("--factor", type=int, help="superres: the downsampling factor (default: the run's data.factor)")
+    task.add_argument("--pnp-alpha", type=float, default=0.01, help="PnP-Flow: step sizes (1 − t_n)^α (default 0.01)")
     return p.parse_args(argv)
 
 
@@ -213,7 +228,8 @@ class Report:
     def add(self, row: dict) -> None:
         with self._locked():  # another evaluation may have added rows since we read: merge, then replace
             rows = [r for r in self.rows() if key_of(r) != key_of(row)] + [row]
-            rows.sort(key=lambda r: (r["step"] or 0, r["weights"] or "", r["solver"], r["nfe"] or 0, r["cfg_scale"]))
+            rows.sort(key=lambda r: (r.get("task") or "", r["step"] or 0, r["weights"] or "", r["solver"],
+                                     r["nfe"] or 0, r["cfg_scale"]))
             _write(self.path, json.dumps({"rows": rows}, indent=1))
             self.render(rows)
 
@@ -224,7 +240,8 @@ class Report:
         writer.writerows(rows)
         _write(self.folder / "report.csv", buffer.getvalue())
         _write(self.folder / "report.md", markdown(rows))
-        plot(rows, self.folder / "fid.png")
+        if any(not r.get("task") for r in rows):  # tasks are compared in the table, between methods
+            plot([r for r in rows if not r.get("task")], self.folder / "fid.png")
 
 
 def _write(path: Path, text: str | bytes) -> None:
@@ -249,7 +266,7 @@ def _fmt(value, digits: int = 2) -> str:
 
 def markdown(rows: list[dict]) -> str:
     lines = ["# Evaluation report", ""]
-    for (n, seed, reference, mode, features), group in _groups(rows).items():
+    for (n, seed, reference, mode, features), group in _groups([r for r in rows if not r.get("task")]).items():
         metric = metric_of(group)
         best = min(group, key=lambda r: r[metric])
         lines += [f"## {n} samples, seed {seed}, against {reference}" + (f" ({features})" if mode else ""),
@@ -281,7 +298,33 @@ def markdown(rows: list[dict]) -> str:
         if guided:
             lines += ["NFE counts velocity evaluations per sample, a guided one as one; forward passes count the "
                       "network's rows, two per guided evaluation.", ""]
-    return "\n".join(lines)
+    return "\n".join(lines + task_markdown([r for r in rows if r.get("task")]))
+
+
+def task_markdown(rows: list[dict]) -> list[str]:
+    """A table per task setting (task, masks or factor, cases, seed, reference): every method's row."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["task"], r["mask"], r["factor"], r["n_samples"], r["seed"], r["reference"]), []).append(r)
+    lines = []
+    for (task, mask, factor, n, seed, reference), group in groups.items():
+        setting = f"{mask} masks" if task == "inpaint" else f"×{factor}" if task == "superres" else ""
+        lines += [f"## {task} ({setting}), {n} fixed cases, seed {seed}, FID against {reference}", "",
+                  "FID: lower is better; PSNR (dB) and SSIM against the originals: higher is better. Measurement "
+                  "error: the largest change of a known pixel (inpaint) or of a block mean (superres) in uint8 "
+                  "levels, after the measurement is enforced (before it, in brackets: the mean over cases).", "",
+                  "| method | step | sampler | cfg | NFE | FID | PSNR | SSIM | measurement error | s / image |",
+                  "|---|---|---|---|---:|---:|---:|---:|---:|---:|"]
+        for r in sorted(group, key=lambda r: r["fid"]):
+            sampler = "" if r["method"] in ("mean", "bicubic") else \
+                Sampler(r["solver"], r["steps"], r["schedule"] or "linear").label
+            method = r["method"] + (f" (α {r['pnp_alpha']:g})" if r["method"] == "pnp" else "")
+            lines.append(f"| {method} | {'' if r['step'] is None else r['step']} | {sampler} | "
+                         f"{_fmt(r['cfg_scale'], 1)} | {_fmt(r['nfe'], 0)} | {r['fid']:.2f} | {r['psnr']:.2f} | "
+                         f"{r['ssim']:.4f} | {r['measurement_error']:.2f} ({r['raw_measurement_error']:.2f}) | "
+                         f"{r['seconds_per_image']:.3f} |")
+        lines += ["", f"Protocol: {group[0]['protocol']}", ""]
+    return lines
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -438,6 +481,11 @@ def evaluate(args: argparse.Namespace, stop: StopRequest | None = None) -> None:
     if any(sampler.steps is None for sampler in samplers):
         check_tolerances(atol, rtol)
     weights_kinds = ["ema", "raw"] if args.weights == "both" else [args.weights]
+    if args.task or "task" in weights_info(checkpoints[-1][1] / "ema.safetensors", cfg):
+        return evaluate_task(args, stop, run, checkpoints, cfg, samplers, weights_kinds, atol, rtol)
+    if args.method or args.mask or args.factor:
+        raise UserError("--method, --mask and --factor score image-conditioned tasks; give --task inpaint or superres "
+                        "(or evaluate a run trained with data.task)")
 
     # Processes, data and what the samples look like.
     cpu_multiprocess = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
@@ -567,6 +615,169 @@ def evaluate(args: argparse.Namespace, stop: StopRequest | None = None) -> None:
             report.render(report.rows())
         print(f"report: {report.folder / 'report.md'}, {report.folder / 'fid.png'}")
     accelerator.end_training()
+
+
+def evaluate_task(args, stop: StopRequest, run: Path, checkpoints, cfg, samplers: list[Sampler], weights_kinds,
+                  atol: float, rtol: float) -> None:
+    """The rows of an image-conditioned task: the first --n-samples items of the run's dataset as fixed cases, every
+    checkpoint × weights × sampler × guidance scale with the method (a baseline: one row without a checkpoint)."""
+    from data.tasks import cases_from_dataset, task_of_meta
+    from flows.inverse import check_method, check_task_guidance, choose_task
+
+    cpu_multiprocess = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    accelerator = Accelerator(cpu=cpu_multiprocess)
+    main_process = accelerator.is_main_process
+    meta = weights_info(checkpoints[-1][1] / "ema.safetensors", cfg)
+    if meta["kind"] != "image" or cfg.flow.objective != "cfm" or "feature_dim" in meta:
+        raise UserError(f"--task {args.task} scores a flow-matching model of images (not MeanFlow or Latent-CFM); "
+                        f"run {run} is not one")
+    trained = task_of_meta(meta)
+    image_shape = tuple(json.loads(meta["data_shape"]))
+    task, method = choose_task(trained, args.task, args.method, args.mask, args.factor, cfg.data.factor, image_shape)
+    baseline = method in ("mean", "bicubic")
+    for sampler in samplers:
+        check_method(method, task, trained is not None, sampler.solver)
+    cfg_scales = [1.0] if baseline else args.cfg_scale or [cfg.sample.cfg_scale]
+    for scale in cfg_scales:
+        check_task_guidance(scale, method, float(meta.get("cond_dropout", 0)))
+    shape = tuple(json.loads(meta.get("latent_shape", meta["data_shape"])))
+    space = build_space(cfg, image_shape).to(accelerator.device)
+
+    # The cases: items 0..N-1 of the run's dataset, masks and noise from (seed, k).
+    dataset = reference_data(cfg)
+    n = args.n_samples
+    cases = cases_from_dataset(task, dataset, n, None, getattr(task, "mask", "mixed"), args.seed)
+
+    extractor = build_features(args.features, args.mode, accelerator.device)
+
+    def load_reference():
+        return fid.load_reference(args.ref, extractor, image_shape[-2:], Path(args.stats_dir), cfg, dataset, False)
+
+    reference = on_main_process(accelerator, load_reference) or load_reference()
+    data = reference_data_config(cfg)
+    if task.name == "inpaint":
+        measured = (f"{task.mask} masks drawn for case k from ({args.seed}, k), the known pixels pasted back into "
+                    "every output")
+    elif task.name == "superres":
+        measured = (f"the {task.factor}×{task.factor} block means, restored in every output (each block shifted by "
+                    "the constant that gives its clipped pixels the low-resolution mean)")
+    else:
+        measured = "the label maps of the items"
+    protocol = (f"{task.describe()}: {n} fixed cases, items 0..{n - 1} of {data.name} ({data.split} split) as "
+                f"originals; {measured}; noise of case k from ({args.seed}, k); uint8 outputs; FID: "
+                f"{extractor.description} features, Fréchet distance to {reference.name}; PSNR over uint8 pixels "
+                "(peak 255) and SSIM (torchmetrics, 11×11 Gaussian window, σ 1.5, data range 255), each averaged over "
+                "the cases; NFE: velocity evaluations per sample; s / image: generation (no scoring) over all "
+                "processes, per image")
+    report = Report(Path(args.out) if args.out else run / "eval")
+    rows = [(None, None, None, None, 1.0)] if baseline else \
+        [(step, path, w, sampler, scale) for step, path in checkpoints for w in weights_kinds for sampler in samplers
+         for scale in cfg_scales]
+    if main_process:
+        print(f"{run}: {task.describe()}, method {method}, {len(rows)} rows, {n} cases each, "
+              f"{accelerator.num_processes} process(es) on {accelerator.device}; report in {report.folder}")
+    loaded, model = None, None
+    try:
+        for step, path, w, sampler, scale in rows:
+            adaptive = sampler is not None and sampler.steps is None
+            row = {"step": step, "weights": w, "solver": sampler.solver if sampler else "",
+                   "steps": sampler.steps if sampler else None,
+                   "schedule": sampler.schedule if sampler and not adaptive else None,
+                   "atol": atol if adaptive else None, "rtol": rtol if adaptive else None, "cfg_scale": float(scale),
+                   "n_samples": n, "seed": args.seed, "reference": reference.name, "mode": args.mode,
+                   "features": extractor.key, "task": task.name, "mask": getattr(task, "mask", None)
+                   if task.name == "inpaint" else None, "factor": getattr(task, "factor", None), "method": method,
+                   "pnp_alpha": args.pnp_alpha if method == "pnp" else None}
+            done = report.find(key_of(row))
+            if done is not None and done.get("fid") is not None:
+                if main_process:
+                    print(f"  {method} step {step} {sampler.label if sampler else ''}: already in the report "
+                          f"(FID {done['fid']:.4g})")
+                continue
+            accelerator.wait_for_everyone()
+            if not baseline and loaded != (step, w):
+                model_cfg = load_config(path / "config.yaml")
+                model = build_model(model_cfg, shape, int(meta["num_classes"]), 0,
+                                    *((trained.cond_channels(shape[0]), trained.cond_classes) if trained else ()))
+                load_weights(model, path / ("ema.safetensors" if w == "ema" else "model.safetensors"))
+                model.to(accelerator.device).eval()
+                loaded = (step, w)
+            start = time.perf_counter()
+            out = task_row(accelerator, model, task, cases, space, row, extractor, args, stop, cfg.flow.sigma_min)
+            metrics = image_metrics(out["features"].numpy(), reference, False, args.seed)
+            metrics.update({k: out[k] for k in ("psnr", "ssim", "measurement_error", "raw_measurement_error")})
+            row.update(nfe=out["nfe"], forward_passes=forward_passes(out["nfe"], scale), **metrics,
+                       seconds_per_image=out["seconds_per_image"], bspp=args.bspp,
+                       processes=accelerator.num_processes, device=str(accelerator.device),
+                       checkpoint=None if path is None else str(path), seconds=time.perf_counter() - start,
+                       versions=versions(), date=time.strftime("%Y-%m-%d %H:%M:%S"), protocol=protocol)
+            if main_process:
+                report.add(row)
+                print(f"  {method} step {step} {sampler.label if sampler else ''} cfg {scale:g}: FID {row['fid']:.4g}, "
+                      f"PSNR {row['psnr']:.2f}, SSIM {row['ssim']:.4f}, measurement error "
+                      f"{row['measurement_error']:.3g} (raw {row['raw_measurement_error']:.3g}), NFE {out['nfe']:g}, "
+                      f"{row['seconds_per_image']:.3f} s/image")
+            accelerator.wait_for_everyone()
+    except Stopped:
+        if main_process:
+            print(f"stopped by {stop.name}: the rows finished are in the report; run the same command to continue",
+                  file=sys.stderr)
+        raise
+    if main_process:
+        print(f"report: {report.folder / 'report.md'}")
+    accelerator.end_training()
+
+
+def task_row(accelerator, model, task, cases, space, row: dict, extractor, args, stop: StopRequest,
+             sigma_min: float = 0.0) -> dict:
+    """This process's share of the cases (indices rank, rank + W, ...) restored, enforced and scored; features,
+    PSNR, SSIM and measurement errors gathered over the processes."""
+    from torchmetrics.functional.image import structural_similarity_index_measure
+
+    from flows.inverse import restore
+
+    n = row["n_samples"]
+    mine = list(range(accelerator.process_index, n, accelerator.num_processes))
+    values, nfe, seconds = [], 0.0, 0.0
+    bar = progress(n, unit="case", disable=not accelerator.is_main_process, leave=False,
+                   desc=f"{task.name} {row['method']}")
+    for first in range(0, -(-n // accelerator.num_processes), args.bspp):
+        batch = mine[first: first + args.bspp]
+        if batch:
+            m = cases.measurement(batch).to(accelerator.device)
+            start = time.perf_counter()
+            x, calls = restore(model, task, m, space, row["method"], row["seed"], batch, row["steps"],
+                               row["solver"] or "euler", row["schedule"] or "linear", row["cfg_scale"],
+                               sigma_min, args.pnp_alpha, row["atol"] or 0.0, row["rtol"] or 0.0)
+            enforced = task.enforce(x, m)
+            if accelerator.device.type == "cuda":
+                torch.cuda.synchronize()
+            seconds += time.perf_counter() - start
+            nfe += calls * len(batch)
+            images = to_uint8(enforced).cpu()
+            original = to_uint8(cases.original(batch)).cpu().float()
+            mse = (images.float() - original).square().flatten(1).mean(1)
+            psnr = 10 * torch.log10(255.0 ** 2 / mse.clamp_min(1e-10))
+            ssim = structural_similarity_index_measure(images.float(), original, data_range=255.0, reduction="none")
+            if task.name == "semantic":
+                error = raw = torch.zeros(len(batch))
+            else:
+                error = task.consistency(images.float().to(accelerator.device) / 127.5 - 1, m).cpu()
+                raw = task.consistency(x.clamp(-1, 1), m).cpu()
+            features = torch.from_numpy(extractor(images)).double()
+            values.append(torch.cat([features, torch.stack([psnr, ssim, error, raw], 1).double()], 1))
+            bar.update(len(batch) * accelerator.num_processes)
+        if stop.now(accelerator):
+            bar.close()
+            raise Stopped
+    bar.close()
+    local = torch.cat(values) if values else torch.zeros(0, extractor.dim + 4, dtype=torch.float64)
+    everything = gather_indexed(accelerator, local, n)
+    totals = accelerator.reduce(torch.tensor([nfe, seconds], dtype=torch.float64, device=accelerator.device), "sum")
+    psnr, ssim, error, raw = everything[:, -4:].T
+    return {"features": everything[:, :-4], "psnr": psnr.mean().item(), "ssim": ssim.mean().item(),
+            "measurement_error": error.max().item(), "raw_measurement_error": raw.mean().item(),
+            "nfe": totals[0].item() / n, "seconds_per_image": totals[1].item() / n}
 
 
 def sample_row(accelerator, model, row: dict, sampler: Sampler, shape, kind: str, labels, extractor, bspp: int,

@@ -252,7 +252,7 @@ def read_image_folder(folder: Path) -> torch.Tensor:
         except OSError as e:
             raise UserError(f"reference image {path} cannot be read ({e}); remove or replace it") from None
         array = np.asarray(image)
-        images.append(torch.from_numpy(array[None] if array.ndim == 2 else array.transpose(2, 0, 1).copy()))
+        images.append(torch.from_numpy((array[None] if array.ndim == 2 else array.transpose(2, 0, 1)).copy()))
     sizes = {tuple(x.shape) for x in images}
     if len(sizes) > 1:
         raise UserError(f"reference folder {folder} mixes image sizes {sorted(sizes)[:3]}; resize them to one size")
