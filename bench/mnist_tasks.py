@@ -33,7 +33,12 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=100, help="steps of the samplers (the trained models also at 20)")
     p.add_argument("--pnp-alpha", type=float, default=0.01, help="PnP-Flow step-size exponent")
     p.add_argument("--out", default="bench/out/mnist_tasks", help="report folder")
+    p.add_argument("--figures", metavar="DIR", help="only draw the figures: per setting, 10 cases through every method "
+                                                    "(sample.py) as columns condition | methods | original, into DIR")
     args = p.parse_args()
+    if args.figures:
+        figures(args)
+        return
 
     common = ["--checkpoints", "last", "--n-samples", str(args.n), "--ref", args.ref, "--features", args.features,
               "--out", args.out, "--bspp", "250", "--pnp-alpha", str(args.pnp_alpha)]
@@ -54,6 +59,55 @@ def main() -> None:
         if done.returncode:
             sys.exit(done.returncode)
     print((Path(args.out) / "report.md").read_text())
+
+
+def figures(args) -> None:
+    """Per setting, one PNG: a row per case (items 0-9), columns condition | every method | original."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+    from PIL import Image
+
+    out = Path(args.figures)
+    settings = {"inpaint_mixed": ("inpaint", ["--mask", "mixed"]), "inpaint_center": ("inpaint", ["--mask", "center"]),
+                "superres_x4": ("superres", [])}
+    for name, (task, extra) in settings.items():
+        trained = args.inpaint if task == "inpaint" else args.superres
+        free = ["replace", "pnp"] if task == "inpaint" else ["pnp"]
+        methods = [("trained, Euler 100", trained, []),
+                   *[(f"{m}, 100 steps", args.uncond, ["--method", m]) for m in free],
+                   ("mean fill" if task == "inpaint" else "bicubic", args.uncond,
+                    ["--method", "mean" if task == "inpaint" else "bicubic"])]
+        columns, titles = [], []
+        for title, run, method in methods:
+            folder = Path("/tmp") / f"mnist_tasks_{name}_{len(columns)}"
+            command = [sys.executable, "sample.py", "--weights", str(Path(run) / "checkpoints" / "step_0001000"),
+                       "--save-dir", str(folder), "--n-samples", "10", "--steps", str(args.steps), "--grid", "10",
+                       "--pnp-alpha", str(args.pnp_alpha), *extra, *method]
+            if run == args.uncond:
+                command += ["--task", task]
+            subprocess.run(command, cwd=ROOT, check=True, capture_output=True)
+            grid = np.array(Image.open(ROOT / folder / "grid.png"))  # rows: condition | sample | original
+            third = grid.shape[1] // 3
+            if not columns:
+                columns.append(grid[:, :third])
+                titles.append("condition")
+            columns.append(grid[:, third: 2 * third])
+            titles.append(title)
+        columns.append(grid[:, 2 * third:])
+        titles.append("original")
+        fig, axes = plt.subplots(1, len(columns), figsize=(1.3 * len(columns), 9))
+        for ax, column, title in zip(axes, columns, titles):
+            ax.imshow(column, cmap="gray", vmin=0, vmax=255)
+            ax.set_title(title, fontsize=7)
+            ax.axis("off")
+        fig.tight_layout()
+        out.mkdir(parents=True, exist_ok=True)
+        fig.savefig(out / f"mnist_{name}.png", dpi=110)
+        plt.close(fig)
+        print(f"wrote {out / f'mnist_{name}.png'}")
 
 
 if __name__ == "__main__":

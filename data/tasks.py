@@ -140,6 +140,7 @@ class Inpaint:
 
     name = "inpaint"
     cond_classes = 0
+    weight = 1.0  # A·Aᵀ = A for a mask: the fidelity step needs no preconditioning
 
     def __init__(self, mask: str = "mixed"):
         self.mask = mask
@@ -151,10 +152,8 @@ class Inpaint:
         return Measurement(x1 * (1 - mask), mask)
 
     def operator(self, x: torch.Tensor, m: Measurement) -> torch.Tensor:
-        """A(x): the known pixels; A·Aᵀ = A, so the fidelity step needs no preconditioning (weight 1)."""
+        """A(x): the known pixels."""
         return x * (1 - m.mask)
-
-    weight = 1.0
 
     def condition(self, m: Measurement, space) -> torch.Tensor:
         known = space.encode(m.y)

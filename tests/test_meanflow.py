@@ -185,7 +185,8 @@ def test_pairs_do_not_depend_on_batch_size_or_processes_and_train_a_reflow(tmp_p
     pairs = PairsDataset(tmp_path / "a")  # x0 is the noise of item k, x1 the teacher's sample from it
     model = build_model(load_config(teacher / "config.yaml"), (2,))
     load_weights(model, teacher / "ema.safetensors")
-    x1, _, x0 = pairs[torch.arange(1400, 1500)]
+    x1, _, extras = pairs[torch.arange(1400, 1500)]
+    x0 = extras["x0"]
     assert torch.equal(x0, noise(0, list(range(1400, 1500)), (2,)))
     assert torch.allclose(x1, generate(model.double(), x0.double(), 4, "euler").x.float(), atol=1e-6)
     reflow = run_script("train.py", "-e", str(tmp_path / "reflow"), *TINY, "data.name=pairs",
