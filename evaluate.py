@@ -621,7 +621,7 @@ def evaluate_task(args, stop: StopRequest, run: Path, checkpoints, cfg, samplers
                   atol: float, rtol: float) -> None:
     """The rows of an image-conditioned task: the first --n-samples items of the run's dataset as fixed cases, every
     checkpoint × weights × sampler × guidance scale with the method (a baseline: one row without a checkpoint)."""
-    from data.tasks import cases_from_dataset, task_of_meta
+    from data.tasks import cases_from_dataset, model_inputs, task_of_meta
     from flows.inverse import check_method, check_task_guidance, choose_task
 
     cpu_multiprocess = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
@@ -697,8 +697,7 @@ def evaluate_task(args, stop: StopRequest, run: Path, checkpoints, cfg, samplers
             accelerator.wait_for_everyone()
             if not baseline and loaded != (step, w):
                 model_cfg = load_config(path / "config.yaml")
-                model = build_model(model_cfg, shape, int(meta["num_classes"]), 0,
-                                    *((trained.cond_channels(shape[0]), trained.cond_classes) if trained else ()))
+                model = build_model(model_cfg, shape, int(meta["num_classes"]), **model_inputs(trained, shape[0]))
                 load_weights(model, path / ("ema.safetensors" if w == "ema" else "model.safetensors"))
                 model.to(accelerator.device).eval()
                 loaded = (step, w)

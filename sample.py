@@ -35,7 +35,7 @@ from cluster import STOPPED, Stopped, StopRequest, progress
 from config import check_names, load_config
 from data import build_source, reference_data, reference_data_config, weights_info
 from data.images import save_grid, to_uint8
-from data.tasks import cases_from_dataset, cases_from_folder, task_of_meta, task_picture
+from data.tasks import cases_from_dataset, cases_from_folder, model_inputs, task_of_meta, task_picture
 from errors import UserError, atomic_write, exit_on
 from flows.inverse import check_task_guidance
 from flows.latent import build_feature_encoder, build_space
@@ -269,6 +269,44 @@ def write_pairs(args, cfg, accelerator, model, weights: Path, meta: dict, shape:
         print(f"done: {n} pairs in {folder} ({what})")
 
 
+def write_missing(accelerator, save_dir: Path, n: int, kind: str, meta: dict, batch_size: int, header: str,
+                  what: str, desc: str, make) -> list[float]:
+    """Samples 0..n-1 that save_dir does not hold yet, shared out over the processes, made by make(batch) ->
+    (samples on the CPU, velocity evaluations summed over the batch) and written whole. Every process lists what is
+    missing before any writes, and runs as many batches (its last ones maybe empty), so that all agree on a stop.
+    Returns [velocity evaluations, samples made], summed over the processes."""
+    missing = [k for k in range(n) if not file_of(save_dir, k, kind).exists()]
+    accelerator.wait_for_everyone()
+    mine = missing[accelerator.process_index::accelerator.num_processes]
+    if accelerator.is_main_process:
+        print(f"{header} ({n - len(missing)} already in {save_dir}), {what}, {accelerator.num_processes} "
+              f"process(es) on {accelerator.device}")
+    bar = progress(len(mine), unit="sample", desc=desc, disable=not accelerator.is_main_process)
+    nfe, start = torch.zeros(2, dtype=torch.float64, device=accelerator.device), time.perf_counter()
+    share = -(-len(missing) // accelerator.num_processes)
+    with StopRequest() as stop:
+        for first in range(0, share, batch_size):
+            batch = mine[first: first + batch_size]
+            if batch:
+                samples, calls = make(batch)
+                nfe += torch.tensor([calls, len(batch)], dtype=torch.float64, device=accelerator.device)
+                for k, x in zip(batch, samples):
+                    write_sample(file_of(save_dir, k, kind), x, kind, meta)
+                bar.update(len(batch))
+                bar.set_postfix(samples_s=f"{bar.n / (time.perf_counter() - start):.1f}",
+                                nfe=f"{calls / len(batch):g}")
+            if stop.now(accelerator) and first + batch_size < share:
+                bar.close()
+                accelerator.wait_for_everyone()  # every process has written its batch
+                if accelerator.is_main_process:
+                    done = sum(file_of(save_dir, k, kind).exists() for k in range(n))
+                    print(f"stopped by {stop.name}: {done} of {n} samples in {save_dir}; run the same command to "
+                          "continue", file=sys.stderr)
+                raise Stopped
+    bar.close()
+    return accelerator.reduce(nfe, "sum").tolist()
+
+
 def resolve_task(args, cfg, meta: dict):
     """The image-conditioned task to sample and its method, or (None, None): the model's own task (a model trained
     with data.task), or --task on an unconditional model with a training-free method."""
@@ -309,40 +347,20 @@ def sample_task(args, cfg, accelerator, model, weights: Path, meta: dict, task, 
     else:  # items 0..N-1 of the run's own dataset, as evaluate.py takes them
         cases = cases_from_dataset(task, reference_data(cfg), n, args.masks, getattr(task, "mask", "mixed"), s.seed)
     steps = s.steps if s.solver not in ADAPTIVE else None
-    missing = [k for k in range(n) if not file_of(save_dir, k, "image").exists()]
-    accelerator.wait_for_everyone()
-    mine = missing[accelerator.process_index::accelerator.num_processes]
-    if accelerator.is_main_process:
-        print(f"{weights}: {n} samples ({n - len(missing)} already in {save_dir}), {task.describe()}, method {method}, "
-              f"{what}, {accelerator.num_processes} process(es) on {accelerator.device}")
-    bar = progress(len(mine), unit="sample", desc=task.name, disable=not accelerator.is_main_process)
-    totals = torch.zeros(3, dtype=torch.float64, device=accelerator.device)  # NFE, samples, largest error
-    share = -(-len(missing) // accelerator.num_processes)
-    with StopRequest() as stop:
-        for first in range(0, share, s.batch_size):
-            batch = mine[first: first + s.batch_size]
-            if batch:
-                m = cases.measurement(batch).to(accelerator.device)
-                x, nfe = restore(model, task, m, space, method, s.seed, batch, steps, s.solver, s.schedule,
-                                 s.cfg_scale, cfg.flow.sigma_min, args.pnp_alpha, s.atol, s.rtol)
-                x = task.enforce(x, m)
-                if task.name != "semantic":
-                    error = task.consistency(to_uint8(x).float() / 127.5 - 1, m).max().item()
-                    totals[2] = max(totals[2].item(), error)
-                totals[:2] += torch.tensor([nfe * len(batch), len(batch)], dtype=torch.float64,
-                                           device=accelerator.device)
-                for k, image in zip(batch, x.cpu()):
-                    write_sample(file_of(save_dir, k, "image"), image, "image", meta)
-                bar.update(len(batch))
-            if stop.now(accelerator) and first + s.batch_size < share:
-                bar.close()
-                accelerator.wait_for_everyone()
-                if accelerator.is_main_process:
-                    print(f"stopped by {stop.name}; run the same command to continue", file=sys.stderr)
-                raise Stopped
-    bar.close()
-    nfe, count = accelerator.reduce(totals[:2], "sum").tolist()
-    error = accelerator.reduce(totals[2:], "max").item()
+    largest = torch.zeros(1, dtype=torch.float64, device=accelerator.device)  # measurement error, uint8 levels
+
+    def make(batch: list[int]) -> tuple[torch.Tensor, float]:
+        m = cases.measurement(batch).to(accelerator.device)
+        x, nfe = restore(model, task, m, space, method, s.seed, batch, steps, s.solver, s.schedule, s.cfg_scale,
+                         cfg.flow.sigma_min, args.pnp_alpha, s.atol, s.rtol)
+        x = task.enforce(x, m)
+        if task.name != "semantic":
+            largest.clamp_(min=task.consistency(to_uint8(x).float() / 127.5 - 1, m).max().item())
+        return x.cpu(), nfe * len(batch)
+
+    nfe, count = write_missing(accelerator, save_dir, n, "image", meta, s.batch_size, f"{weights}: {n} samples",
+                               f"{task.describe()}, method {method}, {what}", task.name, make)
+    error = accelerator.reduce(largest, "max").item()
     if accelerator.is_main_process:
         if args.grid:
             k = list(range(min(args.grid, n)))
@@ -403,7 +421,7 @@ def sample(args: argparse.Namespace) -> None:
     # Model and source.
     trained_task = task_of_meta(meta)
     model = build_model(cfg, shape, num_classes, int(meta.get("feature_dim", 0)),
-                        *((trained_task.cond_channels(shape[0]), trained_task.cond_classes) if trained_task else ()))
+                        **model_inputs(trained_task, shape[0]))
     load_weights(model, weights)
     # Vectors are integrated in float64: float32 matrix products differ in the last bit with the batch size,
     # which would make sample k depend on --bspp; images are rounded to uint8, which absorbs those bits.
@@ -424,42 +442,16 @@ def sample(args: argparse.Namespace) -> None:
         accelerator.end_training()
         return
 
-    # Every process lists what is missing before any of them writes.
-    missing = [k for k in range(n) if not file_of(save_dir, k, kind).exists()]
-    accelerator.wait_for_everyone()
-    mine = missing[accelerator.process_index::accelerator.num_processes]
-    if accelerator.is_main_process:
-        print(f"{weights}: {n} samples ({n - len(missing)} already in {save_dir}), {what}, "
-              f"{accelerator.num_processes} process(es) on {accelerator.device}")
+    def make(batch: list[int]) -> tuple[torch.Tensor, float]:
+        x0 = noise(s.seed, batch, shape, source).to(accelerator.device, dtype)
+        y = None if labels is None else labels[batch].to(accelerator.device)
+        out = generate(model, x0, steps, s.solver, y=y, schedule=s.schedule, cfg_scale=s.cfg_scale,
+                       atol=s.atol, rtol=s.rtol, cond=condition(model, s.seed, batch, references))
+        calls = out.nfe * len(batch) if out.sample_nfe is None else out.sample_nfe.sum().item()
+        return space.decode(out.x).float().cpu(), calls  # vectors: float64 rounded to float32
 
-    # Sampling. Every process runs as many batches (its last ones maybe empty), so that all agree on a stop.
-    bar = progress(len(mine), unit="sample", desc="sampling", disable=not accelerator.is_main_process)
-    nfe, start = torch.zeros(2, dtype=torch.float64, device=accelerator.device), time.perf_counter()
-    share = -(-len(missing) // accelerator.num_processes)
-    with StopRequest() as stop:
-        for first in range(0, share, s.batch_size):
-            batch = mine[first: first + s.batch_size]
-            if batch:
-                x0 = noise(s.seed, batch, shape, source).to(accelerator.device, dtype)
-                y = None if labels is None else labels[batch].to(accelerator.device)
-                out = generate(model, x0, steps, s.solver, y=y, schedule=s.schedule, cfg_scale=s.cfg_scale,
-                               atol=s.atol, rtol=s.rtol, cond=condition(model, s.seed, batch, references))
-                nfe += torch.tensor([out.nfe * len(batch) if out.sample_nfe is None else out.sample_nfe.sum().item(),
-                                     len(batch)], dtype=torch.float64, device=accelerator.device)
-                for k, x in zip(batch, space.decode(out.x).float().cpu()):  # vectors: float64 rounded to float32
-                    write_sample(file_of(save_dir, k, kind), x, kind, meta)
-                bar.update(len(batch))
-                bar.set_postfix(samples_s=f"{bar.n / (time.perf_counter() - start):.1f}", nfe=out.nfe)
-            if stop.now(accelerator) and first + s.batch_size < share:
-                bar.close()
-                accelerator.wait_for_everyone()  # every process has written its batch
-                if accelerator.is_main_process:
-                    done = sum(file_of(save_dir, k, kind).exists() for k in range(n))
-                    print(f"stopped by {stop.name}: {done} of {n} samples in {save_dir}; run the same command to "
-                          "continue", file=sys.stderr)
-                raise Stopped
-    bar.close()
-    nfe = accelerator.reduce(nfe, "sum").tolist()  # velocity evaluations and samples, over the processes
+    nfe = write_missing(accelerator, save_dir, n, kind, meta, s.batch_size, f"{weights}: {n} samples", what,
+                        "sampling", make)  # velocity evaluations and samples, over the processes
 
     # Collected outputs, from the files (the same whoever wrote them).
     if accelerator.is_main_process:

@@ -32,7 +32,7 @@ from config import Config, check_names, config_changes, load_config, save_config
 from data import build_dataset, build_loader, build_source, close_loader, data_info, reference_data
 from data.images import random_hflip, save_grid, to_uint8
 from data.latents import encode_dataset
-from data.tasks import Measurement, sample_masks, task_info, task_of_config, task_picture, training_measurement
+from data.tasks import cases_from_dataset, model_inputs, task_info, task_of_config, task_picture, training_measurement
 from data.toy import plot_points
 from errors import UserError, exit_on, full_disk, on_main_process
 from flows import BatchShard, LossByTime, build_objective, generate
@@ -206,14 +206,8 @@ def save_task_preview(path: Path, ema_model, dataset, cfg: Config, device: torch
     """A grid of fixed dataset images: per row, condition | sample of the EMA model | original, Euler with
     train.preview_steps steps, masks and noise from seed 0 as evaluate.py --task draws them."""
     rows = max(1, min(len(dataset), cfg.train.preview_images // 3, 16))
-    batch = dataset[torch.arange(rows)]
-    x1, extras = batch[0].to(device), batch[2] if len(batch) > 2 else {}
-    if task.name == "inpaint":
-        m = task.measure(x1, sample_masks(task.mask, *x1.shape[-2:], 0, list(range(rows))).to(device))
-    elif task.name == "superres":
-        m = task.measure(x1)
-    else:
-        m = Measurement(extras["label_map"].to(device))
+    cases = cases_from_dataset(task, dataset, rows, mask_kind=getattr(task, "mask", "mixed"))
+    x1, m = cases.original(list(range(rows))).to(device), cases.measurement(list(range(rows))).to(device)
     x0 = noise(0, list(range(rows)), space.shape).to(device)
     out = generate(ema_model, x0, steps=cfg.train.preview_steps, cond={"image_cond": task.condition(m, space)})
     x = task.enforce(space.decode(out.x).float(), m)
@@ -354,7 +348,7 @@ def run(cfg: Config, run_dir: Path, accelerator, trackers: list[str], stop: Stop
         model = build_autoencoder(cfg, dataset.shape)
     else:
         model = build_model(cfg, space.shape, num_classes, features.dim if features else 0,
-                            *((task.cond_channels(space.shape[0]), task.cond_classes) if task else ()))
+                            **model_inputs(task, space.shape[0]))
     latent_shape = model.latent_shape(dataset.shape) if autoencoding else space.shape
     if t.init_from and not list_checkpoints(run_dir):  # a new run starts from another's weights
         init = Path(t.init_from) / "ema.safetensors" if Path(t.init_from).is_dir() else Path(t.init_from)
@@ -380,7 +374,7 @@ def run(cfg: Config, run_dir: Path, accelerator, trackers: list[str], stop: Stop
 
     data_meta = data_info(cfg, dataset)  # written into the weight files: sampling needs no data
     data_meta["label_dropout"] = repr(cfg.flow.label_dropout)  # guidance needs a trained null class
-    data_meta.update(task_info(task, space.shape[0]), cond_dropout=repr(cfg.flow.cond_dropout))
+    data_meta.update(task_info(task), cond_dropout=repr(cfg.flow.cond_dropout))
     if cfg.flow.objective == "meanflow":  # guidance baked in at this scale: sampling needs no --cfg-scale
         data_meta["meanflow_cfg"] = repr(cfg.flow.meanflow_cfg)
 
@@ -557,7 +551,7 @@ def micro_steps(loader, objective, shard: BatchShard, seed: int, first: int, dev
                 extras["label_map"] = random_hflip(extras["label_map"][:, None].to(device), flip)[:, 0]
         image_cond = None
         if task is not None:  # from the pixels, before latent flow matching encodes them
-            image_cond = task.condition(training_measurement(task, x1, extras, generator, shard), task_space)
+            image_cond = task.condition(training_measurement(task, x1, extras, seed, k, shard), task_space)
             image_cond = image_cond.contiguous(memory_format=memory_format)
         if space is not None:
             x1 = space.encode(x1, generator)

@@ -309,13 +309,19 @@ def task_of_config(cfg):
     return build_task(d.task, d.mask, d.factor, d.label_classes)
 
 
-def task_info(task, channels: int) -> dict[str, str]:
+def model_inputs(task, channels: int) -> dict[str, int]:
+    """build_model's arguments for a task's condition beside x of `channels` channels ({} without a task)."""
+    if task is None:
+        return {}
+    return {"cond_channels": task.cond_channels(channels), "cond_classes": task.cond_classes}
+
+
+def task_info(task) -> dict[str, str]:
     """What sampling needs to know of the model's condition, as weight-file metadata."""
     if task is None:
         return {}
     return {"task": json.dumps({"name": task.name, "mask": getattr(task, "mask", None),
-                                "factor": getattr(task, "factor", None), "classes": task.cond_classes,
-                                "cond_channels": task.cond_channels(channels)})}
+                                "factor": getattr(task, "factor", None), "classes": task.cond_classes})}
 
 
 def task_of_meta(meta: dict):
@@ -330,14 +336,14 @@ def task_of_meta(meta: dict):
 # Training data: measurements drawn per micro-step; semantic maps read beside their images.
 
 
-def training_measurement(task, x1: torch.Tensor, extras: dict, generator: torch.Generator, shard) -> Measurement:
-    """The measurement of a training batch: a mask per sample from a seed drawn for the global batch (inpaint), the
-    block means (superres), the batch's label maps (semantic)."""
+def training_measurement(task, x1: torch.Tensor, extras: dict, seed: int, step: int, shard) -> Measurement:
+    """The measurement of micro-step `step`'s batch: inpaint masks drawn on the host, the one at position i of the
+    global batch from (seed, step, i) (no device round trip, the same for any number of processes), the block means
+    (superres), the batch's label maps (semantic)."""
     if task.name == "inpaint":
-        seeds = shard.local(torch.randint(2**62, (x1.shape[0] * shard.world,), generator=generator,
-                                          device=x1.device)).tolist()
+        positions = shard.local(torch.arange(x1.shape[0] * shard.world)).tolist()
         h, w = x1.shape[-2:]
-        masks = torch.stack([draw_mask(task.mask, h, w, np.random.default_rng(s)) for s in seeds])
+        masks = torch.stack([draw_mask(task.mask, h, w, np.random.default_rng([seed, step, i])) for i in positions])
         return task.measure(x1, masks.to(x1.device, x1.dtype))
     if task.name == "superres":
         return task.measure(x1)

@@ -103,7 +103,6 @@ class ImageCondition(nn.Module):
 
     def __init__(self, channels: int, classes: int = 0):
         super().__init__()
-        self.channels, self.classes = channels, classes
         self.project = nn.Conv2d(classes, channels, 1) if classes else None
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
