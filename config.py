@@ -3,8 +3,9 @@
 Every knob of the toolkit is a field below with its default and a one-line comment. Loading is
 strict: an unknown key fails with its dotted path and the nearest valid name, and every value is
 coerced to the declared type (PyYAML reads `3e-4` as a string; `train.lr=3e-4` must be a float).
-Registry names (model, path, coupling, ...) are checked by `check_names`, which the scripts call
-before any data is loaded.
+Registry names (model, path, coupling, ...) are checked where the registries live (each package's
+`check_config`, all of them by registries.check_names, which the scripts call before any data is loaded):
+config.py imports no package of the toolkit.
 """
 
 from __future__ import annotations
@@ -66,10 +67,24 @@ class FlowConfig:
     objective: str = "cfm"  # 'cfm' (flow matching), 'meanflow' (average velocity, few-step sampling) or
     #                         'autoencoder' (a KL autoencoder for latent flow matching)
     kl_weight: float = 1e-3  # autoencoder: β of ‖D(z) − x‖² + β·KL, both per pixel
-    path: str = "linear"  # probability path, a key of flows.PATHS
-    sigma_min: float = 0.0  # noise left at t=1 (I-CFM); 0 is rectified flow
-    coupling: str = "independent"  # pairing of noise and data: 'independent', 'ot' (minibatch OT-CFM) or
-    #                                'pairs' (the noise that data.name=pairs carries: reflow, distillation)
+    path: str = "linear"  # probability path x_t = α_t·x1 + σ_t·x0 (flows/paths.py): 'linear' (rectified flow, I-CFM),
+    #                       'cosine' (SiT's GVP, torchcfm's VP-CFM), 'vp' (SiT's VP), 'polynomial' (α_t = tⁿ),
+    #                       'icfm' (linear + constant noise σ, torchcfm's I-CFM), 'sb' (Brownian bridge, SB-CFM)
+    sigma_min: float = 0.0  # linear: noise left at t=1 (Lipman et al.'s target OT path); 0 is rectified flow
+    sigma: float = 0.0  # icfm / sb: scale σ of the bridge noise (icfm: σ; sb: σ·√(t(1−t)))
+    vp_beta_min: float = 0.1  # vp: β_min of the linear noise schedule
+    vp_beta_max: float = 20.0  # vp: β_max
+    poly_n: float = 2.0  # polynomial: the power n of α_t = tⁿ, σ_t = 1 − tⁿ
+    prediction: str = "velocity"  # what the network outputs: 'velocity', 'data' (x1), 'noise' (x0) or 'score';
+    #                               sampling turns it into a velocity through the path
+    loss_weight: str = "none"  # weight of the squared error: 'none', 'velocity' or 'likelihood' (SiT),
+    #                            'sigma_sqrt' or 'cosmap' (SD3)
+    coupling: str = "independent"  # pairing of noise and data: 'independent', 'ot' (exact minibatch OT-CFM),
+    #                                'entropic' (Sinkhorn plan), 'unbalanced' or 'partial' OT (POT), 'class_ot'
+    #                                (exact OT within each class), 'pairs' (the noise of data.name=pairs: reflow)
+    ot_reg: float = 0.0  # entropic / unbalanced OT: regularisation ε on the squared distance (0: 2·flow.sigma², SB-CFM)
+    ot_mass_reg: float = 1.0  # unbalanced OT: weight of the KL penalty on the marginals (torchcfm's reg_m)
+    ot_mass: float = 0.8  # partial OT: fraction of the mass transported
     time_density: str = "uniform"  # training t density, a key of flows.TIME_DENSITIES
     time_mean: float = 0.0  # logit-normal location (our convention: > 0 favours t near 1, the data)
     time_std: float = 1.0  # logit-normal scale
@@ -123,10 +138,15 @@ class TrainConfig:
 
 @dataclass
 class SampleConfig:
-    solver: str = "euler"  # euler, midpoint, heun, rk4 (heun+euler: euler last); adaptive: dopri5, dopri8, ...
+    solver: str = "euler"  # euler, midpoint, heun, rk4 (heun+euler: euler last); adaptive: dopri5, dopri8, ...;
+    #                        SDE: euler_maruyama, sde_heun (affine paths from a Gaussian source)
     steps: int | None = None  # fixed-grid solvers: intervals of the time grid (empty: 100); adaptive: leave empty
     schedule: str = "linear"  # time grid (flows.schedules): linear, cosine, logit_normal:mean=0,std=1, edm, ...
-    cfg_scale: float = 1.0  # classifier-free guidance scale w; 1 is no guidance
+    cfg_scale: float = 1.0  # classifier-free guidance scale w; 1 is no guidance (Meta flow_matching's w is ours − 1)
+    cfg_interval: list[float] = field(default_factory=lambda: [0.0, 1.0])  # guide only for t in [a, b]
+    diffusion: str = "sigma"  # SDE samplers: diffusion coefficient w(t) (flows.solvers.DIFFUSIONS, SiT's forms)
+    diffusion_norm: float = 1.0  # SDE samplers: its scale
+    last_step: str = "mean"  # SDE samplers: the noiseless last step, 'mean', 'tweedie' or 'euler'
     atol: float = 1e-5  # adaptive solvers' absolute tolerance
     rtol: float = 1e-5  # adaptive solvers' relative tolerance
     batch_size: int = 256  # samples per process per batch (--bspp); does not change the samples (see README)
@@ -291,6 +311,10 @@ RANGES = {
     "model.dropout": (0, 1, True, False), "model.time_dim": (0, None, False, True),
     "model.latent_channels": (0, None, False, True), "model.time_scale": (0, None, False, True),
     "flow.kl_weight": (0, None, True, True), "flow.sigma_min": (0, 1, True, False),
+    "flow.sigma": (0, None, True, True), "flow.vp_beta_min": (0, None, False, True),
+    "flow.vp_beta_max": (0, None, False, True), "flow.poly_n": (0, None, False, True),
+    "flow.ot_reg": (0, None, True, True), "flow.ot_mass_reg": (0, None, False, True),
+    "flow.ot_mass": (0, 1, False, True),
     "flow.time_std": (0, None, False, True),
     # SD3's mode density is a bijection of [0, 1] only for -1 ≤ s ≤ 2/(π − 2).
     "flow.mode_scale": (-1, 2 / (math.pi - 2), True, True),
@@ -309,6 +333,7 @@ RANGES = {
     "train.keep_last": (0, None, False, True), "train.keep_every": (0, None, True, True),
     "sample.steps": (0, None, False, True), "sample.atol": (0, None, True, True),
     "sample.rtol": (0, None, True, True), "sample.batch_size": (0, None, False, True),
+    "sample.diffusion_norm": (0, None, True, True),
     "latent.scale": (0, None, True, True), "latentcfm.dim": (0, None, False, True),
     "latentcfm.beta": (0, None, True, True),
 }
@@ -341,54 +366,13 @@ def _validate(cfg: Config) -> None:
         raise UserError(f"config key data.split must be train or test, got '{cfg.data.split}'")
     if len(t.betas) != 2 or not all(0 <= b < 1 for b in t.betas):
         raise UserError(f"config key train.betas must hold two numbers in [0, 1), got {t.betas}")
+    if cfg.flow.vp_beta_min > cfg.flow.vp_beta_max:
+        raise UserError(f"config key flow.vp_beta_min ({cfg.flow.vp_beta_min}) must not exceed flow.vp_beta_max "
+                        f"({cfg.flow.vp_beta_max})")
     if t.lr_min > t.lr:
         raise UserError(f"config key train.lr_min ({t.lr_min}) must not exceed train.lr ({t.lr})")
     if cfg.sample.atol == cfg.sample.rtol == 0:
         raise UserError("config keys sample.atol and sample.rtol must not both be 0")
-
-
-def check_name(registry: dict, name: str, key: str) -> None:
-    """Fail with the nearest valid name when `name` is not in `registry`."""
-    if name not in registry:
-        close = difflib.get_close_matches(name, list(registry), n=1, cutoff=0.4)
-        hint = f"; did you mean '{close[0]}'?" if close else ""
-        raise UserError(f"config key {key}: unknown name '{name}'{hint} (valid: {', '.join(registry)})")
-
-
-def check_names(cfg: Config) -> None:
-    """Check every registry name in the config before any data or GPU work."""
-    from data import DATASETS, SOURCES
-    from flows import COUPLINGS, PATHS, TIME_DENSITIES
-    from models import AUTOENCODERS, MODELS
-
-    check_name(DATASETS, cfg.data.name, "data.name")
-    check_name(SOURCES, cfg.data.source, "data.source")
-    if cfg.flow.objective not in ("cfm", "meanflow", "autoencoder"):
-        raise UserError(f"config key flow.objective must be cfm, meanflow or autoencoder, got '{cfg.flow.objective}'")
-    if cfg.flow.loss not in ("l2", "pseudo_huber"):
-        raise UserError(f"config key flow.loss must be l2 or pseudo_huber, got '{cfg.flow.loss}'")
-    if cfg.flow.objective == "autoencoder":
-        check_name(AUTOENCODERS, cfg.model.name, "model.name")
-    else:
-        check_name(MODELS, cfg.model.name, "model.name")
-    check_name(PATHS, cfg.flow.path, "flow.path")
-    check_name(COUPLINGS, cfg.flow.coupling, "flow.coupling")
-    check_name(TIME_DENSITIES, cfg.flow.time_density, "flow.time_density")
-    if cfg.data.task:
-        from data.tasks import MASKS, TASKS
-
-        check_name({name: None for name in TASKS}, cfg.data.task, "data.task")
-        check_name({name: None for name in MASKS}, cfg.data.mask, "data.mask")
-        if cfg.data.task == "semantic" and cfg.data.label_classes <= 0:
-            raise UserError("data.task=semantic needs data.label_classes, the number of classes in the label maps "
-                            "(CelebAMask-HQ: 19)")
-    if cfg.flow.cond_dropout > 0 and not cfg.data.task:
-        raise UserError("flow.cond_dropout drops the spatial condition of data.task, which is not set; set data.task "
-                        "or flow.cond_dropout=0")
-    if cfg.train.eval_every:
-        from metrics import FEATURES
-
-        check_name(FEATURES, cfg.train.eval_features, "train.eval_features")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ not at all.
 
 from __future__ import annotations
 
+import difflib
 import errno
 import os
 import shutil
@@ -29,6 +30,14 @@ class UserError(Exception):
     def __init__(self, message: str, quiet: bool = False):
         super().__init__(message)
         self.quiet = quiet
+
+
+def check_name(registry, name: str, key: str) -> None:
+    """Fail with the nearest valid name when `name` is not in `registry` (any container of names)."""
+    if name not in registry:
+        close = difflib.get_close_matches(name, list(registry), n=1, cutoff=0.4)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        raise UserError(f"config key {key}: unknown name '{name}'{hint} (valid: {', '.join(registry)})")
 
 
 def on_main_process(accelerator, work: Callable[[], T]) -> T | None:

@@ -54,6 +54,7 @@ from config import load_config
 from data import build_source, reference_data, reference_data_config, weights_info
 from data.images import to_uint8
 from errors import UserError, atomic_write, exit_on, on_main_process
+from flows import SDE_SOLVERS, check_sampling, sde_sampler, velocity_model
 from flows.latent import build_feature_encoder, build_space
 from flows.likelihood import log_likelihood
 from flows.schedules import parse_schedule
@@ -67,7 +68,9 @@ from flows.solvers import (
     fixed_grid_nfe,
     forward_passes,
     generate,
+    guided_evaluations,
     noise,
+    parse_interval,
 )
 from metrics import build_features, fid, frechet_distance, kernel_inception_distance, mmd, w2
 from metrics.fid import CLEANFID_NAMES, MODES, Reference
@@ -76,12 +79,12 @@ from models.checkpoint import list_checkpoints, load_weights
 
 # The settings that define a row: a row with the same values is the same measurement.
 KEY = ("step", "weights", "solver", "steps", "schedule", "atol", "rtol", "cfg_scale", "n_samples", "seed",
-       "reference", "mode", "features", "task", "mask", "factor", "method", "pnp_alpha")
+       "reference", "mode", "features", "task", "mask", "factor", "method", "pnp_alpha", "sde", "cfg_interval")
 # Columns of report.csv and report.md, in order.
-COLUMNS = ("step", "weights", "solver", "steps", "schedule", "cfg_scale", "nfe", "forward_passes", "fid", "kid",
-           "kid_std", "w2", "mmd", "bpd", "n_samples", "seed", "reference", "mode", "features", "seconds", "task",
-           "mask", "factor", "method", "psnr", "ssim", "measurement_error", "raw_measurement_error",
-           "seconds_per_image")
+COLUMNS = ("step", "weights", "solver", "steps", "schedule", "sde", "cfg_scale", "cfg_interval", "nfe",
+           "forward_passes", "fid", "kid", "kid_std", "w2", "mmd", "bpd", "n_samples", "seed", "reference", "mode",
+           "features", "seconds", "task", "mask", "factor", "method", "psnr", "ssim", "measurement_error",
+           "raw_measurement_error", "seconds_per_image")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -97,6 +100,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                                  "SOLVER+LAST ends with LAST's step, e.g. heun+euler:8:cosine "
                                                  "(default: the config's sample section)")
     p.add_argument("--cfg-scale", type=float, nargs="+", help="guidance scales (class-conditional models; default 1)")
+    p.add_argument("--cfg-interval", metavar="A,B", help="guidance only for t in [A, B] (default: the config's, 0,1)")
+    p.add_argument("--diffusion", help="SDE samplers (euler_maruyama, sde_heun): the diffusion coefficient "
+                                       "(default: the config's sample.diffusion, sigma)")
+    p.add_argument("--diffusion-norm", type=float, help="SDE samplers: its scale (default: the config's, 1)")
+    p.add_argument("--last-step", choices=["mean", "tweedie", "euler"], help="SDE samplers: the noiseless last "
+                                                                             "step (default: the config's, mean)")
     p.add_argument("--weights", choices=("ema", "raw", "both"), default="ema", help="EMA weights (default) or raw")
     p.add_argument("--n-samples", type=int, default=50_000, help="samples per row (default 50000)")
     p.add_argument("--ref", help="clean-fid dataset NAME[:SPLIT] (" + ", ".join(CLEANFID_NAMES) + "), a folder of "
@@ -280,8 +289,13 @@ def markdown(rows: list[dict]) -> str:
             sampler = Sampler(r["solver"], r["steps"], r["schedule"] or "linear").label
             if r["steps"] is None:
                 sampler += f" (atol {r['atol']:g}, rtol {r['rtol']:g})"
+            if r.get("sde"):
+                sampler += f" ({r['sde']})"
+            if r.get("cfg_interval"):
+                sampler += f", guided in {r['cfg_interval']}"
             cells = [str(r["step"]), r["weights"] or "", sampler, _fmt(r["cfg_scale"], 1), _fmt(r["nfe"], 1),
-                     *([_fmt(r["nfe"] and forward_passes(r["nfe"], r["cfg_scale"]), 1)] if guided else []),
+                     *([_fmt(r.get("forward_passes") or (r["nfe"] and forward_passes(r["nfe"], r["cfg_scale"])), 1)]
+                       if guided else []),
                      _fmt(r[metric], 2 if metric == "fid" else 4)]
             for c in extra:
                 if c == "kid" and r.get("kid") is not None:
@@ -476,6 +490,12 @@ def evaluate(args: argparse.Namespace, stop: StopRequest | None = None) -> None:
     s = cfg.sample
     default = s.solver if s.solver in ADAPTIVE else f"{s.solver}:{s.steps or 100}:{s.schedule}"
     samplers = parse_samplers(args.samplers or [default])
+    for key in ("diffusion", "diffusion_norm", "last_step"):
+        if getattr(args, key) is not None:
+            setattr(s, key, getattr(args, key))
+    if args.cfg_interval is not None:
+        s.cfg_interval = parse_interval(args.cfg_interval)
+    check_sampling(cfg, [sampler.solver for sampler in samplers])
     atol = s.atol if args.atol is None else args.atol  # 0 is a tolerance too
     rtol = s.rtol if args.rtol is None else args.rtol
     if any(sampler.steps is None for sampler in samplers):
@@ -565,7 +585,8 @@ def evaluate(args: argparse.Namespace, stop: StopRequest | None = None) -> None:
             row = {"step": step, "weights": w, "solver": sampler.solver, "steps": sampler.steps,
                    "schedule": None if adaptive else sampler.schedule, "atol": atol if adaptive else None,
                    "rtol": rtol if adaptive else None, "cfg_scale": float(scale), "n_samples": args.n_samples,
-                   "seed": args.seed, "reference": reference_name, "mode": mode, "features": features_key}
+                   "seed": args.seed, "reference": reference_name, "mode": mode, "features": features_key,
+                   **sampling_key(cfg, sampler, scale)}
             done = report.find(key_of(row))
             wanted = ["fid" if kind == "image" else "w2"] + (["kid"] if args.kid and kind == "image" else []) \
                 + (["bpd"] if args.bpd else [])
@@ -581,11 +602,11 @@ def evaluate(args: argparse.Namespace, stop: StopRequest | None = None) -> None:
                 model = build_model(model_cfg, shape, num_classes, int(meta.get("feature_dim", 0)))
                 load_weights(model, path / ("ema.safetensors" if w == "ema" else "model.safetensors"))
                 dtype = torch.float64 if kind == "vector" else torch.float32
-                model.to(accelerator.device, dtype).eval()
+                model = velocity_model(model.to(accelerator.device, dtype).eval(), model_cfg)
                 loaded = (step, w)
             start = time.perf_counter()
             out = sample_row(accelerator, model, row, sampler, shape, kind, labels, extractor, args.bspp, dtype,
-                             source, space, stop)
+                             source, space, stop, cfg)
             if kind == "image":
                 metrics = image_metrics(out["values"].numpy(), reference, args.kid, args.seed)
             else:
@@ -594,7 +615,8 @@ def evaluate(args: argparse.Namespace, stop: StopRequest | None = None) -> None:
                 if (step, w) not in bpd_of:
                     bpd_of[(step, w)] = bits_per_dim(accelerator, model, dataset, kind, args, cfg, stop)
                 metrics["bpd"] = bpd_of[(step, w)]
-            row.update(nfe=out["nfe"], forward_passes=forward_passes(out["nfe"], scale), **metrics)
+            row.update(nfe=out["nfe"], **metrics)
+            row.update(forward_passes=passes_of(row, sampler))
             row.update(bspp=args.bspp, processes=accelerator.num_processes, device=str(accelerator.device),
                        checkpoint=str(path), seconds=time.perf_counter() - start, versions=versions(),
                        date=time.strftime("%Y-%m-%d %H:%M:%S"), protocol=protocol)
@@ -699,7 +721,7 @@ def evaluate_task(args, stop: StopRequest, run: Path, checkpoints, cfg, samplers
                 model_cfg = load_config(path / "config.yaml")
                 model = build_model(model_cfg, shape, int(meta["num_classes"]), **model_inputs(trained, shape[0]))
                 load_weights(model, path / ("ema.safetensors" if w == "ema" else "model.safetensors"))
-                model.to(accelerator.device).eval()
+                model = velocity_model(model.to(accelerator.device).eval(), model_cfg)
                 loaded = (step, w)
             start = time.perf_counter()
             out = task_row(accelerator, model, task, cases, space, row, extractor, args, stop, cfg.flow.sigma_min)
@@ -779,8 +801,25 @@ def task_row(accelerator, model, task, cases, space, row: dict, extractor, args,
             "nfe": totals[0].item() / n, "seconds_per_image": totals[1].item() / n}
 
 
+def sampling_key(cfg, sampler: Sampler, scale: float) -> dict:
+    """The row's SDE setting ('DIFFUSION:NORM:LAST_STEP', SDE samplers only) and guidance interval (when guided and
+    not [0, 1]): None otherwise, as in reports written before they existed."""
+    s, interval = cfg.sample, list(cfg.sample.cfg_interval)
+    return {"sde": f"{s.diffusion}:{s.diffusion_norm:g}:{s.last_step}" if sampler.solver in SDE_SOLVERS else None,
+            "cfg_interval": interval if scale != 1 and interval != [0, 1] else None}
+
+
+def passes_of(row: dict, sampler: Sampler) -> float | None:
+    """The network's forward passes per sample of a row (guidance doubles those inside its interval)."""
+    if row["nfe"] is None:
+        return None
+    inside = None if row["cfg_interval"] is None else \
+        guided_evaluations(sampler.solver, sampler.steps, sampler.schedule, tuple(row["cfg_interval"]))
+    return forward_passes(row["nfe"], row["cfg_scale"], inside)
+
+
 def sample_row(accelerator, model, row: dict, sampler: Sampler, shape, kind: str, labels, extractor, bspp: int,
-               dtype, source=None, space=None, stop: StopRequest | None = None) -> dict:
+               dtype, source=None, space=None, stop: StopRequest | None = None, cfg=None) -> dict:
     """This process's share of the row's samples (indices rank, rank + W, ...), generated in memory and reduced
     to features (images) or kept (points); all of them gathered in index order, and the NFE per sample (adaptive
     solvers: the mean over the samples, each of which controls its own steps, so it does not depend on --bspp)."""
@@ -797,7 +836,9 @@ def sample_row(accelerator, model, row: dict, sampler: Sampler, shape, kind: str
             y = None if labels is None else labels[batch].to(accelerator.device)
             out = generate(model, x0, sampler.steps, sampler.solver, y=y, schedule=sampler.schedule,
                            cfg_scale=row["cfg_scale"], atol=row["atol"] if adaptive else 0.0,
-                           rtol=row["rtol"] if adaptive else 0.0, cond=condition(model, row["seed"], batch))
+                           rtol=row["rtol"] if adaptive else 0.0, cond=condition(model, row["seed"], batch),
+                           sde=None if cfg is None else sde_sampler(cfg, sampler.solver, row["seed"], batch),
+                           cfg_interval=tuple(row.get("cfg_interval") or (0.0, 1.0)))
             nfe += out.nfe * len(batch) if out.sample_nfe is None else out.sample_nfe.sum().item()
             x = (out.x if space is None else space.decode(out.x)).cpu()
             values.append(torch.from_numpy(extractor(to_uint8(x.float()))) if kind == "image" else x.double())

@@ -32,16 +32,18 @@ import torch
 from accelerate import Accelerator
 
 from cluster import STOPPED, Stopped, StopRequest, progress
-from config import check_names, load_config
+from config import load_config
 from data import build_source, reference_data, reference_data_config, weights_info
 from data.images import save_grid, to_uint8
 from data.tasks import cases_from_dataset, cases_from_folder, model_inputs, task_of_meta, task_picture
 from errors import UserError, atomic_write, exit_on
+from flows import check_sampling, sde_sampler, velocity_model
 from flows.inverse import check_task_guidance
 from flows.latent import build_feature_encoder, build_space
 from flows.schedules import parse_schedule
 from flows.solvers import (
     ADAPTIVE,
+    SDE_SOLVERS,
     check_guidance,
     check_solver,
     check_tolerances,
@@ -50,10 +52,13 @@ from flows.solvers import (
     fixed_grid_nfe,
     forward_passes,
     generate,
+    guided_evaluations,
     noise,
+    parse_interval,
 )
 from models import build_model
 from models.checkpoint import load_weights
+from registries import check_names
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -69,11 +74,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--save-dir", required=True, help="output folder; re-running continues an interrupted run")
     p.add_argument("--solver", help="euler, midpoint, heun, rk4 (fixed grid) or dopri5, ... (adaptive); "
                                     "SOLVER+LAST takes LAST's step on the last interval: heun+euler never "
-                                    "evaluates the velocity at t = 1")
+                                    "evaluates the velocity at t = 1; euler_maruyama or sde_heun: SDE sampling "
+                                    "(affine paths from a Gaussian source)")
+    p.add_argument("--diffusion", help="SDE solvers: the diffusion coefficient w(t) of dx = [v + w·score] dt + "
+                                       "√(2w) dW: sigma (σ_t, default), constant, sbdm, linear, decreasing, "
+                                       "increasing_decreasing (SiT's forms)")
+    p.add_argument("--diffusion-norm", type=float, help="SDE solvers: the scale of w(t) (default 1)")
+    p.add_argument("--last-step", choices=["mean", "tweedie", "euler"],
+                   help="SDE solvers: the noiseless last step (default mean: the drift step; tweedie: E[x1|x_t])")
+    p.add_argument("--cfg-interval", metavar="A,B", help="apply guidance only for t in [A, B] (Kynkäänniemi et al. "
+                                                         "2024; t = 0 noise), e.g. 0.1,0.7; default 0,1")
     p.add_argument("--steps", type=int, help="intervals of the time grid (fixed-grid solvers; default 100)")
     p.add_argument("--schedule", help="time grid: linear, cosine, polynomial, inverse_cubic, inverse_exp, "
                                       "logit_normal[:mean=M,std=S], edm[:rho=R], sd3_shift[:shift=S]")
-    p.add_argument("--cfg-scale", type=float, help="classifier-free guidance scale (1: none)")
+    p.add_argument("--cfg-scale", type=float, help="classifier-free guidance scale w (1: none): v_∅ + w·(v_y − v_∅); "
+                                                   "Meta flow_matching's guidance scale is w − 1")
     p.add_argument("--class-labels", nargs="+", metavar="LABEL",
                    help="labels for class-conditional models, cycled over the samples, or 'random' (uniform "
                         "from (seed, k)); default: random")
@@ -128,13 +143,17 @@ def resolve(args: argparse.Namespace):
         raise UserError(f"{weights} is an autoencoder (flow.objective=autoencoder), not a flow; train a latent flow "
                         "model on it and sample that")
     s = cfg.sample
-    for key in ("solver", "steps", "schedule", "cfg_scale", "bspp", "seed", "atol", "rtol"):
+    for key in ("solver", "steps", "schedule", "cfg_scale", "bspp", "seed", "atol", "rtol", "diffusion",
+                "diffusion_norm", "last_step"):
         value = getattr(args, key)
         if value is not None:
             setattr(s, "batch_size" if key == "bspp" else key, value)
+    if args.cfg_interval is not None:
+        s.cfg_interval = parse_interval(args.cfg_interval)
     if s.steps is None and s.solver not in ADAPTIVE:
         s.steps = 100
     check_solver(s.solver, s.steps)
+    check_sampling(cfg)
     if s.solver in ADAPTIVE:
         check_tolerances(s.atol, s.rtol)
     parse_schedule(s.schedule)
@@ -238,7 +257,8 @@ def write_pairs(args, cfg, accelerator, model, weights: Path, meta: dict, shape:
                     x0 = noise(s.seed, batch, shape, source)
                     y = None if labels is None else labels[batch].to(accelerator.device)
                     out = generate(model, x0.to(accelerator.device, dtype), steps, s.solver, y=y,
-                                   schedule=s.schedule, cfg_scale=s.cfg_scale, atol=s.atol, rtol=s.rtol)
+                                   schedule=s.schedule, cfg_scale=s.cfg_scale, atol=s.atol, rtol=s.rtol,
+                                   sde=sde_sampler(cfg, s.solver, s.seed, batch), cfg_interval=tuple(s.cfg_interval))
                     x0s.append(x0.float())
                     x1s.append(out.x.float().cpu())
                     bar.update(len(batch))
@@ -426,13 +446,15 @@ def sample(args: argparse.Namespace) -> None:
     # Vectors are integrated in float64: float32 matrix products differ in the last bit with the batch size,
     # which would make sample k depend on --bspp; images are rounded to uint8, which absorbs those bits.
     dtype = torch.float64 if kind == "vector" else torch.float32
-    model.to(accelerator.device, dtype).eval()
+    model = velocity_model(model.to(accelerator.device, dtype).eval(), cfg)
     source = None if cfg.data.source == "gaussian" else build_source(cfg, shape)
     references = None if task is not None else reference_features(args, cfg, meta, accelerator.device)
     space = build_space(cfg, tuple(json.loads(meta["data_shape"]))).to(accelerator.device)
     steps = s.steps if s.solver not in ADAPTIVE else None
     what = (f"{s.solver}, {f'{steps} steps, {s.schedule} schedule' if steps else f'atol {s.atol}, rtol {s.rtol}'}, "
-            f"cfg scale {s.cfg_scale}, seed {s.seed}")
+            f"cfg scale {s.cfg_scale}, seed {s.seed}"
+            + (f", {s.diffusion} diffusion ×{s.diffusion_norm:g}, {s.last_step} last step" if s.solver in SDE_SOLVERS
+               else "") + (f", guidance for t in {list(s.cfg_interval)}" if tuple(s.cfg_interval) != (0, 1) else ""))
     if task is not None:
         sample_task(args, cfg, accelerator, model, weights, meta, task, method, space, save_dir, what)
         accelerator.end_training()
@@ -446,7 +468,8 @@ def sample(args: argparse.Namespace) -> None:
         x0 = noise(s.seed, batch, shape, source).to(accelerator.device, dtype)
         y = None if labels is None else labels[batch].to(accelerator.device)
         out = generate(model, x0, steps, s.solver, y=y, schedule=s.schedule, cfg_scale=s.cfg_scale,
-                       atol=s.atol, rtol=s.rtol, cond=condition(model, s.seed, batch, references))
+                       atol=s.atol, rtol=s.rtol, cond=condition(model, s.seed, batch, references),
+                       sde=sde_sampler(cfg, s.solver, s.seed, batch), cfg_interval=tuple(s.cfg_interval))
         calls = out.nfe * len(batch) if out.sample_nfe is None else out.sample_nfe.sum().item()
         return space.decode(out.x).float().cpu(), calls  # vectors: float64 rounded to float32
 
@@ -478,7 +501,13 @@ def sample(args: argparse.Namespace) -> None:
                 "processes": accelerator.num_processes,
                 "condition": args.condition_images or ("prior" if "feature_dim" in meta else None),
                 "date": time.strftime("%Y-%m-%d %H:%M:%S")}
-        info["forward_passes"] = None if info["nfe"] is None else forward_passes(info["nfe"], s.cfg_scale)
+        if s.solver in SDE_SOLVERS:
+            info.update(diffusion=s.diffusion, diffusion_norm=s.diffusion_norm, last_step=s.last_step)
+        interval = tuple(s.cfg_interval)
+        if interval != (0, 1):
+            info["cfg_interval"] = list(interval)
+        inside = guided_evaluations(s.solver, steps, s.schedule, interval) if steps and interval != (0, 1) else None
+        info["forward_passes"] = None if info["nfe"] is None else forward_passes(info["nfe"], s.cfg_scale, inside)
         (save_dir / "info.json").write_text(json.dumps(info, indent=1))
         passes = f", {info['forward_passes']:g} forward passes" if s.cfg_scale != 1 and info["nfe"] else ""
         print(f"done: {n} samples in {save_dir} ({what}, NFE {info['nfe']}{passes})")

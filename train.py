@@ -28,14 +28,14 @@ from accelerate.utils import set_seed
 from tqdm import tqdm
 
 from cluster import STOPPED, RunLock, Stopped, StopRequest, progress
-from config import Config, check_names, config_changes, load_config, save_config, to_dict, to_yaml
+from config import Config, config_changes, load_config, save_config, to_dict, to_yaml
 from data import build_dataset, build_loader, build_source, close_loader, data_info, reference_data
 from data.images import random_hflip, save_grid, to_uint8
 from data.latents import encode_dataset
 from data.tasks import cases_from_dataset, model_inputs, task_info, task_of_config, task_picture, training_measurement
 from data.toy import plot_points
 from errors import UserError, exit_on, full_disk, on_main_process
-from flows import BatchShard, LossByTime, build_objective, generate
+from flows import BatchShard, LossByTime, build_objective, generate, velocity_model
 from flows.latent import build_feature_encoder, build_space
 from flows.solvers import class_labels, condition, noise
 from models import build_autoencoder, build_model
@@ -48,6 +48,7 @@ from models.checkpoint import (
     save_checkpoint,
 )
 from models.ema import EMA
+from registries import check_names
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -479,10 +480,10 @@ def run(cfg: Config, run_dir: Path, accelerator, trackers: list[str], stop: Stop
             if (t.preview_every > 0 and step % t.preview_every == 0) or last:
                 path = run_dir / "samples" / f"{checkpoint_name(step)}.png"
                 on_main_process(accelerator, partial(save_reconstructions, path, ema.model, dataset, cfg, device)
-                                if autoencoding else partial(save_task_preview, path, ema.model, dataset, cfg, device,
-                                                             task, space) if task is not None
-                                else partial(save_preview, path, ema.model, dataset, source, cfg, device, step,
-                                             num_classes, space))
+                                if autoencoding else partial(save_task_preview, path, velocity_model(ema.model, cfg),
+                                                             dataset, cfg, device, task, space) if task is not None
+                                else partial(save_preview, path, velocity_model(ema.model, cfg), dataset, source, cfg,
+                                             device, step, num_classes, space))
                 log(f"preview: {path}")
             if step % t.checkpoint_every == 0 or last or stopping:
                 meta = {**data_meta, **latent_statistics(ema.model, dataset, device)} if autoencoding else data_meta
@@ -492,7 +493,8 @@ def run(cfg: Config, run_dir: Path, accelerator, trackers: list[str], stop: Stop
                 log(f"checkpoint: {path}")
                 if t.eval_every and (step % t.eval_every == 0 or last):
                     # On the main process; a reference that cannot be made stops every process at once.
-                    quality = on_main_process(accelerator, partial(sample_quality, ema.model, dataset, cfg, device,
+                    sampler = velocity_model(ema.model, cfg)
+                    quality = on_main_process(accelerator, partial(sample_quality, sampler, dataset, cfg, device,
                                                                    num_classes, space, eval_cache))
                     if accelerator.is_main_process:
                         log.metrics(step, quality)

@@ -18,7 +18,7 @@ from config import Config
 from data.images import IMAGE_DATASETS
 from data.pairs import PairsDataset, read_manifest
 from data.toy import TOY, load_tensor_file
-from errors import UserError
+from errors import UserError, check_name
 
 
 class PointDataset:
@@ -61,6 +61,20 @@ def _toy_source(name: str) -> Callable:
 
 
 SOURCES: dict[str, Callable] = {"gaussian": _gaussian_source, **{name: _toy_source(name) for name in TOY}}
+
+
+def check_config(cfg: Config) -> None:
+    """The data section's registry names, before any data is loaded."""
+    check_name(DATASETS, cfg.data.name, "data.name")
+    check_name(SOURCES, cfg.data.source, "data.source")
+    if cfg.data.task:
+        from data.tasks import MASKS, TASKS
+
+        check_name(TASKS, cfg.data.task, "data.task")
+        check_name(MASKS, cfg.data.mask, "data.mask")
+        if cfg.data.task == "semantic" and cfg.data.label_classes <= 0:
+            raise UserError("data.task=semantic needs data.label_classes, the number of classes in the label maps "
+                            "(CelebAMask-HQ: 19)")
 
 
 def build_dataset(cfg: Config) -> PointDataset:

@@ -1,8 +1,8 @@
-"""Flow objectives and samplers: registries and builders.
+"""Flow objectives and samplers: registries, builders, and the check of the flow section's names.
 
-paths.py (x_t, u_t), couplings.py (independent, minibatch OT, reflow pairs), timesteps.py (training t
-densities), objective.py (per-sample loss), meanflow.py (the average-velocity objective), solvers.py (ODE
-integration with exact NFE, and MeanFlow's jumps).
+paths.py (x_t, u_t; prediction targets and loss weights), couplings.py (independent, minibatch OT, OT plans, class
+OT, reflow pairs), timesteps.py (training t densities), objective.py (per-sample loss), meanflow.py (the
+average-velocity objective), solvers.py (ODE integration with exact NFE, MeanFlow's jumps, SDE sampling).
 """
 
 from __future__ import annotations
@@ -10,15 +10,67 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from config import Config
-from flows.couplings import BatchShard, IndependentCoupling, MinibatchOTCoupling, PairsCoupling
+from errors import UserError, check_name
+from flows.couplings import (
+    BatchShard,
+    ClassOTCoupling,
+    IndependentCoupling,
+    MinibatchOTCoupling,
+    PairsCoupling,
+    PlanCoupling,
+)
 from flows.meanflow import MeanFlowObjective
 from flows.objective import AutoencoderObjective, FlowMatchingObjective, LossByTime, ObjectiveOutput
-from flows.paths import LinearPath, PathSample
-from flows.solvers import SOLVERS, SolverResult, generate, integrate
+from flows.paths import (
+    LOSS_WEIGHTS,
+    PREDICTIONS,
+    BridgePath,
+    CosinePath,
+    LinearPath,
+    PathSample,
+    PolynomialPath,
+    PredictedVelocity,
+    Prediction,
+    VPPath,
+)
+from flows.solvers import (
+    DIFFUSIONS,
+    LAST_STEPS,
+    SDE,
+    SDE_SOLVERS,
+    SOLVERS,
+    SolverResult,
+    check_interval,
+    generate,
+    integrate,
+    sample_generators,
+)
 from flows.timesteps import GridTime, LogitNormalTime, ModeTime, UniformTime
 
-PATHS = {"linear": lambda cfg: LinearPath(cfg.flow.sigma_min)}
-COUPLINGS = {"independent": IndependentCoupling, "ot": MinibatchOTCoupling, "pairs": PairsCoupling}
+PATHS = {
+    "linear": lambda cfg: LinearPath(cfg.flow.sigma_min),  # rectified flow, I-CFM; Lipman's OT path with σ_min > 0
+    "cosine": lambda cfg: CosinePath(),  # SiT's GVP, torchcfm's VP-CFM
+    "vp": lambda cfg: VPPath(cfg.flow.vp_beta_min, cfg.flow.vp_beta_max),  # SiT's VP (score-based diffusion's)
+    "polynomial": lambda cfg: PolynomialPath(cfg.flow.poly_n),  # Meta flow_matching's PolynomialConvexScheduler
+    "icfm": lambda cfg: BridgePath(cfg.flow.sigma, "constant"),  # torchcfm's ConditionalFlowMatcher(σ)
+    "sb": lambda cfg: BridgePath(cfg.flow.sigma, "brownian"),  # torchcfm's SchrodingerBridgeConditionalFlowMatcher
+}
+
+
+def _ot_reg(cfg: Config) -> float:
+    """The entropic regularisation ε: flow.ot_reg, or SB-CFM's 2σ² when it is 0 (Tong et al. 2024, §3.3)."""
+    return cfg.flow.ot_reg or 2 * cfg.flow.sigma**2
+
+
+COUPLINGS = {
+    "independent": lambda cfg: IndependentCoupling(),
+    "ot": lambda cfg: MinibatchOTCoupling(),  # exact, scipy's assignment
+    "entropic": lambda cfg: PlanCoupling("entropic", _ot_reg(cfg)),
+    "unbalanced": lambda cfg: PlanCoupling("unbalanced", _ot_reg(cfg), mass_reg=cfg.flow.ot_mass_reg),
+    "partial": lambda cfg: PlanCoupling("partial", mass=cfg.flow.ot_mass),
+    "class_ot": lambda cfg: ClassOTCoupling(),  # exact OT within each class
+    "pairs": lambda cfg: PairsCoupling(),  # reflow and distillation pairs (data.name=pairs)
+}
 TIME_DENSITIES = {
     "uniform": lambda cfg: UniformTime(),
     "logit_normal": lambda cfg: LogitNormalTime(cfg.flow.time_mean, cfg.flow.time_std),
@@ -34,7 +86,8 @@ def build_objective(cfg: Config, source: Callable, num_classes: int = 0, latent_
     f = cfg.flow
     if f.objective == "autoencoder":
         return AutoencoderObjective(f.kl_weight, latent_shape)
-    common = dict(path=PATHS[f.path](cfg), coupling=COUPLINGS[f.coupling](),
+    path = PATHS[f.path](cfg)
+    common = dict(path=path, coupling=COUPLINGS[f.coupling](cfg),
                   time_density=TIME_DENSITIES[f.time_density](cfg), source=source, label_dropout=f.label_dropout,
                   num_classes=num_classes, huber_c=f.huber_c if f.loss == "pseudo_huber" else None)
     if f.objective == "meanflow":
@@ -42,10 +95,103 @@ def build_objective(cfg: Config, source: Callable, num_classes: int = 0, latent_
                                  cfg_scale=f.meanflow_cfg, tangent=f.meanflow_tangent)
     return FlowMatchingObjective(**common, features=features, cond_dim=cfg.latentcfm.dim if features is not None else 0,
                                  beta=cfg.latentcfm.beta, cond_dropout=f.cond_dropout,
-                                 null_condition=None if task is None else task.null)
+                                 null_condition=None if task is None else task.null,
+                                 prediction=Prediction(path, f.prediction, f.loss_weight))
 
 
-__all__ = ["AutoencoderObjective", "PATHS", "COUPLINGS", "TIME_DENSITIES", "SOLVERS", "build_objective", "BatchShard",
-           "FlowMatchingObjective", "LossByTime", "ObjectiveOutput", "PathSample", "SolverResult",
-           "generate", "integrate", "LinearPath", "IndependentCoupling", "MinibatchOTCoupling", "MeanFlowObjective",
-           "PairsCoupling"]
+def velocity_model(model: Callable, cfg: Config) -> Callable:
+    """The model as a velocity field for the samplers: itself, or, for a network trained to predict the data, the
+    noise or the score (flow.prediction), a wrapper that turns its output into the velocity through the path."""
+    if cfg.flow.prediction == "velocity":
+        return model
+    return PredictedVelocity(model, Prediction(PATHS[cfg.flow.path](cfg), cfg.flow.prediction))
+
+
+def has_score(cfg: Config) -> bool:
+    """Whether the path defines the score that SDE sampling needs: affine paths (no bridge noise) from a standard
+    Gaussian source, where the score follows from the velocity (flows/paths.py, score_from_velocity)."""
+    return cfg.flow.path not in ("icfm", "sb") and cfg.data.source == "gaussian"
+
+
+def sde_sampler(cfg: Config, solver: str, seed: int, indices: list[int]) -> SDE | None:
+    """What an SDE solver needs for the samples `indices` of base seed `seed`: the path, the diffusion coefficient
+    and last step of cfg.sample, and each sample's generator of step noise; None for the ODE solvers."""
+    s = cfg.sample
+    if solver not in SDE_SOLVERS:
+        return None
+    return SDE(PATHS[cfg.flow.path](cfg), sample_generators(seed, indices, 4), s.diffusion, s.diffusion_norm,
+               s.last_step)
+
+
+def check_sampling(cfg: Config, solvers: list[str] | None = None) -> None:
+    """The sample section's names, and an SDE solver (cfg.sample.solver, or any of `solvers`) only where the path
+    defines the score it needs."""
+    s = cfg.sample
+    check_name(DIFFUSIONS, s.diffusion, "sample.diffusion")
+    check_name(LAST_STEPS, s.last_step, "sample.last_step")
+    if len(s.cfg_interval) != 2:
+        raise UserError(f"config key sample.cfg_interval must hold two times [a, b], got {s.cfg_interval}")
+    for solver in solvers or [s.solver]:
+        check_interval(tuple(s.cfg_interval), solver)
+    sde = next((solver for solver in solvers or [s.solver] if solver in SDE_SOLVERS), None)
+    if sde and not has_score(cfg):
+        why = (f"flow.path={cfg.flow.path} adds bridge noise" if cfg.flow.path in ("icfm", "sb")
+               else f"data.source={cfg.data.source} is not a standard Gaussian")
+        raise UserError(f"solver {sde} needs the score, which the velocity gives only on an affine path from a "
+                        f"Gaussian source; {why}: sample this model with an ODE solver (euler, heun, dopri5, ...)")
+
+
+def check_config(cfg: Config) -> None:
+    """The flow section's names, and the combinations that cannot train, each refused with the reason."""
+    f = cfg.flow
+    check_name(("cfm", "meanflow", "autoencoder"), f.objective, "flow.objective")
+    check_name(("l2", "pseudo_huber"), f.loss, "flow.loss")
+    check_name(PATHS, f.path, "flow.path")
+    check_name(COUPLINGS, f.coupling, "flow.coupling")
+    check_name(TIME_DENSITIES, f.time_density, "flow.time_density")
+    check_name(PREDICTIONS, f.prediction, "flow.prediction")
+    check_name(LOSS_WEIGHTS, f.loss_weight, "flow.loss_weight")
+    if f.cond_dropout > 0 and not cfg.data.task:
+        raise UserError("flow.cond_dropout drops the spatial condition of data.task, which is not set; set data.task "
+                        "or flow.cond_dropout=0")
+    bridge = f.path in ("icfm", "sb")
+    if bridge and f.prediction != "velocity":
+        raise UserError(f"flow.prediction={f.prediction} needs an affine path to turn it into a velocity; "
+                        f"flow.path={f.path} adds bridge noise, so predict the velocity (flow.prediction=velocity)")
+    if bridge and f.sigma <= 0:
+        raise UserError(f"flow.path={f.path} adds Gaussian noise of scale flow.sigma, which is {f.sigma}; set "
+                        "flow.sigma > 0 (e.g. 0.1) or use flow.path=linear")
+    if f.sigma > 0 and not bridge:
+        raise UserError(f"flow.sigma is the bridge noise of flow.path=icfm or sb, not of {f.path}; remove it (the "
+                        "linear path's noise left at t = 1 is flow.sigma_min)")
+    if f.sigma_min > 0 and f.path != "linear":
+        raise UserError(f"flow.sigma_min belongs to flow.path=linear, not {f.path}; remove it")
+    if f.prediction == "score" and cfg.data.source != "gaussian":
+        raise UserError(f"flow.prediction=score is the score of a Gaussian source; data.source={cfg.data.source} "
+                        "has none that the path defines: predict the velocity or the data")
+    if f.loss_weight == "likelihood" and f.prediction not in ("noise", "score"):
+        raise UserError(f"flow.loss_weight=likelihood weights the noise or score error (SiT); with "
+                        f"flow.prediction={f.prediction} it is unbounded at an end of t: use flow.prediction=noise "
+                        "or score, or another weight")
+    if f.path == "sb" and f.coupling != "entropic":
+        raise UserError(f"flow.path=sb is SB-CFM, whose bridge noise goes with the entropic OT coupling; set "
+                        f"flow.coupling=entropic (ε = 2·flow.sigma² unless flow.ot_reg is set), not {f.coupling}")
+    if f.coupling in ("entropic", "unbalanced") and _ot_reg(cfg) <= 0:
+        raise UserError(f"flow.coupling={f.coupling} needs its regularisation: set flow.ot_reg > 0 (torchcfm's "
+                        "default 0.05, in units of the squared distance)")
+    if f.coupling == "class_ot" and not cfg.model.class_cond:
+        raise UserError("flow.coupling=class_ot pairs noise and data within a class, for class-conditional models; "
+                        "set model.class_cond=true or use flow.coupling=ot")
+    if f.objective == "meanflow" and (bridge or f.prediction != "velocity" or f.loss_weight != "none"):
+        raise UserError("flow.objective=meanflow trains the average velocity on an affine path: use "
+                        "flow.prediction=velocity, flow.loss_weight=none and a path without bridge noise")
+    check_sampling(cfg)
+
+
+__all__ = ["check_config", "check_sampling", "sde_sampler", "velocity_model", "has_score", "Prediction",
+           "PredictedVelocity", "AutoencoderObjective", "PATHS", "COUPLINGS", "TIME_DENSITIES", "SOLVERS",
+           "build_objective", "BatchShard", "FlowMatchingObjective", "LossByTime", "ObjectiveOutput", "PathSample",
+           "SolverResult", "generate", "integrate", "LinearPath", "IndependentCoupling", "MinibatchOTCoupling",
+           "MeanFlowObjective", "PairsCoupling", "ClassOTCoupling", "PlanCoupling", "CosinePath", "VPPath",
+           "PolynomialPath", "BridgePath", "LOSS_WEIGHTS", "PREDICTIONS", "SDE", "SDE_SOLVERS", "DIFFUSIONS",
+           "LAST_STEPS"]

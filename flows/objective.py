@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from flows.couplings import BatchShard
+from flows.paths import Prediction
 
 
 @dataclass
@@ -27,6 +28,8 @@ class Draw:
     y: torch.Tensor | None
     cond: dict = field(default_factory=dict)  # Latent-CFM: encoder features and the noise ε of c; data.task: image_cond
     s: torch.Tensor | None = None  # MeanFlow: the end of the interval [t, s] (N,)
+    weight: torch.Tensor | None = None  # the coupling's loss weight of each sample (N,) (unbalanced, partial OT)
+    eps: torch.Tensor | None = None  # a bridge path's noise ε (N, ...)
 
 
 @dataclass
@@ -38,7 +41,9 @@ class ObjectiveOutput:
 
 
 class FlowMatchingObjective:
-    """‖v_θ(x_t, t, y) − u_t‖² per sample, with x_t and u_t from `path` for x0 paired to x1 by `coupling`.
+    """‖v_θ(x_t, t, y) − u_t‖² per sample, with x_t and u_t from `path` for x0 paired to x1 by `coupling`; with
+    `prediction` (flows/paths.py), w(t)·‖f_θ(x_t, t, y) − target‖² for a network that predicts the data, the noise
+    or the score instead, w the prediction's loss weight.
 
     source(n, generator, device) draws x0 of the data's shape; time_density(n, generator, device)
     draws t. Labels are replaced by the null class `num_classes` with probability `label_dropout`,
@@ -50,8 +55,10 @@ class FlowMatchingObjective:
 
     def __init__(self, path, coupling, time_density, source: Callable, label_dropout: float = 0.0,
                  num_classes: int = 0, features: Callable | None = None, cond_dim: int = 0, beta: float = 0.0,
-                 huber_c: float | None = None, cond_dropout: float = 0.0, null_condition: Callable | None = None):
+                 huber_c: float | None = None, cond_dropout: float = 0.0, null_condition: Callable | None = None,
+                 prediction: Prediction | None = None):
         self.path, self.coupling, self.time_density, self.source = path, coupling, time_density, source
+        self.prediction = prediction or Prediction(path)
         self.label_dropout, self.num_classes = label_dropout, num_classes
         # None: the squared error; c ≥ 0: the pseudo-Huber loss √(‖·‖² + c²) − c (c = 0: 0.00054·√D, Song &
         # Dhariwal 2023, as Lee et al. 2024 use it for rectified flows), ‖·‖² summed over the sample's elements.
@@ -68,7 +75,9 @@ class FlowMatchingObjective:
         """The randomness of a micro-step; x0: the noise that the data come paired with (reflow pairs), if any;
         image_cond: the spatial condition of an image-conditioned task (N, C_c, H, W), dropped here."""
         n_global, device = x1.shape[0] * shard.world, x1.device
-        x0 = self.coupling.pair(self.source(n_global, generator, device) if x0 is None else x0, x1, shard)
+        pairing = self.coupling.pair(self.source(n_global, generator, device) if x0 is None else x0, x1, shard,
+                                     generator, y)
+        x0 = pairing.x0
         t = shard.local(self.time_density(n_global, generator, device))
         if y is not None and self.label_dropout > 0:
             drop = shard.local(torch.rand(n_global, generator=generator, device=device) < self.label_dropout)
@@ -82,15 +91,21 @@ class FlowMatchingObjective:
                 drop = shard.local(torch.rand(n_global, generator=generator, device=device) < self.cond_dropout)
                 image_cond = torch.where(drop[:, None, None, None], self.null_condition(image_cond), image_cond)
             cond["image_cond"] = image_cond
-        return Draw(x0=x0, t=t, y=y, cond=cond)
+        bridge_noise = None
+        if self.path.bridge:  # drawn last, so that the other draws are those of the paths without bridge noise
+            bridge_noise = shard.local(torch.randn(n_global, *x1.shape[1:], generator=generator, device=device))
+        return Draw(x0=x0, t=t, y=y, cond=cond, weight=pairing.weight, eps=bridge_noise)
 
     def loss(self, model: Callable, x1: torch.Tensor, draw: Draw) -> ObjectiveOutput:
-        sample = self.path.sample(draw.x0, x1.to(draw.x0.dtype), draw.t)
-        v = model(sample.x_t, draw.t, draw.y, **draw.cond)
+        sample = self.path.sample(draw.x0, x1.to(draw.x0.dtype), draw.t, draw.eps)
+        out = model(sample.x_t, draw.t, draw.y, **draw.cond)
         kl = None
-        if isinstance(v, tuple):  # Latent-CFM: the velocity and the KL of its condition
-            v, kl = v
-        loss = self.distance(v, sample.u_t)
+        if isinstance(out, tuple):  # Latent-CFM: the velocity and the KL of its condition
+            out, kl = out
+        loss = self.distance(self.prediction.output(out, draw.t), self.prediction.target(sample))
+        for weight in (self.prediction.loss_weight(draw.t), draw.weight):
+            if weight is not None:
+                loss = loss * weight.float()
         return ObjectiveOutput(loss=loss if kl is None else loss + self.beta * kl.float(), t=draw.t)
 
     def distance(self, v: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -12,7 +12,14 @@ the other samples of its batch. Every call integrates in fp32 (or the input's fl
 NFE counts velocity evaluations per sample: exact for fixed-grid solvers, and the evaluations each
 sample needed for adaptive ones. A guided evaluation is one, its conditional and unconditional
 halves batched into one call of the network on twice the rows; `forward_passes` counts those rows
-(2·NFE under guidance), the count of papers that charge guidance for its second pass.
+(2·NFE under guidance, fewer with a guidance interval), the count of papers that charge guidance for its
+second pass.
+
+SDE samplers (euler_maruyama, sde_heun) integrate dx = [v + w(t)·s] dt + √(2w(t)) dW̄ from t = 0 to 1, which
+has the probability-flow ODE's marginals for any diffusion coefficient w(t) ≥ 0 (Song et al. 2021, eq. 6; Ma et
+al. 2024, SiT §2.3); the score s follows from the velocity on an affine path from a Gaussian source
+(flows/paths.py). The last interval takes no noise: 'mean' (the drift step), 'tweedie' (the denoised E[x1|x_t])
+or 'euler' (an ODE step), as SiT's last_step. The noise of each step comes from the sample's own generator.
 """
 
 from __future__ import annotations
@@ -73,12 +80,28 @@ def _meanflow(v: Velocity, x, t0, t1):
 # name -> (one step, velocity evaluations per step)
 SOLVERS = {"euler": (_euler, 1), "midpoint": (_midpoint, 2), "heun": (_heun, 2), "rk4": (_rk4, 4),
            "meanflow": (_meanflow, 1)}
+# SDE samplers: name -> velocity evaluations per step (the last step, without noise, takes one).
+SDE_SOLVERS = {"euler_maruyama": 1, "sde_heun": 2}
+LAST_STEPS = ("mean", "tweedie", "euler")
 
 
 def fixed_grid_nfe(solver: str, steps: int) -> int:
     """Velocity evaluations of a fixed-grid solver ('heun', or 'heun+euler' with its last step by euler)."""
+    if solver in SDE_SOLVERS:
+        return SDE_SOLVERS[solver] * (steps - 1) + 1
     body, _, last = solver.partition("+")
     return SOLVERS[body][1] * (steps - 1) + SOLVERS[last or body][1]
+
+
+def stage_times(solver: str, grid: list[float]) -> list[float]:
+    """The times at which a fixed-grid solver evaluates the velocity over `grid`, in order."""
+    stages = {"euler": lambda a, b: [a], "midpoint": lambda a, b: [a, (a + b) / 2], "heun": lambda a, b: [a, b],
+              "rk4": lambda a, b: [a, (a + b) / 2, (a + b) / 2, b], "meanflow": lambda a, b: [a],
+              "euler_maruyama": lambda a, b: [a], "sde_heun": lambda a, b: [a, b]}
+    body, _, last = solver.partition("+")
+    last = "euler" if solver in SDE_SOLVERS else last or body
+    pairs = list(zip(grid[:-1], grid[1:]))
+    return [t for a, b in pairs[:-1] for t in stages[body](a, b)] + stages[last](*pairs[-1])
 
 
 # torchdiffeq's adaptive methods.
@@ -122,6 +145,79 @@ def integrate(velocity: Velocity, x0: torch.Tensor, grid: torch.Tensor, solver: 
         if after_step is not None:
             x = after_step(x, t1)
     assert v.calls == fixed_grid_nfe(solver, len(grid) - 1)
+    return SolverResult(x=x, nfe=v.calls)
+
+
+# Diffusion coefficients w(t) of SDE sampling (SiT's diffusion forms, its t = 0 noise too), times `norm`.
+DIFFUSIONS = {
+    "sigma": "w = norm·σ_t (SiT's default)",
+    "constant": "w = norm",
+    "sbdm": "w = norm·σ_t·D_t/α_t, score-based diffusion's own (large near t = 0: take small first steps)",
+    "linear": "w = norm·(1 − t)",
+    "decreasing": "w = ¼(norm·cos(πt) + 1)²",
+    "increasing_decreasing": "w = norm·sin²(πt)",
+}
+
+
+@dataclass
+class SDE:
+    """What SDE sampling needs besides the velocity: the path (for the score), the diffusion coefficient's form and
+    scale, the last step, and one generator per sample of the batch (the noise of every step is drawn from it)."""
+
+    path: object
+    generators: list
+    diffusion: str = "sigma"
+    norm: float = 1.0
+    last_step: str = "mean"
+
+    def w(self, t: float) -> float:
+        from flows.paths import T_EPS
+
+        p, tt = self.path, torch.tensor(min(max(t, T_EPS), 1 - T_EPS), dtype=torch.float64)
+        forms = {"sigma": lambda: p.sigma(tt), "constant": lambda: torch.ones(()),
+                 "sbdm": lambda: p.sigma(tt) * p.determinant(tt) / p.alpha(tt), "linear": lambda: 1 - tt,
+                 "decreasing": lambda: 0.25 * (self.norm * torch.cos(math.pi * tt) + 1) ** 2 / self.norm,
+                 "increasing_decreasing": lambda: torch.sin(math.pi * tt) ** 2}
+        return self.norm * float(forms[self.diffusion]())
+
+    def noise(self, like: torch.Tensor) -> torch.Tensor:
+        """One standard normal draw per sample, each from its own generator (on the CPU, then moved)."""
+        return torch.stack([torch.randn(like.shape[1:], generator=g, dtype=like.dtype)
+                            for g in self.generators]).to(like.device)
+
+
+@torch.no_grad()
+def integrate_sde(velocity: Velocity, x0: torch.Tensor, grid: torch.Tensor, solver: str, sde: SDE) -> SolverResult:
+    """Integrate dx = [v + w·s] dt + √(2w) dW̄ over `grid` with euler_maruyama or sde_heun (SiT's Heun step:
+    noise first, then Heun's drift step), and the noiseless last step sde.last_step on the last interval."""
+    from flows.paths import data_from_velocity, score_from_velocity
+
+    v = _Counted(velocity)
+    x = x0 if x0.dtype == torch.float64 else x0.float()
+
+    def drift(x_: torch.Tensor, t: float) -> torch.Tensor:
+        vel = v(x_, t)
+        tt = torch.full((len(x_),), t, dtype=x_.dtype, device=x_.device)
+        return vel + sde.w(t) * score_from_velocity(sde.path, vel, x_, tt)
+
+    times = grid.tolist()
+    for t0, t1 in zip(times[:-2], times[1:-1]):
+        h = t1 - t0
+        kick = math.sqrt(2 * sde.w(t0) * h) * sde.noise(x)
+        if solver == "euler_maruyama":
+            x = x + h * drift(x, t0) + kick
+        else:
+            x_hat = x + kick
+            k1 = drift(x_hat, t0)
+            x = x_hat + h / 2 * (k1 + drift(x_hat + h * k1, t1))
+    t0, t1 = times[-2], times[-1]
+    if sde.last_step == "mean":
+        x = x + (t1 - t0) * drift(x, t0)
+    elif sde.last_step == "euler":
+        x = x + (t1 - t0) * v(x, t0)
+    else:  # tweedie: the denoised estimate at t0
+        x = data_from_velocity(sde.path, v(x, t0), x, torch.full((len(x),), t0, dtype=x.dtype, device=x.device))
+    assert v.calls == fixed_grid_nfe(solver, len(times) - 1)
     return SolverResult(x=x, nfe=v.calls)
 
 
@@ -223,12 +319,14 @@ def integrate_adaptive(velocity: Velocity, x0: torch.Tensor, solver: str = "dopr
 
 
 def guided(model: Callable, y: torch.Tensor | None, cfg_scale: float = 1.0, cond: dict | None = None,
-           null_cond: dict | None = None) -> Velocity:
+           null_cond: dict | None = None, interval: tuple[float, float] = (0.0, 1.0)) -> Velocity:
     """The velocity of `model(x, t, y)` with classifier-free guidance (Ho & Salimans 2022, in velocity form):
     v = v(x, t, ∅) + w · (v(x, t, y) − v(x, t, ∅)), both halves in one batched call. w = 1 is the
-    conditional velocity alone (one half, no extra cost), w = 0 the unconditional one. `cond`: further
+    conditional velocity alone (one half, no extra cost), w = 0 the unconditional one. Meta flow_matching writes
+    the same guidance as (1 + w')·v(x, t, y) − w'·v(x, t, ∅): its w' is our w − 1. `cond`: further
     per-sample model inputs (Latent-CFM's c, a task's image_cond), batched with x; `null_cond`: those of them that
-    the unconditional half replaces (a task's null condition), which makes guidance apply to them."""
+    the unconditional half replaces (a task's null condition), which makes guidance apply to them. `interval`:
+    guidance only for t in [a, b] (Kynkäänniemi et al. 2024), the conditional velocity alone elsewhere (one pass)."""
     cond = cond or {}
     if cfg_scale == 1.0 or (y is None and not null_cond):
         if cfg_scale != 1.0:
@@ -245,9 +343,14 @@ def guided(model: Callable, y: torch.Tensor | None, cfg_scale: float = 1.0, cond
     doubled = {key: torch.cat([value, unconditional[key]]) for key, value in cond.items()}
 
     def velocity(x, t, s=None):
-        interval = {} if s is None else {"s": torch.cat([s, s])}
-        v_cond, v_uncond = model(torch.cat([x, x]), torch.cat([t, t]), labels, **interval, **doubled).chunk(2)
-        return v_uncond + cfg_scale * (v_cond - v_uncond)
+        mean_flow = {} if s is None else {"s": s}
+        inside = (t >= interval[0]) & (t <= interval[1])
+        if not bool(inside.any()):
+            return model(x, t, y, **mean_flow, **cond)
+        if s is not None:
+            mean_flow = {"s": torch.cat([s, s])}
+        v_cond, v_uncond = model(torch.cat([x, x]), torch.cat([t, t]), labels, **mean_flow, **doubled).chunk(2)
+        return torch.where(inside.view(-1, *[1] * (x.dim() - 1)), v_uncond + cfg_scale * (v_cond - v_uncond), v_cond)
 
     return velocity
 
@@ -267,14 +370,50 @@ def check_guidance(cfg_scale: float, num_classes: int, label_dropout: float) -> 
                         "train with flow.label_dropout=0.1")
 
 
-def forward_passes(nfe: float, cfg_scale: float) -> float:
+def forward_passes(nfe: float, cfg_scale: float, guided_nfe: float | None = None) -> float:
     """The network's forward passes per sample behind `nfe` velocity evaluations: two under guidance (w ≠ 1), the
-    conditional and the unconditional row, batched into one call."""
-    return nfe * (1 if cfg_scale == 1 else 2)
+    conditional and the unconditional row, batched into one call; with a guidance interval, two for the
+    `guided_nfe` evaluations inside it only."""
+    if cfg_scale == 1:
+        return nfe
+    return nfe + (nfe if guided_nfe is None else guided_nfe)
+
+
+def guided_evaluations(solver: str, steps: int, schedule: str, interval: tuple[float, float]) -> int:
+    """How many of a fixed-grid solver's velocity evaluations fall in the guidance interval."""
+    from flows.schedules import time_grid
+
+    return sum(interval[0] <= t <= interval[1] for t in stage_times(solver, time_grid(schedule, steps).tolist()))
+
+
+def parse_interval(text: str) -> list[float]:
+    """--cfg-interval's 'A,B' -> [A, B], or one clear sentence."""
+    try:
+        a, b = (float(v) for v in text.split(","))
+    except ValueError:
+        raise UserError(f"--cfg-interval must be two times A,B such as 0.1,0.7, got '{text}'") from None
+    return [a, b]
+
+
+def check_interval(interval: tuple[float, float], solver: str) -> None:
+    """A guidance interval [a, b] within [0, 1] and a solver whose evaluation times are known, or one sentence."""
+    a, b = interval
+    if not 0 <= a <= b <= 1:
+        raise UserError(f"--cfg-interval {a:g},{b:g} must be two times 0 ≤ a ≤ b ≤ 1 (t = 0 noise, t = 1 data)")
+    if (a, b) != (0, 1) and solver in ADAPTIVE:
+        raise UserError(f"--cfg-interval needs the evaluation times fixed in advance; {solver} chooses its own: use "
+                        "a fixed-grid solver (euler, heun, ...)")
 
 
 def check_solver(solver: str, steps: int | None) -> None:
     """A solver name and a step count that it can honour, or one clear sentence."""
+    if solver.partition("+")[0] in SDE_SOLVERS:
+        if "+" in solver:
+            raise UserError(f"solver '{solver}': SDE samplers take their noiseless last step from --last-step "
+                            f"({', '.join(LAST_STEPS)}), not +LAST")
+        if steps is None or steps <= 0:
+            raise UserError(f"solver {solver} needs a positive number of steps, got {steps}")
+        return
     if solver in ADAPTIVE:
         if steps is not None:
             raise UserError(f"solver {solver} chooses its own steps (set its tolerances with --atol/--rtol); "
@@ -287,7 +426,7 @@ def check_solver(solver: str, steps: int | None) -> None:
         if name not in SOLVERS:
             import difflib
 
-            names = [*SOLVERS, *ADAPTIVE] if name == solver else list(SOLVERS)
+            names = [*SOLVERS, *SDE_SOLVERS, *ADAPTIVE] if name == solver else list(SOLVERS)
             close = difflib.get_close_matches(name, names, n=1, cutoff=0.4)
             hint = f"; did you mean '{close[0]}'?" if close else ""
             where = "" if name == solver else f" in '{solver}'"
@@ -301,18 +440,27 @@ def check_solver(solver: str, steps: int | None) -> None:
 def generate(model: Callable, x0: torch.Tensor, steps: int | None = 100, solver: str = "euler",
              y: torch.Tensor | None = None, schedule: str = "linear", cfg_scale: float = 1.0,
              atol: float = 1e-5, rtol: float = 1e-5, cond: dict | None = None, null_cond: dict | None = None,
-             after_step: Callable | None = None) -> SolverResult:
+             after_step: Callable | None = None, sde: SDE | None = None,
+             cfg_interval: tuple[float, float] = (0.0, 1.0)) -> SolverResult:
     """Samples from noise x0 (N, ...) with `model(x, t, y)`: a fixed-grid solver over `steps` intervals
-    of the time schedule, or an adaptive one (steps None) under atol/rtol; guidance with cfg_scale (over the
-    labels, and over the inputs of `cond` that `null_cond` replaces); after_step: see integrate."""
+    of the time schedule, an SDE sampler (euler_maruyama, sde_heun; `sde` gives its path, diffusion and the
+    samples' generators), or an adaptive one (steps None) under atol/rtol; guidance with cfg_scale (over the
+    labels, and over the inputs of `cond` that `null_cond` replaces) for t in cfg_interval; after_step: see
+    integrate."""
     from flows.schedules import time_grid
 
     check_solver(solver, steps)
+    check_interval(cfg_interval, solver)
     if solver == "meanflow" and getattr(unwrapped(model), "interval_embed", None) is None:
         raise UserError("--solver meanflow jumps with the average velocity u(x, t, s) of a MeanFlow model "
                         "(trained with flow.objective=meanflow); this model gives the instantaneous velocity only: "
                         "use euler, midpoint, heun, rk4 or dopri5")
-    velocity = guided(model, y, cfg_scale, cond, null_cond)
+    velocity = guided(model, y, cfg_scale, cond, null_cond, cfg_interval)
+    if solver in SDE_SOLVERS:
+        if sde is None or after_step is not None:
+            raise UserError(f"solver {solver} needs the path's score and per-sample noise (sample.py gives them), "
+                            "and restores nothing between steps; use an ODE solver here")
+        return integrate_sde(velocity, x0, time_grid(schedule, steps).to(x0.device), solver, sde)
     if solver in ADAPTIVE:
         if after_step is not None:
             raise UserError(f"{solver} chooses its own steps, between which nothing can be replaced; use a "
@@ -342,9 +490,9 @@ def class_labels(given: list[str] | None, n: int, num_classes: int, seed: int) -
 
 def _generator(seed: int, k: int, stream: int = 0) -> torch.Generator:
     """The generator of sample k: one per (seed, k, stream), stream 0 the noise, 1 the label, 2 Latent-CFM's c, 3 the
-    noise a restoration sampler injects at each step (streams 0 and 1 keep the seeds of earlier versions; stream 2
-    lives above 2^62, stream 3 above 2^61)."""
-    high = {2: 2**62, 3: 2**61}.get(stream, 0)
+    noise a restoration sampler injects at each step, 4 the noise of an SDE sampler's steps (streams 0 and 1 keep the
+    seeds of earlier versions; stream 2 lives above 2^62, stream 3 above 2^61, stream 4 above 2^60)."""
+    high = {2: 2**62, 3: 2**61, 4: 2**60}.get(stream, 0)
     return torch.Generator().manual_seed((seed * 2**32 + k) * 2 + min(stream, 1) + high)
 
 

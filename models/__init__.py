@@ -11,7 +11,7 @@ from __future__ import annotations
 from torch import nn
 
 from config import Config
-from errors import UserError
+from errors import UserError, check_name
 from models import autoencoder, dit, mlp, unet
 
 # name -> (model class, preset arguments)
@@ -31,6 +31,11 @@ _OVERRIDES = {
     unet.UNet: dict(width="channels", depth="num_res_blocks", dropout="dropout"),
     dit.DiT: dict(width="width", depth="depth", heads="heads", patch="patch"),
 }
+
+
+def check_config(cfg: Config) -> None:
+    """model.name in the registry of what the objective trains: a flow's velocity field or an autoencoder."""
+    check_name(AUTOENCODERS if cfg.flow.objective == "autoencoder" else MODELS, cfg.model.name, "model.name")
 
 
 def model_arguments(cfg: Config) -> tuple[type[nn.Module], dict]:

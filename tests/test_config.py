@@ -3,8 +3,9 @@ import re
 import pytest
 from conftest import ROOT
 
-from config import Config, check_names, config_changes, load_config, save_config
+from config import Config, config_changes, load_config, save_config
 from errors import UserError
+from registries import check_names
 
 
 def test_defaults_preset_and_overrides_are_merged_in_order(tmp_path):

@@ -5,7 +5,7 @@ import torch
 
 from config import Config
 from flows import BatchShard, MinibatchOTCoupling, build_objective
-from flows.couplings import IndependentCoupling, ot_match
+from flows.couplings import ClassOTCoupling, IndependentCoupling, PlanCoupling, ot_match
 
 
 def cost(x0, x1):
@@ -62,23 +62,39 @@ def test_ot_cost_is_exact_for_high_dimensional_points_with_a_large_common_offset
     assert cost(x0.double()[ot_match(x0, x1)], x1.double()) == pytest.approx(exact[rows, cols].sum().item(), rel=1e-12)
 
 
-def test_global_ot_pairs_equal_single_process_pairs():
-    """Two processes coupling the global batch get the same pairs as one process on that batch."""
+COUPLED = {"ot": MinibatchOTCoupling(), "entropic": PlanCoupling("entropic", 0.05),
+           "unbalanced": PlanCoupling("unbalanced", 0.05, mass_reg=1.0), "partial": PlanCoupling("partial", mass=0.6),
+           "class_ot": ClassOTCoupling()}
+
+
+@pytest.mark.parametrize("name", COUPLED)
+def test_global_pairs_equal_single_process_pairs(name):
+    """Two processes coupling the global batch get the same pairs and weights as one process on that batch, and
+    the micro-step's generator ends in the same state on both (the draws after the coupling stay in step)."""
+    coupling = COUPLED[name]
     g = torch.Generator().manual_seed(2)
-    x0, x1 = torch.randn(8, 2, generator=g), torch.randn(8, 2, generator=g)
-    whole = MinibatchOTCoupling().pair(x0, x1)
-    sent = {}
+    x0, x1, y = torch.randn(8, 2, generator=g), torch.randn(8, 2, generator=g), torch.tensor([0, 1] * 4)
+    whole = coupling.pair(x0, x1, generator=torch.Generator().manual_seed(5), y=y)
+    sent = []
 
-    def broadcast(match):  # rank 0 sends what it solved; rank 1 receives it
-        return sent.setdefault("match", match.clone())
+    def broadcaster(rank):  # rank 0 sends what it solved, in order; rank 1 receives the same, in the same order
+        received = iter(sent) if rank else None
+        return lambda tensor: sent.append(tensor.clone()) or tensor if rank == 0 else next(received)
 
-    def gather(_):  # what all_gather returns: both processes' data, in rank order
-        return x1
+    def gather(part):  # what all_gather returns: both processes' data, in rank order
+        return x1 if part.dim() == 2 else y
 
-    shares = [MinibatchOTCoupling().pair(x0, x1[r * 4:(r + 1) * 4], BatchShard(r, 2, gather, broadcast))
-              for r in range(2)]
-    assert torch.equal(torch.cat(shares), whole)
-    assert torch.equal(IndependentCoupling().pair(x0, x1[4:], BatchShard(rank=1, world=2)), x0[4:])
+    shares, states = [], []
+    for r in range(2):
+        gen = torch.Generator().manual_seed(5)
+        shares.append(coupling.pair(x0, x1[r * 4:(r + 1) * 4], BatchShard(r, 2, gather, broadcaster(r)), gen,
+                                    y[r * 4:(r + 1) * 4]))
+        states.append(torch.rand(1, generator=gen))
+    assert torch.equal(torch.cat([p.x0 for p in shares]), whole.x0)
+    assert torch.equal(states[0], states[1])
+    if whole.weight is not None:
+        assert torch.equal(torch.cat([p.weight for p in shares]), whole.weight)
+    assert torch.equal(IndependentCoupling().pair(x0, x1[4:], BatchShard(rank=1, world=2)).x0, x0[4:])
 
 
 def test_w2_distance_equals_brute_force_and_a_known_shift():
