@@ -3,7 +3,7 @@
 Conventions, used everywhere in the toolkit:
 - Time t ∈ [0, 1]; t = 0 is noise (x0), t = 1 is data (x1).
 - An affine path is x_t = α_t·x1 + σ_t·x0 with the target velocity u_t = α̇_t·x1 + σ̇_t·x0 (Lipman et al.
-  2024, "Flow Matching Guide and Code", §4.8). A bridge path adds noise that vanishes at both ends:
+  2024, "Flow Matching Guide and Code", §4.8). A bridge path adds Gaussian noise of scale g_t:
   x_t = α_t·x1 + σ_t·x0 + g_t·ε and u_t = α̇_t·x1 + σ̇_t·x0 + ġ_t·ε, ε ~ N(0, I) (Tong et al. 2024, eq. 14).
 - I-CFM / rectified flow (Lipman et al. 2023, eq. 20; Liu et al. 2023): α_t = t, σ_t = 1 − (1 − σ_min)·t,
   so u_t = x1 − (1 − σ_min)·x0. σ_min = 0 is rectified flow; σ_min > 0 is Lipman et al.'s (target) OT path.

@@ -190,14 +190,16 @@ class SDE:
 def integrate_sde(velocity: Velocity, x0: torch.Tensor, grid: torch.Tensor, solver: str, sde: SDE) -> SolverResult:
     """Integrate dx = [v + w·s] dt + √(2w) dW̄ over `grid` with euler_maruyama or sde_heun (SiT's Heun step:
     noise first, then Heun's drift step), and the noiseless last step sde.last_step on the last interval."""
-    from flows.paths import data_from_velocity, score_from_velocity
+    from flows.paths import T_EPS, data_from_velocity, score_from_velocity
 
     v = _Counted(velocity)
     x = x0 if x0.dtype == torch.float64 else x0.float()
 
     def drift(x_: torch.Tensor, t: float) -> torch.Tensor:
         vel = v(x_, t)
-        tt = torch.full((len(x_),), t, dtype=x_.dtype, device=x_.device)
+        # The score's formula divides by σ_t·D_t, which vanishes at t = 1 and, where α̇_0 = 0 (polynomial paths), at
+        # t = 0: its coefficients are taken within [T_EPS, 1 − T_EPS], as the predictions' are.
+        tt = torch.full((len(x_),), min(max(t, T_EPS), 1 - T_EPS), dtype=x_.dtype, device=x_.device)
         return vel + sde.w(t) * score_from_velocity(sde.path, vel, x_, tt)
 
     times = grid.tolist()
