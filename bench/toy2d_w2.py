@@ -16,8 +16,9 @@ everything it does: EMA, logging, gradient clipping, checkpoints).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
-import subprocess
+import os
 import sys
 import time
 from pathlib import Path
@@ -31,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 from config import load_config  # noqa: E402
 from data import build_dataset, build_source  # noqa: E402
 from data.toy import TOY  # noqa: E402
-from flows import integrate  # noqa: E402
+from flows import integrate, velocity_model  # noqa: E402
 from flows.couplings import w2_distance  # noqa: E402
 from flows.solvers import uniform_grid  # noqa: E402
 from models import build_model  # noqa: E402
@@ -49,30 +50,31 @@ def evaluate(velocity, source, data_name) -> dict[int, float]:
     return {nfe: w2_distance(integrate(velocity, x0, uniform_grid(nfe), "euler").x, data) for nfe in NFES}
 
 
-def run_ours(problem: str, coupling: str, seed: int, args, out: Path) -> dict:
+def run_ours(problem: str, flow: list[str], seed: int, args, out: Path, name: str) -> dict:
+    """train.py on the problem with the `flow` overrides (run folder OUT/ours_SOURCE_NAME_seedS), then W2 of its
+    EMA weights read as a velocity (flows.velocity_model) and its ms per step."""
     data_name, source_name = PROBLEMS[problem]
-    run = out / f"ours_{source_name}_{coupling}_seed{seed}"
-    overrides = [f"train.seed={seed}", f"data.name={data_name}", f"data.source={source_name}",
-                 f"flow.coupling={coupling}",
+    run = out / f"ours_{source_name}_{name}_seed{seed}"
+    overrides = [f"train.seed={seed}", f"data.name={data_name}", f"data.source={source_name}", *flow,
                  f"train.steps={args.steps}", f"train.batch_size={args.batch}", f"train.lr={args.lr}",
                  f"model.width={args.width}", "train.trackers=[]", "train.preview_every=0",
                  f"train.checkpoint_every={args.steps}", f"train.log_every={args.steps // 10}"]
-    subprocess.run([sys.executable, str(ROOT / "train.py"), "-e", str(run), *overrides], check=True,
-                   cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    import train  # in this process: a run of a few seconds would otherwise pay a new interpreter and torch import
+
+    with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet):
+        train.main(["-e", str(run), *overrides])
     cfg = load_config(run / "config.yaml")
     model = build_model(cfg, (2,))
     load_weights(model, run / "checkpoints" / checkpoint_name(args.steps) / "ema.safetensors")
+    model = velocity_model(model, cfg)
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()][1:]  # skip warm-up
     step_ms = 1000 * args.batch / (sum(r["samples_per_s"] for r in rows) / len(rows))
     source = build_source(cfg, (2,))
     return {"w2": evaluate(lambda x, t: model(x, t), source, data_name), "step_ms": step_ms}
 
 
-def run_torchcfm(problem: str, coupling: str, seed: int, args) -> dict:
-    from torchcfm.conditional_flow_matching import (
-        ConditionalFlowMatcher,
-        ExactOptimalTransportConditionalFlowMatcher,
-    )
+def run_torchcfm(problem: str, matcher, seed: int, args) -> dict:
+    """torchcfm's matcher (a factory of a ConditionalFlowMatcher) in a bare loop with torchcfm's MLP."""
     from torchcfm.models.models import MLP
 
     data_name, source_name = PROBLEMS[problem]
@@ -81,7 +83,7 @@ def run_torchcfm(problem: str, coupling: str, seed: int, args) -> dict:
     torch.manual_seed(seed)  # torchcfm draws t from torch's global RNG
     np.random.seed(seed)  # and samples its OT plan with numpy's
     net = MLP(dim=2, w=args.width, time_varying=True)
-    fm = (ExactOptimalTransportConditionalFlowMatcher if coupling == "ot" else ConditionalFlowMatcher)(sigma=0.0)
+    fm = matcher()
     optimizer = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=0.0)
     g = torch.Generator().manual_seed(seed)
     start = None
@@ -117,9 +119,16 @@ def main() -> None:
         print("torchcfm is not importable: measuring this toolkit alone", file=sys.stderr)
         peers = False
     args.out.mkdir(parents=True, exist_ok=True)
-    runners = {"ours": lambda p, c, seed: run_ours(p, c, seed, args, args.out)}
+    runners = {"ours": lambda p, c, seed: run_ours(p, [f"flow.coupling={c}"], seed, args, args.out, c)}
     if peers:
-        runners["torchcfm"] = lambda p, c, seed: run_torchcfm(p, c, seed, args)
+        from torchcfm.conditional_flow_matching import (
+            ConditionalFlowMatcher,
+            ExactOptimalTransportConditionalFlowMatcher,
+        )
+
+        matchers = {"independent": lambda: ConditionalFlowMatcher(sigma=0.0),
+                    "ot": lambda: ExactOptimalTransportConditionalFlowMatcher(sigma=0.0)}
+        runners["torchcfm"] = lambda p, c, seed: run_torchcfm(p, matchers[c], seed, args)
     results = {}
     for problem in PROBLEMS:
         for coupling, label in (("independent", "I-CFM"), ("ot", "OT-CFM")):

@@ -92,8 +92,9 @@ def bare(name: str, args, device: torch.device) -> float:
     return args.batch / time_steps(step, args.steps, args.warmup, device)
 
 
-def toolkit(name: str, args, data: Path, run: Path) -> float:
-    overrides = [f"model.name={name}", "data.name=cifar10", f"data.path={data}", "data.split=test",
+def toolkit(name: str, args, data: Path, run: Path, extra: list[str] = ()) -> float:
+    """train.py's images/s on the fake CIFAR-10 data, with `extra` config overrides."""
+    overrides = [*extra, f"model.name={name}", "data.name=cifar10", f"data.path={data}", "data.split=test",
                  "data.download=false", f"train.batch_size={args.batch}", f"train.steps={2 * args.steps}",
                  f"train.log_every={args.steps}", "train.preview_every=0", "train.preview_images=1",
                  "train.preview_steps=1", f"train.checkpoint_every={2 * args.steps}", "train.trackers=[]",
