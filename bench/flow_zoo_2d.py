@@ -10,8 +10,8 @@ each coupling on the linear path; EMA weights, its MLP. torchcfm: ConditionalFlo
 VariancePreservingConditionalFlowMatcher (our cosine path), ExactOptimalTransportConditionalFlowMatcher,
 SchrodingerBridgeConditionalFlowMatcher (σ = 0.2, Sinkhorn plan as ours) and its OTPlanSampler's Sinkhorn and
 unbalanced plans, with torchcfm's MLP of the same width, the same data, batch, AdamW learning rate and steps, in
-a bare loop. W2 as bench/toy2d_w2.py: exact OT between 2,000 Euler samples and 2,000 fresh data points, mean ±
-std over --seeds training seeds.
+a bare loop. W2 as bench/toy2d_w2.py (exact OT between Euler samples and fresh data points, fixed seeds) on
+--n-eval = 1,000 points, mean ± std over --seeds training seeds.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from toy2d_w2 import NFES, PROBLEMS, run_ours, run_torchcfm  # noqa: E402
+from toy2d_w2 import NFES, PROBLEMS, add_training_arguments, run_ours, run_torchcfm, torchcfm_importable  # noqa: E402
 
 PATHS = ["linear", "cosine", "vp", "polynomial"]
 TARGETS = ["velocity", "data", "noise", "score"]
@@ -102,20 +102,14 @@ def summary(runs: list[dict]) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=1000)
-    p.add_argument("--batch", type=int, default=256)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--width", type=int, default=128)
-    p.add_argument("--seeds", type=int, default=3, help="training seeds per row")
+    add_training_arguments(p, steps=1000, width=128)
+    p.set_defaults(n_eval=1000)  # exact OT of 2,000 points takes ~10 s a W2 here, of 1,000 under 1 s
     p.add_argument("--only", help="rows whose name contains this text (e.g. 'coupling')")
+    p.add_argument("--ours", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="config overrides added to every row of ours (e.g. train.grad_clip=0)")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "flow_zoo_2d")
     args = p.parse_args()
-    try:
-        import torchcfm  # noqa: F401
-        peers = True
-    except ImportError:
-        print("torchcfm is not importable: measuring this toolkit alone", file=sys.stderr)
-        peers = False
+    peers = torchcfm_importable()
     args.out.mkdir(parents=True, exist_ok=True)
     saved = args.out / "results.json"
     results = json.loads(saved.read_text()) if saved.exists() else {}  # an interrupted run continues
@@ -128,7 +122,7 @@ def main() -> None:
                 if key in results or (who == "torchcfm" and (peer is None or not peers)):
                     continue
                 name = "_".join(o.split("=")[-1] for o in overrides).replace(".", "")
-                runs = [run_ours(problem, overrides, seed, args, args.out, name) if who == "ours"
+                runs = [run_ours(problem, [*overrides, *args.ours], seed, args, args.out, name) if who == "ours"
                         else run_torchcfm(problem, peer, seed, args) for seed in range(args.seeds)]
                 results[key] = summary(runs)
                 saved.write_text(json.dumps(results, indent=1))
@@ -136,7 +130,7 @@ def main() -> None:
                 print(f"{problem:18s} {row:28s} {who:8s} step {results[key]['step_ms']:.2f} ms  W2 "
                       + "  ".join(f"{n}:{w2[n][0]:.3f}±{w2[n][1]:.3f}" for n in NFES), flush=True)
 
-    lines = [f"steps {args.steps}, batch {args.batch}, AdamW lr {args.lr}, MLP width {args.width}, W2 on 2,000 "
+    lines = [f"steps {args.steps}, batch {args.batch}, AdamW lr {args.lr}, MLP width {args.width}, W2 on {args.n_eval} "
              f"points (mean ± std over {args.seeds} training seeds), Euler", "",
              "| problem | path / target or coupling | who | step ms | "
              + " | ".join(f"W2 @ NFE {n}" for n in NFES) + " |",

@@ -43,10 +43,10 @@ PROBLEMS = {"gaussian->moons": ("moons", "gaussian"), "8gaussians->moons": ("moo
 N_EVAL = 2000
 
 
-def evaluate(velocity, source, data_name) -> dict[int, float]:
-    """W2 between Euler samples at each NFE and fresh data, with fixed seeds."""
-    x0 = source(N_EVAL, torch.Generator().manual_seed(123), torch.device("cpu"))
-    data = TOY[data_name](N_EVAL, torch.Generator().manual_seed(456), torch.device("cpu"))
+def evaluate(velocity, source, data_name, n: int = N_EVAL) -> dict[int, float]:
+    """W2 between n Euler samples at each NFE and n fresh data points, with fixed seeds."""
+    x0 = source(n, torch.Generator().manual_seed(123), torch.device("cpu"))
+    data = TOY[data_name](n, torch.Generator().manual_seed(456), torch.device("cpu"))
     return {nfe: w2_distance(integrate(velocity, x0, uniform_grid(nfe), "euler").x, data) for nfe in NFES}
 
 
@@ -70,7 +70,7 @@ def run_ours(problem: str, flow: list[str], seed: int, args, out: Path, name: st
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()][1:]  # skip warm-up
     step_ms = 1000 * args.batch / (sum(r["samples_per_s"] for r in rows) / len(rows))
     source = build_source(cfg, (2,))
-    return {"w2": evaluate(lambda x, t: model(x, t), source, data_name), "step_ms": step_ms}
+    return {"w2": evaluate(lambda x, t: model(x, t), source, data_name, args.n_eval), "step_ms": step_ms}
 
 
 def run_torchcfm(problem: str, matcher, seed: int, args) -> dict:
@@ -99,25 +99,35 @@ def run_torchcfm(problem: str, matcher, seed: int, args) -> dict:
         optimizer.step()
     step_ms = 1000 * (time.perf_counter() - start) / (args.steps - args.steps // 10)
     with torch.no_grad():
-        w2 = evaluate(lambda x, t: net(torch.cat([x, t[:, None]], -1)), source, data_name)
+        w2 = evaluate(lambda x, t: net(torch.cat([x, t[:, None]], -1)), source, data_name, args.n_eval)
     return {"w2": w2, "step_ms": step_ms}
+
+
+def add_training_arguments(p: argparse.ArgumentParser, steps: int, width: int) -> None:
+    """The settings both sides train with: steps, batch, AdamW learning rate, MLP width, seeds."""
+    p.add_argument("--steps", type=int, default=steps)
+    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--width", type=int, default=width)
+    p.add_argument("--seeds", type=int, default=3, help="training seeds per method")
+    p.add_argument("--n-eval", type=int, default=N_EVAL, help=f"points in each W2 (default {N_EVAL})")
+
+
+def torchcfm_importable() -> bool:
+    try:
+        import torchcfm  # noqa: F401
+    except ImportError:
+        print("torchcfm is not importable: measuring this toolkit alone", file=sys.stderr)
+        return False
+    return True
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=3000)
-    p.add_argument("--batch", type=int, default=256)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--width", type=int, default=256)
-    p.add_argument("--seeds", type=int, default=3, help="training seeds per method")
+    add_training_arguments(p, steps=3000, width=256)
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "toy2d_w2")
     args = p.parse_args()
-    try:
-        import torchcfm  # noqa: F401
-        peers = True
-    except ImportError:
-        print("torchcfm is not importable: measuring this toolkit alone", file=sys.stderr)
-        peers = False
+    peers = torchcfm_importable()
     args.out.mkdir(parents=True, exist_ok=True)
     runners = {"ours": lambda p, c, seed: run_ours(p, [f"flow.coupling={c}"], seed, args, args.out, c)}
     if peers:
@@ -141,12 +151,12 @@ def main() -> None:
                       + "  ".join(f"{n}:{m:.3f}±{sd:.3f}" for n, (m, sd) in w2.items()), flush=True)
     floors = {}
     for problem, (data_name, _) in PROBLEMS.items():
-        fresh = TOY[data_name](N_EVAL, torch.Generator().manual_seed(789), torch.device("cpu"))
-        reference = TOY[data_name](N_EVAL, torch.Generator().manual_seed(456), torch.device("cpu"))
+        fresh = TOY[data_name](args.n_eval, torch.Generator().manual_seed(789), torch.device("cpu"))
+        reference = TOY[data_name](args.n_eval, torch.Generator().manual_seed(456), torch.device("cpu"))
         floors[problem] = w2_distance(fresh, reference)
 
     lines = [f"steps {args.steps}, batch {args.batch}, AdamW lr {args.lr}, MLP width {args.width}, "
-             f"W2 on {N_EVAL} points (mean ± std over {args.seeds} training seeds), Euler", "",
+             f"W2 on {args.n_eval} points (mean ± std over {args.seeds} training seeds), Euler", "",
              "| problem | method | step ms | " + " | ".join(f"W2 @ NFE {n}" for n in NFES) + " |",
              "|---|---|---:|" + "---:|" * len(NFES)]
     for (problem, method), r in results.items():

@@ -299,3 +299,22 @@ def test_every_combination_trains_resumes_bitwise_samples_and_evaluates(tmp_path
         assert r["same"], f"{name}: resuming is not bitwise identical"
         assert r["finite"], f"{name}: non-finite samples"
         assert all(math.isfinite(w) for w in r["w2"]), f"{name}: W2 {r['w2']}"
+
+
+def test_guidance_interval_guides_inside_and_counts_the_passes_it_spends():
+    from flows.solvers import forward_passes, guided, guided_evaluations
+
+    class Labelled(torch.nn.Module):  # v(x, t, y) = y (the null class 2 gives 2)
+        label_embed = torch.nn.Embedding(3, 1)
+        label_embed.num_classes = 2
+
+        def forward(self, x, t, y, **cond):
+            return y.to(x.dtype)[:, None].expand_as(x)
+
+    v = guided(Labelled(), torch.tensor([0, 0]), cfg_scale=3.0, interval=(0.2, 0.6))
+    x = torch.zeros(2, 1)
+    inside, outside = v(x, torch.tensor([0.4, 0.4])), v(x, torch.tensor([0.8, 0.8]))
+    assert torch.equal(inside, torch.full_like(x, 2 + 3 * (0 - 2))) and torch.equal(outside, torch.zeros_like(x))
+    assert guided_evaluations("euler", 10, "linear", (0.2, 0.6)) == 5  # t = 0.2, 0.3, 0.4, 0.5, 0.6
+    assert guided_evaluations("heun", 4, "linear", (0.0, 1.0)) == 8
+    assert forward_passes(10, 3.0, 5) == 15 and forward_passes(10, 3.0) == 20 and forward_passes(10, 1.0, 5) == 10
