@@ -68,9 +68,9 @@ from flows.solvers import (
     fixed_grid_nfe,
     forward_passes,
     generate,
-    guided_evaluations,
     noise,
     parse_interval,
+    sampler_passes,
 )
 from metrics import build_features, fid, frechet_distance, kernel_inception_distance, mmd, w2
 from metrics.fid import CLEANFID_NAMES, MODES, Reference
@@ -813,9 +813,8 @@ def passes_of(row: dict, sampler: Sampler) -> float | None:
     """The network's forward passes per sample of a row (guidance doubles those inside its interval)."""
     if row["nfe"] is None:
         return None
-    inside = None if row["cfg_interval"] is None else \
-        guided_evaluations(sampler.solver, sampler.steps, sampler.schedule, tuple(row["cfg_interval"]))
-    return forward_passes(row["nfe"], row["cfg_scale"], inside)
+    return sampler_passes(row["nfe"], row["cfg_scale"], sampler.solver, sampler.steps, sampler.schedule,
+                          tuple(row["cfg_interval"] or (0.0, 1.0)))
 
 
 def sample_row(accelerator, model, row: dict, sampler: Sampler, shape, kind: str, labels, extractor, bspp: int,

@@ -50,11 +50,10 @@ from flows.solvers import (
     class_labels,
     condition,
     fixed_grid_nfe,
-    forward_passes,
     generate,
-    guided_evaluations,
     noise,
     parse_interval,
+    sampler_passes,
 )
 from models import build_model
 from models.checkpoint import load_weights
@@ -506,8 +505,8 @@ def sample(args: argparse.Namespace) -> None:
         interval = tuple(s.cfg_interval)
         if interval != (0, 1):
             info["cfg_interval"] = list(interval)
-        inside = guided_evaluations(s.solver, steps, s.schedule, interval) if steps and interval != (0, 1) else None
-        info["forward_passes"] = None if info["nfe"] is None else forward_passes(info["nfe"], s.cfg_scale, inside)
+        info["forward_passes"] = None if info["nfe"] is None else \
+            sampler_passes(info["nfe"], s.cfg_scale, s.solver, steps, s.schedule, interval)
         (save_dir / "info.json").write_text(json.dumps(info, indent=1))
         passes = f", {info['forward_passes']:g} forward passes" if s.cfg_scale != 1 and info["nfe"] else ""
         print(f"done: {n} samples in {save_dir} ({what}, NFE {info['nfe']}{passes})")

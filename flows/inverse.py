@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from data.tasks import Measurement, build_task
 from errors import UserError
-from flows.solvers import ADAPTIVE, _Counted, generate, guided, noise, sample_generators
+from flows.solvers import ADAPTIVE, _Counted, generate, guided, noise, per_sample_normal, sample_generators
 
 METHODS = ("model", "replace", "pnp", "mean", "bicubic")
 
@@ -134,7 +134,7 @@ def pnp_flow(model, task, m: Measurement, space, x0: torch.Tensor, steps: int, s
             residual = task.weight * (task.operator(space.decode(z).float(), m) - m.y)
             (grad,) = torch.autograd.grad(0.5 * residual.square().sum(), z)
         z = x - (1 - t) ** alpha * grad
-        eps = torch.stack([torch.randn(x.shape[1:], generator=g) for g in generators]).to(x.device, x.dtype)
+        eps = per_sample_normal(generators, x.shape[1:]).to(x.device, x.dtype)
         z = t * z + (1 - t) * eps
         with torch.no_grad():
             x = z + (1 - t) * v(z, t)

@@ -171,19 +171,19 @@ class SDE:
     last_step: str = "mean"
 
     def w(self, t: float) -> float:
+        """w(t), its path coefficients taken within [T_EPS, 1 − T_EPS] (see flows/paths.py)."""
         from flows.paths import T_EPS
 
-        p, tt = self.path, torch.tensor(min(max(t, T_EPS), 1 - T_EPS), dtype=torch.float64)
-        forms = {"sigma": lambda: p.sigma(tt), "constant": lambda: torch.ones(()),
-                 "sbdm": lambda: p.sigma(tt) * p.determinant(tt) / p.alpha(tt), "linear": lambda: 1 - tt,
-                 "decreasing": lambda: 0.25 * (self.norm * torch.cos(math.pi * tt) + 1) ** 2 / self.norm,
-                 "increasing_decreasing": lambda: torch.sin(math.pi * tt) ** 2}
-        return self.norm * float(forms[self.diffusion]())
+        p, n, tt = self.path, self.norm, torch.tensor(min(max(t, T_EPS), 1 - T_EPS), dtype=torch.float64)
+        forms = {"sigma": lambda: n * p.sigma(tt), "constant": lambda: torch.tensor(n),
+                 "sbdm": lambda: n * p.sigma(tt) * p.determinant(tt) / p.alpha(tt), "linear": lambda: n * (1 - tt),
+                 "decreasing": lambda: 0.25 * (n * torch.cos(math.pi * tt) + 1) ** 2,
+                 "increasing_decreasing": lambda: n * torch.sin(math.pi * tt) ** 2}
+        return float(forms[self.diffusion]())
 
     def noise(self, like: torch.Tensor) -> torch.Tensor:
-        """One standard normal draw per sample, each from its own generator (on the CPU, then moved)."""
-        return torch.stack([torch.randn(like.shape[1:], generator=g, dtype=like.dtype)
-                            for g in self.generators]).to(like.device)
+        """One standard normal draw per sample, each from its own generator, on like's device."""
+        return per_sample_normal(self.generators, like.shape[1:], like.dtype).to(like.device)
 
 
 @torch.no_grad()
@@ -388,6 +388,14 @@ def guided_evaluations(solver: str, steps: int, schedule: str, interval: tuple[f
     return sum(interval[0] <= t <= interval[1] for t in stage_times(solver, time_grid(schedule, steps).tolist()))
 
 
+def sampler_passes(nfe: float, cfg_scale: float, solver: str, steps: int | None, schedule: str,
+                   interval: tuple[float, float]) -> float:
+    """forward_passes of a sampler: with a guidance interval other than [0, 1] (fixed grids only), two passes for
+    the evaluations inside it."""
+    inside = guided_evaluations(solver, steps, schedule, interval) if steps and interval != (0, 1) else None
+    return forward_passes(nfe, cfg_scale, inside)
+
+
 def parse_interval(text: str) -> list[float]:
     """--cfg-interval's 'A,B' -> [A, B], or one clear sentence."""
     try:
@@ -496,6 +504,13 @@ def _generator(seed: int, k: int, stream: int = 0) -> torch.Generator:
     seeds of earlier versions; stream 2 lives above 2^62, stream 3 above 2^61, stream 4 above 2^60)."""
     high = {2: 2**62, 3: 2**61, 4: 2**60}.get(stream, 0)
     return torch.Generator().manual_seed((seed * 2**32 + k) * 2 + min(stream, 1) + high)
+
+
+def per_sample_normal(generators: list[torch.Generator], shape: tuple[int, ...],
+                      dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """One standard normal draw of `shape` per sample, each from its own generator, stacked on the CPU: what a
+    sampler that injects noise step after step draws, the same whatever the batch."""
+    return torch.stack([torch.randn(shape, generator=g, dtype=dtype) for g in generators])
 
 
 def sample_generators(seed: int, indices: list[int], stream: int) -> list[torch.Generator]:
