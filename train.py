@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import json
 import math
 import os
@@ -24,7 +25,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedType, set_seed
+from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
 from cluster import STOPPED, RunLock, Stopped, StopRequest, progress
@@ -47,7 +49,7 @@ from models.checkpoint import (
     prune_checkpoints,
     save_checkpoint,
 )
-from models.ema import EMA
+from models.ema import EMA, ShardedEMA
 from registries import check_names
 
 
@@ -363,11 +365,24 @@ def run(cfg: Config, run_dir: Path, accelerator, trackers: list[str], stop: Stop
                                           "zero" if new else ""))
     memory_format = torch.channels_last if t.channels_last and len(space.shape) == 3 else torch.contiguous_format
     model.to(memory_format=memory_format)
-    ema = EMA(model, t.ema_decay, t.ema_warmup)
-    ema.model.to(device)
+    if t.grad_checkpoint:
+        if not hasattr(model, "grad_checkpoint"):
+            raise UserError(f"train.grad_checkpoint recomputes the blocks of DiT and UNet models, not of "
+                            f"{type(model).__name__} ({cfg.model.name}); remove it")
+        model.grad_checkpoint = True
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        raise UserError("train.py does not run under DeepSpeed yet; shard with FSDP2 instead: accelerate launch "
+                        "--config_file configs/accelerate/fsdp.yaml train.py ... (fsdp_reshard_after_forward: false "
+                        "shards like ZeRO-2, true like ZeRO-3)")
+    # Under FSDP each process keeps the EMA of its own shards; the main process also a plain copy for previews.
+    sharded = accelerator.distributed_type == DistributedType.FSDP
+    template = copy.deepcopy(model).to(device) if sharded and accelerator.is_main_process else None
+    # Fused AdamW on CUDA (one kernel for all tensors); on the CPU the foreach form, or torch picks a per-tensor loop.
     optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay,
-                                  foreach=True)  # torch picks the slow per-tensor loop on CPU otherwise
+                                  **({"fused": True} if device.type == "cuda" else {"foreach": True}))
     model, optimizer = accelerator.prepare(model, optimizer)
+    ema = (ShardedEMA(accelerator.unwrap_model(model), t.ema_decay, t.ema_warmup, template) if sharded
+           else EMA(accelerator.unwrap_model(model), t.ema_decay, t.ema_warmup))
     if t.compile:  # after DDP wrapping, as torch recommends; checkpoints strip the '_orig_mod.' prefix
         model = torch.compile(model)
     log(f"model: {cfg.model.name}, {sum(p.numel() for p in model.parameters()):,} parameters; "
@@ -404,7 +419,7 @@ def run(cfg: Config, run_dir: Path, accelerator, trackers: list[str], stop: Stop
     checkpoints = list_checkpoints(run_dir)
     if checkpoints:
         step, path = checkpoints[-1]
-        load_checkpoint(accelerator, path, ema.model)
+        load_checkpoint(accelerator, path, ema)
         log(f"resumed from {path} at step {step}")
     if step >= t.steps:
         log(f"nothing to do: step {step} ≥ train.steps {t.steps}")
@@ -477,23 +492,33 @@ def run(cfg: Config, run_dir: Path, accelerator, trackers: list[str], stop: Stop
                 accelerator.log(metrics, step=step)
                 bar.set_postfix(loss=f"{metrics['loss']:.4f}", samples_s=f"{metrics['samples_per_s']:.0f}")
                 loss_sum.zero_()
-            if (t.preview_every > 0 and step % t.preview_every == 0) or last:
+            previewing = (t.preview_every > 0 and step % t.preview_every == 0) or last
+            saving = step % t.checkpoint_every == 0 or last or stopping
+            # The EMA weights as one plain module on the main process (None elsewhere; under FSDP every process
+            # takes part in gathering them).
+            ema_model = ema.gathered() if previewing or (saving and (autoencoding or t.eval_every)) else None
+            if previewing:
                 path = run_dir / "samples" / f"{checkpoint_name(step)}.png"
-                on_main_process(accelerator, partial(save_reconstructions, path, ema.model, dataset, cfg, device)
-                                if autoencoding else partial(save_task_preview, path, velocity_model(ema.model, cfg),
+                on_main_process(accelerator, partial(save_reconstructions, path, ema_model, dataset, cfg, device)
+                                if autoencoding else partial(save_task_preview, path, velocity_model(ema_model, cfg),
                                                              dataset, cfg, device, task, space) if task is not None
-                                else partial(save_preview, path, velocity_model(ema.model, cfg), dataset, source, cfg,
+                                else partial(save_preview, path, velocity_model(ema_model, cfg), dataset, source, cfg,
                                              device, step, num_classes, space))
                 log(f"preview: {path}")
-            if step % t.checkpoint_every == 0 or last or stopping:
-                meta = {**data_meta, **latent_statistics(ema.model, dataset, device)} if autoencoding else data_meta
-                path = save_checkpoint(accelerator, run_dir, step, model, ema.model, to_yaml(cfg), meta)
+            if saving:
+                meta = data_meta
+                if autoencoding and ema_model is not None:  # only the main process writes the weight files
+                    meta = {**data_meta, **latent_statistics(ema_model, dataset, device)}
+                # Full weights of the model and the EMA (gathered from the shards under FSDP; every process calls).
+                model_state, ema_state = accelerator.get_state_dict(model), ema.state()
+                path = save_checkpoint(accelerator, run_dir, step, model_state, ema_state, to_yaml(cfg), meta)
+                del model_state, ema_state
                 if accelerator.is_main_process:
                     prune_checkpoints(run_dir, t.keep_last, t.keep_every)
                 log(f"checkpoint: {path}")
                 if t.eval_every and (step % t.eval_every == 0 or last):
                     # On the main process; a reference that cannot be made stops every process at once.
-                    sampler = velocity_model(ema.model, cfg)
+                    sampler = velocity_model(ema_model, cfg)
                     quality = on_main_process(accelerator, partial(sample_quality, sampler, dataset, cfg, device,
                                                                    num_classes, space, eval_cache))
                     if accelerator.is_main_process:
@@ -520,6 +545,8 @@ def update_weights(accelerator, params, optimizer, ema: EMA, raw_model, step: in
     optimizer, clear the gradients, update the EMA for optimizer step `step` (1-based). Returns the norm before
     clipping."""
     grad_norm = accelerator.clip_grad_norm_(params, grad_clip if grad_clip > 0 else math.inf)
+    if isinstance(grad_norm, DTensor):  # FSDP: the norm over every process's shards, replicated
+        grad_norm = grad_norm.full_tensor()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     ema.update(raw_model, step)

@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 import torch
+from accelerate.utils import DistributedType
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -14,18 +15,21 @@ from torch import nn
 from errors import UserError, atomic_write, full_disk, on_main_process, together
 
 
-def unwrapped_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The model's state dict with wrapper prefixes (DDP, torch.compile) stripped, contiguous, on CPU."""
+def unwrapped_state(model: nn.Module | dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The model's state dict (or a state dict) with wrapper prefixes (DDP, torch.compile) stripped, contiguous,
+    on CPU."""
     state = {}
-    for key, value in model.state_dict().items():
+    for key, value in (model if isinstance(model, dict) else model.state_dict()).items():
         for prefix in ("module.", "_orig_mod."):
             key = key.replace(prefix, "")
         state[key] = value.detach().cpu().contiguous()
     return state
 
 
-def save_weights(model: nn.Module, path: str | Path, metadata: dict[str, str] | None = None) -> None:
-    """Write the model's weights to `path` atomically, with string `metadata` in the file's header."""
+def save_weights(model: nn.Module | dict[str, torch.Tensor], path: str | Path,
+                 metadata: dict[str, str] | None = None) -> None:
+    """Write the model's weights (or a state dict) to `path` atomically, with string `metadata` in the file's
+    header."""
     atomic_write(path, lambda tmp: save_file(unwrapped_state(model), str(tmp), metadata=metadata))
 
 
@@ -42,9 +46,10 @@ def read_metadata(path: str | Path) -> dict[str, str]:
         raise UserError(f"weights file {path} is not a readable safetensors file ({e})") from None
 
 
-def load_weights(model: nn.Module, path: str | Path, missing_ok: tuple[str, ...] = ()) -> list[str]:
-    """Load safetensors weights into `model`, failing with one sentence when they do not fit. Parameters whose
-    names start with one of `missing_ok` may be absent from the file (they keep their values); returns those."""
+def read_weights(path: str | Path, expected: dict[str, tuple[int, ...]],
+                 missing_ok: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file, failing with one sentence unless they have the `expected` names and
+    shapes; names that start with one of `missing_ok` may be absent."""
     try:
         state = load_file(str(path))
     except FileNotFoundError:
@@ -52,14 +57,22 @@ def load_weights(model: nn.Module, path: str | Path, missing_ok: tuple[str, ...]
     except (SafetensorError, OSError) as e:
         raise UserError(f"weights file {path} is unreadable or truncated ({e}); delete that checkpoint "
                         "folder to fall back to an earlier one") from None
-    missing, unexpected = model.state_dict().keys() - state.keys(), state.keys() - model.state_dict().keys()
-    kept = sorted(k for k in missing if k.startswith(missing_ok)) if missing_ok else []
-    missing = missing - set(kept)
-    wrong = [k for k in model.state_dict().keys() & state.keys() if model.state_dict()[k].shape != state[k].shape]
+    missing = {k for k in expected.keys() - state.keys() if not (missing_ok and k.startswith(missing_ok))}
+    unexpected = state.keys() - expected.keys()
+    wrong = [k for k in expected.keys() & state.keys() if tuple(state[k].shape) != tuple(expected[k])]
     if missing or unexpected or wrong:
         detail = ", ".join(f"{k} {what}" for what, ks in (("missing", missing), ("unexpected", unexpected),
                                                           ("has another shape", wrong)) for k in sorted(ks)[:3])
         raise UserError(f"weights file {path} does not fit the model built from the config ({detail})")
+    return state
+
+
+def load_weights(model: nn.Module, path: str | Path, missing_ok: tuple[str, ...] = ()) -> list[str]:
+    """Load safetensors weights into `model`, failing with one sentence when they do not fit. Parameters whose
+    names start with one of `missing_ok` may be absent from the file (they keep their values); returns those."""
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    state = read_weights(path, expected, missing_ok)
+    kept = sorted(expected.keys() - state.keys())
     model.load_state_dict(state, strict=not kept)
     return kept
 
@@ -83,13 +96,16 @@ def list_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def save_checkpoint(accelerator, run_dir: str | Path, step: int, model: nn.Module, ema_model: nn.Module,
-                    config_yaml: str, metadata: dict[str, str] | None = None) -> Path:
+def save_checkpoint(accelerator, run_dir: str | Path, step: int, model_state: dict[str, torch.Tensor],
+                    ema_state: dict[str, torch.Tensor], config_yaml: str,
+                    metadata: dict[str, str] | None = None) -> Path:
     """Write checkpoints/step_N whole or not at all: everything goes into a hidden temporary folder
     that is renamed when complete, so a crash mid-write leaves the previous checkpoints as they were.
-    `metadata` (sizes derived from the data) goes into both weight files, so that sampling needs no data.
-    Called on every process (accelerator.save_state writes per-process RNG state). A full disk on any
-    process removes the temporary folder and stops every process with one line."""
+    The weights (full state dicts: accelerator.get_state_dict of the model, the EMA's state) are written by the
+    main process; `metadata` (sizes derived from the data) goes into both weight files, so that sampling needs no
+    data. Called on every process (accelerator.save_state writes per-process RNG state, and under FSDP each
+    process's shards). A full disk on any process removes the temporary folder and stops every process with one
+    line."""
     final = Path(run_dir) / "checkpoints" / checkpoint_name(step)
     tmp = final.with_name(f".tmp_{final.name}")
 
@@ -103,8 +119,8 @@ def save_checkpoint(accelerator, run_dir: str | Path, step: int, model: nn.Modul
             accelerator.save_state(str(tmp / "train_state"))
 
     def finish() -> None:
-        save_weights(accelerator.unwrap_model(model), tmp / "model.safetensors", metadata)
-        save_weights(ema_model, tmp / "ema.safetensors", metadata)
+        save_weights(model_state, tmp / "model.safetensors", metadata)
+        save_weights(ema_state, tmp / "ema.safetensors", metadata)
         with full_disk(tmp):
             (tmp / "config.yaml").write_text(config_yaml)
         if final.exists():  # the same step saved again (a resumed run that had not moved on)
@@ -134,14 +150,20 @@ def prune_checkpoints(run_dir: str | Path, keep_last: int, keep_every: int) -> l
     return removed
 
 
-def load_checkpoint(accelerator, path: Path, ema_model: nn.Module) -> None:
+def load_checkpoint(accelerator, path: Path, ema) -> None:
     """Restore model, optimizer, scaler and RNG (accelerator.load_state, weights_only) and the EMA weights."""
     needed = [path / "ema.safetensors", path / "train_state"]
     missing = [p.name for p in needed if not p.exists()]
     if missing:
         raise UserError(f"checkpoint {path} is incomplete (no {', '.join(missing)}); delete it to resume from "
                         "the previous one")
-    load_weights(ema_model, path / "ema.safetensors")
+    written_sharded = (path / "train_state" / "pytorch_model_fsdp_0").is_dir()
+    if written_sharded != (accelerator.distributed_type == DistributedType.FSDP):
+        by, now = ("FSDP", "without it") if written_sharded else ("DDP or one process", "under FSDP")
+        raise UserError(f"checkpoint {path} was written by {by} training and this run is {now}; resume it as it was "
+                        f"trained (accelerate launch --config_file ...), or start a new run from its weights with "
+                        f"train.init_from={path}")
+    ema.load(path / "ema.safetensors")
     try:
         accelerator.load_state(str(path / "train_state"))
     except Exception as e:  # a truncated or foreign file: name the checkpoint, not the library's internals

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models import embeddings
 from models.embeddings import FeatureCondition, ImageCondition, IntervalEmbedder, LabelEmbedder, TimestepEmbedder
 
 
@@ -91,7 +92,11 @@ class DiT(nn.Module):
     """x (N, C, H, W), t (N,) in [0, 1], y (N,) labels in [0, num_classes] or None -> (N, C, H, W).
 
     resolution: H (square inputs) or (H, W); both must be multiples of `patch`.
+    grad_checkpoint: recompute each block's activations in the backward pass instead of keeping them.
     """
+
+    _no_split_modules = ("DiTBlock",)  # the units FSDP shards and gathers one at a time (accelerate reads this)
+    grad_checkpoint = False
 
     def __init__(self, in_channels: int, resolution: int | tuple[int, int], patch: int = 2, width: int = 384,
                  depth: int = 12, heads: int = 6, mlp_ratio: float = 4.0, num_classes: int = 0, feature_dim: int = 0,
@@ -159,7 +164,7 @@ class DiT(nn.Module):
             emb_c, kl = self.feature_cond(features, eps, c)
             emb = emb + emb_c
         for block in self.blocks:
-            h = block(h, emb)
+            h = embeddings.checkpointed(block, h, emb, enabled=self.grad_checkpoint)
         out = self.unpatchify(self.final(h, emb))
         return out if kl is None else (out, kl)
 

@@ -1,11 +1,16 @@
-"""Exponential moving average of the weights: an explicit frozen copy, updated after optimizer.step()."""
+"""Exponential moving average of the weights: an explicit frozen copy, updated after optimizer.step(); under FSDP,
+one shard of it per process."""
 
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor, distribute_tensor
+
+from models.checkpoint import load_weights, read_weights, unwrapped_state
 
 
 class EMA:
@@ -29,12 +34,78 @@ class EMA:
 
     @staticmethod
     def _tensors(model: nn.Module) -> list[torch.Tensor]:
+        """The tensors averaged, in the order of the averages."""
         return [*model.parameters(), *(b for b in model.buffers() if b.is_floating_point())]
+
+    def _averages(self) -> list[torch.Tensor]:
+        return self._tensors(self.model)
 
     @torch.no_grad()
     def update(self, model: nn.Module, n: int) -> None:
         """Update n (1-based: the optimizer step just taken)."""
         if self._pairs is None or self._pairs[0] is not model:
-            self._pairs = (model, self._tensors(model), self._tensors(self.model))
+            self._pairs = (model, self._tensors(model), self._averages())
+            if len(self._pairs[1]) != len(self._pairs[2]):
+                raise ValueError("the EMA is updated from a model with other tensors than the one it was made from")
         _, source, ours = self._pairs
         torch._foreach_lerp_(ours, source, 1.0 - self.decay_at(n))
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """The averaged weights, unwrapped, on the CPU: what ema.safetensors holds."""
+        return unwrapped_state(self.model)
+
+    def load(self, path: str | Path) -> None:
+        """Continue from the averaged weights in a safetensors file."""
+        load_weights(self.model, path)
+
+    def gathered(self) -> nn.Module | None:
+        """A plain module with the averaged weights, for previews and samples."""
+        return self.model
+
+
+class ShardedEMA(EMA):
+    """The EMA of a model sharded by FSDP (its parameters DTensors split over the processes): each process keeps
+    and updates the average of its own shards only, as the optimizer does its moments, so no process holds a
+    full copy while training. Buffers, which FSDP does not shard, are averaged whole.
+
+    `template`: a plain copy of the model (on the main process; None elsewhere) into which `gathered` loads the
+    full averaged weights for previews and samples. `state` and `gathered` gather the shards: every process
+    calls them.
+    """
+
+    def __init__(self, model: nn.Module, decay: float, warmup: bool = True, template: nn.Module | None = None):
+        self.decay, self.warmup = decay, warmup
+        keys = model.state_dict().keys()
+        named = [(n, t) for n, t in [*model.named_parameters(), *model.named_buffers()] if n in keys]
+        self.names = [n for n, t in named if t.is_floating_point()]
+        self.shards = [t.detach().clone() for n, t in named if t.is_floating_point()]
+        self.fixed = {n: t for n, t in named if not t.is_floating_point()}  # integer buffers: not averaged
+        self.model = template.eval().requires_grad_(False) if template is not None else None
+        self._pairs = None
+
+    def _tensors(self, model: nn.Module) -> list[torch.Tensor]:
+        named = dict([*model.named_parameters(), *model.named_buffers()])
+        return [named[name] for name in self.names]
+
+    def _averages(self) -> list[torch.Tensor]:
+        return self.shards
+
+    def state(self) -> dict[str, torch.Tensor]:
+        full = {n: (t.full_tensor() if isinstance(t, DTensor) else t).cpu() for n, t in zip(self.names, self.shards)}
+        return {**full, **{n: t.cpu() for n, t in self.fixed.items()}}
+
+    @torch.no_grad()
+    def load(self, path: str | Path) -> None:
+        """Every process reads the full file and keeps its own shards (on any number of processes)."""
+        state = read_weights(path, expected={n: tuple(t.shape) for n, t in zip(self.names, self.shards)})
+        for name, ours in zip(self.names, self.shards):
+            full = state[name].to(ours.device, ours.dtype)
+            if isinstance(ours, DTensor):  # each process cuts its own shard from its copy: no communication
+                full = distribute_tensor(full, ours.device_mesh, ours.placements, src_data_rank=None)
+            ours.copy_(full)
+
+    def gathered(self) -> nn.Module | None:
+        state = self.state()
+        if self.model is not None:
+            self.model.load_state_dict(state)
+        return self.model

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models import embeddings
 from models.embeddings import FeatureCondition, ImageCondition, IntervalEmbedder, LabelEmbedder, TimestepEmbedder
 
 
@@ -115,7 +116,12 @@ class UNet(nn.Module):
 
     channels: base width; channel_mult: width multiplier per resolution level (one down-sampling
     between levels); attention_resolutions: spatial sizes (in pixels) that get self-attention.
+    grad_checkpoint: recompute the activations of each level (residual block + attention) and of the middle in the
+    backward pass instead of keeping them.
     """
+
+    _no_split_modules = ("ResBlock", "Attention")  # the units FSDP shards and gathers one at a time
+    grad_checkpoint = False
 
     def __init__(self, in_channels: int, resolution: int, channels: int = 128, channel_mult=(1, 2, 2, 2),
                  num_res_blocks: int = 2, attention_resolutions=(16,), head_channels: int = 64,
@@ -184,17 +190,21 @@ class UNet(nn.Module):
             emb = emb + emb_c
         h = self.stem(x)
         skips = [h]
+        on = self.grad_checkpoint
         for module in self.down:
-            h = module(h, emb) if not isinstance(module, Resample) else module(h)
+            h = embeddings.checkpointed(module, h, emb, enabled=on) if not isinstance(module, Resample) else module(h)
             skips.append(h)
-        h = self.middle[2](self.middle[1](self.middle[0](h, emb)), emb)
+        h = embeddings.checkpointed(self.middle_forward, h, emb, enabled=on)
         for module in self.up:
             if isinstance(module, Level):
-                h = module(torch.cat([h, skips.pop()], dim=1), emb)
+                h = embeddings.checkpointed(module, torch.cat([h, skips.pop()], dim=1), emb, enabled=on)
             else:  # up-sample to the size of the skip the next block takes
                 size = tuple(skips[-1].shape[-2:])
                 h = module(h, size) if isinstance(module, Resample) else module(h, emb, size)
         return self.out(h) if kl is None else (self.out(h), kl)
+
+    def middle_forward(self, h: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        return self.middle[2](self.middle[1](self.middle[0](h, emb)), emb)
 
 
 # Presets: name -> constructor arguments (the data give in_channels, resolution and num_classes).
