@@ -261,8 +261,8 @@ def train(cfg: Config, run_dir: Path, accept_changes: bool = False) -> None:
     trackers = [name for name in t.trackers if name != "wandb" or _wandb_installed()]
     # Without CUDA, accelerate runs several processes only when told to use the CPU (gloo).
     cpu_multiprocess = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
-    accelerator = Accelerator(mixed_precision=t.mixed_precision, log_with=trackers or None, project_dir=str(run_dir),
-                              cpu=cpu_multiprocess)
+    accelerator = Accelerator(mixed_precision=t.mixed_precision, gradient_accumulation_steps=t.grad_accum,
+                              log_with=trackers or None, project_dir=str(run_dir), cpu=cpu_multiprocess)
     lock = on_main_process(accelerator, RunLock(run_dir).acquire)
     try:
         with StopRequest() as stop:
@@ -370,19 +370,22 @@ def run(cfg: Config, run_dir: Path, accelerator, trackers: list[str], stop: Stop
             raise UserError(f"train.grad_checkpoint recomputes the blocks of DiT and UNet models, not of "
                             f"{type(model).__name__} ({cfg.model.name}); remove it")
         model.grad_checkpoint = True
-    if accelerator.distributed_type == DistributedType.DEEPSPEED:
-        raise UserError("train.py does not run under DeepSpeed yet; shard with FSDP2 instead: accelerate launch "
-                        "--config_file configs/accelerate/fsdp.yaml train.py ... (fsdp_reshard_after_forward: false "
-                        "shards like ZeRO-2, true like ZeRO-3)")
-    # Under FSDP each process keeps the EMA of its own shards; the main process also a plain copy for previews.
+    # Under FSDP each process keeps the EMA of its own shards (the main process also a plain copy for previews);
+    # otherwise every process keeps a full EMA, made from the float32 weights before DeepSpeed casts them.
     sharded = accelerator.distributed_type == DistributedType.FSDP
     template = copy.deepcopy(model).to(device) if sharded and accelerator.is_main_process else None
+    ema = None if sharded else EMA(model, t.ema_decay, t.ema_warmup)
+    if ema is not None:
+        ema.model.to(device)
+    autocast = contextlib.nullcontext
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        autocast = configure_deepspeed(accelerator, t, micro_batch // world)
     # Fused AdamW on CUDA (one kernel for all tensors); on the CPU the foreach form, or torch picks a per-tensor loop.
     optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay,
                                   **({"fused": True} if device.type == "cuda" else {"foreach": True}))
     model, optimizer = accelerator.prepare(model, optimizer)
-    ema = (ShardedEMA(accelerator.unwrap_model(model), t.ema_decay, t.ema_warmup, template) if sharded
-           else EMA(accelerator.unwrap_model(model), t.ema_decay, t.ema_warmup))
+    if sharded:
+        ema = ShardedEMA(accelerator.unwrap_model(model), t.ema_decay, t.ema_warmup, template)
     if t.compile:  # after DDP wrapping, as torch recommends; checkpoints strip the '_orig_mod.' prefix
         model = torch.compile(model)
     log(f"model: {cfg.model.name}, {sum(p.numel() for p in model.parameters()):,} parameters; "
@@ -455,13 +458,13 @@ def run(cfg: Config, run_dir: Path, accelerator, trackers: list[str], stop: Stop
         while step < t.steps:
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, t)
-            for micro in range(t.grad_accum):
+            for _ in range(t.grad_accum):
                 x1, draw = next(batches)
-                sync = micro == t.grad_accum - 1
-                with accelerator.no_sync(model) if not sync else contextlib.nullcontext():
+                # Gradients are synchronized (DeepSpeed: the optimizer steps) at the last micro-step only.
+                with accelerator.accumulate(model), autocast():
                     out = objective.loss(model, x1, draw)
                     loss = out.loss.mean()
-                    accelerator.backward(loss / t.grad_accum)
+                    accelerator.backward(loss)  # divided by train.grad_accum (by DeepSpeed itself under DeepSpeed)
                 loss_by_time.add(out)
                 loss_sum += loss.detach()
                 nonfinite |= ~torch.isfinite(loss.detach())
@@ -540,6 +543,23 @@ def run(cfg: Config, run_dir: Path, accelerator, trackers: list[str], stop: Stop
     log(f"done: {step} steps; preview {run_dir / 'samples' / f'{checkpoint_name(step)}.png'}")
 
 
+def configure_deepspeed(accelerator, t, per_process_batch: int):
+    """DeepSpeed takes the batch, the accumulation and the clipping from its config: train.py's settings. It casts
+    the weights for mixed precision but not the inputs: returns the autocast that makes them fit."""
+    ds = accelerator.state.deepspeed_plugin.deepspeed_config
+    stage = ds.get("zero_optimization", {}).get("stage", 0)
+    if stage == 3:
+        raise UserError("DeepSpeed ZeRO stage 3 splits the weights, which train.py's EMA and previews read whole; use "
+                        "configs/accelerate/fsdp.yaml (FSDP2 full shard) to shard the weights")
+    ds.update(train_micro_batch_size_per_gpu=per_process_batch, gradient_accumulation_steps=t.grad_accum,
+              gradient_clipping=t.grad_clip)
+    ds.pop("train_batch_size", None)  # follows from the above
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(t.mixed_precision)
+    if dtype is None:
+        return contextlib.nullcontext
+    return partial(torch.autocast, accelerator.device.type, dtype=dtype)
+
+
 def update_weights(accelerator, params, optimizer, ema: EMA, raw_model, step: int, grad_clip: float) -> torch.Tensor:
     """The step after the backward passes: clip the gradients to norm `grad_clip` (0: no clipping), step the
     optimizer, clear the gradients, update the EMA for optimizer step `step` (1-based). Returns the norm before
@@ -547,6 +567,8 @@ def update_weights(accelerator, params, optimizer, ema: EMA, raw_model, step: in
     grad_norm = accelerator.clip_grad_norm_(params, grad_clip if grad_clip > 0 else math.inf)
     if isinstance(grad_norm, DTensor):  # FSDP: the norm over every process's shards, replicated
         grad_norm = grad_norm.full_tensor()
+    elif not isinstance(grad_norm, torch.Tensor):  # DeepSpeed: its own norm, as a number (clipped and stepped by it)
+        grad_norm = torch.tensor(math.nan if grad_norm is None else float(grad_norm))
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     ema.update(raw_model, step)

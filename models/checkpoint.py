@@ -150,6 +150,19 @@ def prune_checkpoints(run_dir: str | Path, keep_last: int, keep_every: int) -> l
     return removed
 
 
+RUNS_UNDER = {DistributedType.FSDP: "FSDP", DistributedType.DEEPSPEED: "DeepSpeed"}  # else DDP (or one process)
+
+
+def trained_under(train_state: Path) -> str:
+    """Which training wrote accelerate's state folder: FSDP (sharded model and optimizer, torch.distributed
+    .checkpoint), DeepSpeed (its engine's checkpoint, named by the tag in `latest`) or DDP / one process."""
+    if (train_state / "pytorch_model_fsdp_0").is_dir():
+        return "FSDP"
+    if (train_state / "latest").is_file():
+        return "DeepSpeed"
+    return "DDP"
+
+
 def load_checkpoint(accelerator, path: Path, ema) -> None:
     """Restore model, optimizer, scaler and RNG (accelerator.load_state, weights_only) and the EMA weights."""
     needed = [path / "ema.safetensors", path / "train_state"]
@@ -157,12 +170,16 @@ def load_checkpoint(accelerator, path: Path, ema) -> None:
     if missing:
         raise UserError(f"checkpoint {path} is incomplete (no {', '.join(missing)}); delete it to resume from "
                         "the previous one")
-    written_sharded = (path / "train_state" / "pytorch_model_fsdp_0").is_dir()
-    if written_sharded != (accelerator.distributed_type == DistributedType.FSDP):
-        by, now = ("FSDP", "without it") if written_sharded else ("DDP or one process", "under FSDP")
-        raise UserError(f"checkpoint {path} was written by {by} training and this run is {now}; resume it as it was "
-                        f"trained (accelerate launch --config_file ...), or start a new run from its weights with "
-                        f"train.init_from={path}")
+    written, now = trained_under(path / "train_state"), RUNS_UNDER.get(accelerator.distributed_type, "DDP")
+    if written != now:
+        raise UserError(f"checkpoint {path} holds the training state of {written} and this run uses {now}; resume it "
+                        f"as it was trained (accelerate launch --config_file ...), or start a new run from its "
+                        f"weights with train.init_from={path}")
+    split = len(list((path / "train_state" / "pytorch_model").glob("zero_pp_rank_*_optim_states.pt")))
+    if written == "DeepSpeed" and split != accelerator.num_processes:
+        raise UserError(f"checkpoint {path} holds DeepSpeed's optimizer state split over {split} processes and this "
+                        f"run has {accelerator.num_processes}; resume it on {split} (accelerate launch --num_processes "
+                        f"{split}), or shard with FSDP, whose checkpoints resume on any number")
     ema.load(path / "ema.safetensors")
     try:
         accelerator.load_state(str(path / "train_state"))

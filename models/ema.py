@@ -48,6 +48,8 @@ class EMA:
             if len(self._pairs[1]) != len(self._pairs[2]):
                 raise ValueError("the EMA is updated from a model with other tensors than the one it was made from")
         _, source, ours = self._pairs
+        if source and source[0].dtype != ours[0].dtype:  # DeepSpeed's mixed precision: the weights in bf16/fp16
+            source = [s.to(o.dtype) for s, o in zip(source, ours)]
         torch._foreach_lerp_(ours, source, 1.0 - self.decay_at(n))
 
     def state(self) -> dict[str, torch.Tensor]:
