@@ -490,6 +490,8 @@ def run(cfg: Config, run_dir: Path, accelerator, trackers: list[str], stop: Stop
                 metrics = {"loss": float(accelerator.reduce(loss_sum, "mean")) / (steps_timed * t.grad_accum),
                            "lr": lr_at(step - 1, t), "grad_norm": float(grad_norm),
                            "samples_per_s": steps_timed * t.batch_size / elapsed,
+                           **({"max_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30}
+                              if device.type == "cuda" else {}),
                            **loss_by_time.read(lambda x: accelerator.reduce(x, "sum"))}
                 log.metrics(step, metrics)
                 accelerator.log(metrics, step=step)
