@@ -89,9 +89,20 @@ def test_missing_or_invalid_yaml_file(tmp_path):
         load_config(tmp_path / "bad.yaml")
 
 
-@pytest.mark.parametrize("preset", sorted((ROOT / "configs").glob("**/*.yaml")), ids=lambda p: p.name)
+@pytest.mark.parametrize("preset", sorted(p for p in (ROOT / "configs").glob("**/*.yaml")
+                                           if "accelerate" not in p.parts), ids=lambda p: p.name)
 def test_every_preset_loads_and_names_registered_parts(preset):
     check_names(load_config(preset))
+
+
+@pytest.mark.parametrize("preset", sorted((ROOT / "configs" / "accelerate").glob("*.yaml")), ids=lambda p: p.name)
+def test_the_accelerate_configs_are_what_accelerate_launch_reads(preset):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    config = load_config_from_file(str(preset))
+    assert config.distributed_type in ("FSDP", "DEEPSPEED")
+    assert config.fsdp_config.get("fsdp_version") == 2 if config.distributed_type == "FSDP" else (
+        config.deepspeed_config["zero_stage"] == 2)
 
 
 def test_the_keys_allowed_to_change_on_resume_and_the_others():
