@@ -57,7 +57,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--ot-reg", type=float, default=10.0)
     args = p.parse_args()
-    args.mixed_precision, args.compile = "no", False
+    args.mixed_precision, args.compile, args.grad_checkpoint = "no", False, False
     solve = {name: solve_ms(name, args.batch, args.ot_reg) for name in COUPLED}
     rates: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as tmp:
