@@ -514,8 +514,10 @@ def run(cfg: Config, run_dir: Path, accelerator, trackers: list[str], stop: Stop
                 meta = data_meta
                 if autoencoding and ema_model is not None:  # only the main process writes the weight files
                     meta = {**data_meta, **latent_statistics(ema_model, dataset, device)}
-                # Full weights of the model and the EMA (gathered from the shards under FSDP; every process calls).
-                model_state, ema_state = accelerator.get_state_dict(model), ema.state()
+                # Full weights of the model and the EMA, for the main process to write (under FSDP every process
+                # takes part in gathering them).
+                model_state = accelerator.get_state_dict(model)
+                ema_state = ema.state() if sharded or accelerator.is_main_process else {}
                 path = save_checkpoint(accelerator, run_dir, step, model_state, ema_state, to_yaml(cfg), meta)
                 del model_state, ema_state
                 if accelerator.is_main_process:
