@@ -435,10 +435,12 @@ def run(cfg: Config, run_dir: Path, accelerator, trackers: list[str], stop: Stop
                                pin_memory=device.type == "cuda"))
     # On one process, prepare the next micro-step (its batch, draws and OT solve, all host work) in a thread while
     # this one trains: on a GPU always, since the host also has to launch every kernel (unet-cifar10, batch 32,
-    # H100: 392-457 images/s inline, 521-523 ahead, steps 101-300); on the CPU only for the OT solve, and then
-    # with a core of its own, or the two fight over every core (train.py on 2 cores, moons: 24.8 ms per OT-CFM
-    # step inline, 17.9 sharing both cores, 15.0 with one each; an I-CFM step takes 11.6).
-    ahead = world == 1 and (cfg.flow.coupling == "ot" or device.type == "cuda")
+    # H100: 392-457 images/s inline, 521-523 ahead, steps 101-300); on the CPU only for the OT solve of vector data,
+    # whose network steps are as short as the solve, and then with a core of its own, or the two fight over every
+    # core (train.py on 2 cores, moons: 24.8 ms per OT-CFM step inline, 17.9 sharing both cores, 15.0 with one
+    # each; an I-CFM step takes 11.6). An image model's step dwarfs the solve, and a core given up halves it
+    # (unet-cifar10, batch 32, 2 cores: 2.48 images/s so, 4.80 without OT; the solve takes 0.4 ms).
+    ahead = world == 1 and (device.type == "cuda" or (cfg.flow.coupling == "ot" and len(space.shape) == 1))
     if ahead and device.type == "cpu" and torch.get_num_threads() > 1:
         torch.set_num_threads(torch.get_num_threads() - 1)
     batches = micro_steps(loader, objective, shard, t.seed, step * t.grad_accum, device, ahead,
