@@ -519,7 +519,7 @@ def run(cfg: Config, run_dir: Path, accelerator, trackers: list[str], stop: Stop
                 # Full weights of the model and the EMA, for the main process to write (under FSDP every process
                 # takes part in gathering them).
                 model_state = accelerator.get_state_dict(model)
-                ema_state = ema.state() if sharded or accelerator.is_main_process else {}
+                ema_state = ema.state() if sharded or accelerator.is_main_process else {}  # sharded: {} off main
                 path = save_checkpoint(accelerator, run_dir, step, model_state, ema_state, to_yaml(cfg), meta)
                 del model_state, ema_state
                 if accelerator.is_main_process:
@@ -570,11 +570,13 @@ def update_weights(accelerator, params, optimizer, ema: EMA, raw_model, step: in
     """The step after the backward passes: clip the gradients to norm `grad_clip` (0: no clipping), step the
     optimizer, clear the gradients, update the EMA for optimizer step `step` (1-based). Returns the norm before
     clipping."""
-    grad_norm = accelerator.clip_grad_norm_(params, grad_clip if grad_clip > 0 else math.inf)
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:  # it clipped and stepped inside backward
+        norm = accelerator.deepspeed_engine_wrapped.engine.get_global_grad_norm()  # as it keeps it: no host sync
+        grad_norm = torch.as_tensor(math.nan if norm is None else norm)
+    else:
+        grad_norm = accelerator.clip_grad_norm_(params, grad_clip if grad_clip > 0 else math.inf)
     if isinstance(grad_norm, DTensor):  # FSDP: the norm over every process's shards, replicated
         grad_norm = grad_norm.full_tensor()
-    elif not isinstance(grad_norm, torch.Tensor):  # DeepSpeed: its own norm, as a number (clipped and stepped by it)
-        grad_norm = torch.tensor(math.nan if grad_norm is None else float(grad_norm))
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     ema.update(raw_model, step)

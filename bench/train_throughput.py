@@ -118,8 +118,8 @@ def time_steps(step, steps: int, warmup: int, device: torch.device) -> float:
     return (time.perf_counter() - start) / steps
 
 
-def bare(name: str, args, device: torch.device, batch: int | None = None) -> float:
-    """Images/s of the bare loop (and its peak memory in args.memory on CUDA)."""
+def bare(name: str, args, device: torch.device, batch: int | None = None) -> tuple[float, int | None]:
+    """Images/s of the bare loop, and its peak memory in bytes (CUDA; None elsewhere)."""
     batch = batch or args.batch
     cfg = load_config(None, [f"model.name={name}"])
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # as train.py sets them
@@ -147,9 +147,7 @@ def bare(name: str, args, device: torch.device, batch: int | None = None) -> flo
         optimizer.zero_grad(set_to_none=True)
 
     seconds = time_steps(step, args.steps, args.warmup, device)
-    if device.type == "cuda":
-        args.memory = torch.cuda.max_memory_allocated(device)
-    return batch / seconds
+    return batch / seconds, torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
 
 
 def find_batch(name: str, args, device: torch.device) -> None:
@@ -157,13 +155,13 @@ def find_batch(name: str, args, device: torch.device) -> None:
     batch, fits = 8, 0
     while True:
         try:
-            bare(name, argparse.Namespace(**{**vars(args), "steps": 1, "warmup": 1}), device, batch)
+            _, memory = bare(name, argparse.Namespace(**{**vars(args), "steps": 1, "warmup": 1}), device, batch)
         except torch.OutOfMemoryError:
             break
         finally:
             torch.cuda.empty_cache()
         fits = batch
-        print(f"  {name} batch {batch}: fits, {args.memory / 2**30:.1f} GiB at most", flush=True)
+        print(f"  {name} batch {batch}: fits, {memory / 2**30:.1f} GiB at most", flush=True)
         batch *= 2
     total = torch.cuda.get_device_properties(device).total_memory / 2**30
     print(f"{name}: the largest batch that fits is {fits} (powers of 2 from 8; {total:.0f} GiB GPU, mixed precision "
@@ -293,7 +291,7 @@ def main() -> None:
                    help="instead of whole steps: the UNet step beside torchcfm's in two parts, the network's forward "
                         "+ backward (FLOPs and seconds) and the rest (clipping, optimizer, EMA); needs torchcfm")
     args = p.parse_args()
-    args.shape, args.memory = tuple(args.shape), None
+    args.shape = tuple(args.shape)
     device = torch.device(args.device)
     if args.find_batch:
         if device.type != "cuda":
@@ -329,14 +327,14 @@ def main() -> None:
             for r in range(args.repeats):
                 for label in labels if r % 2 == 0 else labels[::-1]:  # ABBA order: drift cancels out
                     if label == "bare":
-                        value = bare(name, args, device)
+                        value, memory = bare(name, args, device)
                     elif label == "train.py":
                         value = toolkit(name, args, data, Path(tmp) / f"run_{name.replace('/', '_')}_{r}")
                     else:
                         value = torchcfm_step(args, device)
                     runs.setdefault(label, []).append(value)
-                    memory = f", {args.memory / 2**30:.1f} GiB at most" if label == "bare" and args.memory else ""
-                    print(f"  {name} {label} repeat {r}: {value:.2f} images/s{memory}", flush=True)
+                    shown = f", {memory / 2**30:.1f} GiB at most" if label == "bare" and memory else ""
+                    print(f"  {name} {label} repeat {r}: {value:.2f} images/s{shown}", flush=True)
             print(summary(name, runs, flops, peak), flush=True)
 
 

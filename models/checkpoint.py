@@ -175,8 +175,8 @@ def load_checkpoint(accelerator, path: Path, ema) -> None:
         raise UserError(f"checkpoint {path} holds the training state of {written} and this run uses {now}; resume it "
                         f"as it was trained (accelerate launch --config_file ...), or start a new run from its "
                         f"weights with train.init_from={path}")
-    split = len(list((path / "train_state" / "pytorch_model").glob("zero_pp_rank_*_optim_states.pt")))
-    if written == "DeepSpeed" and split != accelerator.num_processes:
+    split = written == "DeepSpeed" and len(list((path / "train_state" / "pytorch_model").glob("zero_pp_rank_*")))
+    if split and split != accelerator.num_processes:
         raise UserError(f"checkpoint {path} holds DeepSpeed's optimizer state split over {split} processes and this "
                         f"run has {accelerator.num_processes}; resume it on {split} (accelerate launch --num_processes "
                         f"{split}), or shard with FSDP, whose checkpoints resume on any number")

@@ -92,22 +92,33 @@ class ShardedEMA(EMA):
     def _averages(self) -> list[torch.Tensor]:
         return self.shards
 
+    def _full(self):
+        """(name, full tensor) of every average, gathered from the shards: every process takes part."""
+        for name, t in zip(self.names, self.shards):
+            yield name, t.full_tensor() if isinstance(t, DTensor) else t
+
     def state(self) -> dict[str, torch.Tensor]:
-        full = {n: (t.full_tensor() if isinstance(t, DTensor) else t).cpu() for n, t in zip(self.names, self.shards)}
-        return {**full, **{n: t.cpu() for n, t in self.fixed.items()}}
+        """The full averaged weights on the CPU on the main process (the one that writes them), {} elsewhere."""
+        main = self.model is not None
+        state = {n: t.cpu() for n, t in self._full() if main}  # every process gathers; the main one keeps
+        return {**state, **{n: t.cpu() for n, t in self.fixed.items()}} if main else {}
 
     @torch.no_grad()
     def load(self, path: str | Path) -> None:
         """Every process reads the full file and keeps its own shards (on any number of processes)."""
-        state = read_weights(path, expected={n: tuple(t.shape) for n, t in zip(self.names, self.shards)})
-        for name, ours in zip(self.names, self.shards):
+        expected = {n: tuple(t.shape) for n, t in [*zip(self.names, self.shards), *self.fixed.items()]}
+        state = read_weights(path, expected)
+        for name, ours in [*zip(self.names, self.shards), *self.fixed.items()]:
             full = state[name].to(ours.device, ours.dtype)
             if isinstance(ours, DTensor):  # each process cuts its own shard from its copy: no communication
                 full = distribute_tensor(full, ours.device_mesh, ours.placements, src_data_rank=None)
             ours.copy_(full)
 
+    @torch.no_grad()
     def gathered(self) -> nn.Module | None:
-        state = self.state()
-        if self.model is not None:
-            self.model.load_state_dict(state)
+        """The template with the full averaged weights, copied on the device (main process; None elsewhere)."""
+        targets = self.model.state_dict() if self.model is not None else {}
+        for name, full in self._full():
+            if name in targets:
+                targets[name].copy_(full)
         return self.model
