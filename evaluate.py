@@ -49,7 +49,7 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 
-from cluster import STOPPED, Stopped, StopRequest, progress
+from cluster import STOPPED, Stopped, StopRequest, progress, run_main
 from config import load_config
 from data import build_source, reference_data, reference_data_config, weights_info
 from data.images import to_uint8
@@ -893,4 +893,4 @@ def bits_per_dim(accelerator, model, dataset, kind: str, args, cfg, stop: StopRe
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

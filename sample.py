@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 
-from cluster import STOPPED, Stopped, StopRequest, progress
+from cluster import STOPPED, Stopped, StopRequest, progress, run_main
 from config import load_config
 from data import build_source, reference_data, reference_data_config, weights_info
 from data.images import save_grid, to_uint8
@@ -514,4 +514,4 @@ def sample(args: argparse.Namespace) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

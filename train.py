@@ -29,7 +29,7 @@ from accelerate.utils import DistributedType, set_seed
 from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
-from cluster import STOPPED, RunLock, Stopped, StopRequest, progress
+from cluster import STOPPED, RunLock, Stopped, StopRequest, progress, run_main
 from config import Config, config_changes, load_config, save_config, to_dict, to_yaml
 from data import build_dataset, build_loader, build_source, close_loader, data_info, reference_data
 from data.images import random_hflip, save_grid, to_uint8
@@ -695,4 +695,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -1,13 +1,15 @@
 """Runs that survive a cluster: stop signals, one writer per run folder, config changes on resume, a full disk, logs."""
 
 import json
+import os
 import random
 import signal
 import subprocess
+import sys
 
 import pytest
 import torch
-from conftest import finish, run_script, start_ranks, start_script, wait_for
+from conftest import ROOT, finish, run_script, start_ranks, start_script, wait_for
 from safetensors.torch import load_file
 
 from cluster import STOPPED
@@ -305,3 +307,20 @@ def test_sigterm_stops_an_evaluation_keeping_the_finished_rows(toy_checkpoint, t
     assert again.returncode == 0 and again.stdout.count("already in the report") == 1, again.stderr
     assert [r["solver"] for r in json.loads((tmp_path / "eval" / "report.json").read_text())["rows"]] == ["euler",
                                                                                                        "rk4"]
+
+
+@pytest.mark.parametrize("world", ["1", "2"])
+@pytest.mark.parametrize("body, status, stderr", [("pass", 0, ""), ("sys.exit(2)", 2, ""),
+                                                  ("sys.exit('error: bad')", 1, "error: bad")])
+def test_a_process_of_a_multi_process_run_exits_with_its_status_and_all_its_output(tmp_path, world, body, status,
+                                                                                  stderr):
+    """train.py, sample.py and evaluate.py exit through run_main; a process of a multi-process run skips the
+    interpreter's teardown (gloo's threads can abort it), which must lose neither its status nor its piped output."""
+    script = tmp_path / "script.py"
+    script.write_text("import sys\nfrom cluster import run_main\n\ndef main():\n    print('x' * 100)\n"
+                      f"    print('last line')\n    {body}\n\nrun_main(main)\n")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # piped output is buffered, as it is
+    env.update(PYTHONPATH=str(ROOT), WORLD_SIZE=world)                       # for a launcher's processes
+    done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == status
+    assert done.stdout.endswith("last line\n") and done.stderr.strip() == stderr
