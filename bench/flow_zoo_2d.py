@@ -3,6 +3,7 @@ matching objective where torchcfm has one, in one run.
 
     python bench/flow_zoo_2d.py [--steps 1000] [--seeds 3] [--out bench/out/flow_zoo_2d]
     PYTHONPATH=/path/to/site-with-torchcfm python bench/flow_zoo_2d.py     # adds torchcfm's rows
+    python bench/flow_zoo_2d.py --exact --only NONE    # the exact velocity's rows alone (5 min)
 
 Problems: gaussian -> moons and 8gaussians -> moons (no score target there: a score needs a Gaussian source).
 Ours: train.py with each flow.path × flow.prediction (loss weight at its default, none), the bridge paths, and
@@ -11,13 +12,15 @@ VariancePreservingConditionalFlowMatcher (our cosine path), ExactOptimalTranspor
 SchrodingerBridgeConditionalFlowMatcher (σ = 0.2, Sinkhorn plan as ours) and its OTPlanSampler's Sinkhorn and
 unbalanced plans, with torchcfm's MLP of the same width, the same data, batch, AdamW learning rate and steps, in
 a bare loop. W2 as bench/toy2d_w2.py (exact OT between Euler samples and fresh data points, fixed seeds) on
---n-eval = 1,000 points, mean ± std over --seeds training seeds.
+--n-eval = 1,000 points, mean ± std over --seeds training seeds. --exact adds the W2 of the exact velocity of
+linear, cosine and icfm (what a perfectly trained network of those objectives gives) at NFE 1-8.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -27,7 +30,20 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from toy2d_w2 import NFES, PROBLEMS, add_training_arguments, run_ours, run_torchcfm, torchcfm_importable  # noqa: E402
+from toy2d_w2 import (  # noqa: E402
+    NFES,
+    PROBLEMS,
+    add_training_arguments,
+    evaluate,
+    run_ours,
+    run_torchcfm,
+    torchcfm_importable,
+)
+
+from config import load_config  # noqa: E402
+from data import build_dataset, build_source  # noqa: E402
+from data.toy import EIGHT_RADIUS, EIGHT_STD  # noqa: E402
+from flows.paths import CosinePath, LinearPath  # noqa: E402
 
 PATHS = ["linear", "cosine", "vp", "polynomial"]
 TARGETS = ["velocity", "data", "noise", "score"]
@@ -94,6 +110,55 @@ def _cfm():
     return make
 
 
+# The exact minimiser of each shared objective, from the first EXACT_DATA points of the training set and the source,
+# which data/toy.py draws as a mixture of isotropic Gaussians: (centres, std). Euler at EXACT_NFES only: an
+# evaluation at 1,000 points against 20,000 × 8 components takes ~6 s here.
+_ANGLES = torch.arange(8, dtype=torch.float64)[:, None] * (math.pi / 4)
+SOURCES = {"gaussian": (torch.zeros(1, 2), 1.0),
+           "8gaussians": (EIGHT_RADIUS * torch.cat([_ANGLES.cos(), _ANGLES.sin()], 1), EIGHT_STD)}
+EXACT_ROWS = {"linear / velocity": (LinearPath(), 0.0), "cosine / velocity": (CosinePath(), 0.0),
+              f"icfm σ={ICFM_SIGMA} / velocity": (LinearPath(), ICFM_SIGMA)}
+EXACT_DATA, EXACT_NFES = 20_000, [1, 2, 4, 8]
+
+
+def exact_velocity(path, bridge: float, data: torch.Tensor, source: str, chunk: int = 25):
+    """The velocity that minimises E‖v(x_t, t) − (α̇_t·x1 + σ̇_t·x0)‖² for x_t = α_t·x1 + σ_t·x0 + bridge·ε with x1
+    uniform over `data` and x0 from `source`: E[α̇_t·x1 + σ̇_t·x0 | x_t]. Given x_t, the posterior over (data
+    point i, source component k) is a softmax of the log-likelihoods of N(α·x1_i + σ·c_k, (σ²s² + bridge²)·I), and
+    E[x0 | x_t, i, k] is the Gaussian conditional mean. In float64, `chunk` points of x at a time."""
+    centres, s = SOURCES[source][0].double(), SOURCES[source][1]
+    data = data.double()
+
+    def velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        a, sig, da, dsig = (float(f(t[:1].double())) for f in (path.alpha, path.sigma, path.d_alpha, path.d_sigma))
+        var = sig**2 * s**2 + bridge**2
+        means = (a * data[:, None, :] + sig * centres[None]).reshape(-1, 2)  # (i, k) flattened, i-major
+        out = []
+        for xs in x.double().split(chunk):
+            w = torch.softmax(-torch.cdist(xs, means).square() / (2 * var), dim=1).reshape(len(xs), len(data), -1)
+            x1 = w.sum(2) @ data  # E[x1 | x_t]
+            c = w.sum(1) @ centres  # E[c_k | x_t]
+            x0 = c + (sig * s**2 / var) * (xs - a * x1 - sig * c)  # E[x0 | x_t]
+            out.append(da * x1 + dsig * x0)
+        return torch.cat(out).to(x.dtype)
+
+    return velocity
+
+
+def exact_results(n_eval: int) -> dict:
+    """W2 at each NFE of Euler on the exact velocity of each shared row: what a perfectly trained network gives."""
+    results = {}
+    for problem, (data_name, source_name) in PROBLEMS.items():
+        cfg = load_config(None, [f"data.name={data_name}", f"data.source={source_name}"])
+        data, source = build_dataset(cfg).x[:EXACT_DATA], build_source(cfg, (2,))
+        for row, (path, bridge) in EXACT_ROWS.items():
+            w2 = evaluate(exact_velocity(path, bridge, data, source_name), source, data_name, n_eval, EXACT_NFES)
+            results[f"{problem} | {row} | exact field"] = {"step_ms": None, "w2": {n: (v, 0.0) for n, v in w2.items()}}
+            print(f"{problem:18s} {row:28s} exact    W2 " + "  ".join(f"{n}:{v:.3f}" for n, v in w2.items()),
+                  flush=True)
+    return results
+
+
 def summary(runs: list[dict]) -> dict:
     w2 = {n: torch.tensor([r["w2"][n] for r in runs], dtype=torch.float64) for n in NFES}
     return {"step_ms": runs[0]["step_ms"],
@@ -108,11 +173,16 @@ def main() -> None:
     p.add_argument("--ours", nargs="*", default=[], metavar="KEY=VALUE",
                    help="config overrides added to every row of ours (e.g. train.grad_clip=0)")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "flow_zoo_2d")
+    p.add_argument("--exact", action="store_true",
+                   help="add rows of the exact velocity (the objective's minimiser) of the shared rows")
     args = p.parse_args()
     peers = torchcfm_importable()
     args.out.mkdir(parents=True, exist_ok=True)
     saved = args.out / "results.json"
     results = json.loads(saved.read_text()) if saved.exists() else {}  # an interrupted run continues
+    if args.exact and not any(key.endswith("exact field") for key in results):
+        results.update(exact_results(args.n_eval))
+        saved.write_text(json.dumps(results, indent=1))
     for problem in PROBLEMS:
         for row, (overrides, peer) in rows_of(problem).items():
             if args.only and args.only not in row:
@@ -138,8 +208,9 @@ def main() -> None:
     for key, r in results.items():
         problem, row, who = key.split(" | ")
         w2 = {int(n): v for n, v in r["w2"].items()}
-        lines.append(f"| {problem} | {row} | {who} | {r['step_ms']:.2f} | "
-                     + " | ".join(f"{w2[n][0]:.3f} ± {w2[n][1]:.3f}" for n in NFES) + " |")
+        step_ms = "—" if r["step_ms"] is None else f"{r['step_ms']:.2f}"
+        lines.append(f"| {problem} | {row} | {who} | {step_ms} | "
+                     + " | ".join(f"{w2[n][0]:.3f} ± {w2[n][1]:.3f}" if n in w2 else "—" for n in NFES) + " |")
     table = "\n".join(lines)
     (args.out / "results.md").write_text(table + "\n")
     print("\n" + table)

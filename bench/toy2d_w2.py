@@ -43,11 +43,11 @@ PROBLEMS = {"gaussian->moons": ("moons", "gaussian"), "8gaussians->moons": ("moo
 N_EVAL = 2000
 
 
-def evaluate(velocity, source, data_name, n: int = N_EVAL) -> dict[int, float]:
+def evaluate(velocity, source, data_name, n: int = N_EVAL, nfes: list[int] = NFES) -> dict[int, float]:
     """W2 between n Euler samples at each NFE and n fresh data points, with fixed seeds."""
     x0 = source(n, torch.Generator().manual_seed(123), torch.device("cpu"))
     data = TOY[data_name](n, torch.Generator().manual_seed(456), torch.device("cpu"))
-    return {nfe: w2_distance(integrate(velocity, x0, uniform_grid(nfe), "euler").x, data) for nfe in NFES}
+    return {nfe: w2_distance(integrate(velocity, x0, uniform_grid(nfe), "euler").x, data) for nfe in nfes}
 
 
 def run_ours(problem: str, flow: list[str], seed: int, args, out: Path, name: str) -> dict:

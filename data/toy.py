@@ -24,10 +24,13 @@ def _rand(n, g, device, d=1):
     return torch.rand(n, d, generator=g, device=device)
 
 
+EIGHT_RADIUS, EIGHT_STD = 2, 0.2  # 8gaussians: 8 components at angles kπ/4 on this circle, each of this std
+
+
 def eight_gaussians(n, g, device):
     angle = torch.randint(0, 8, (n, 1), generator=g, device=device) * (math.pi / 4)
-    centers = 2 * torch.cat([torch.cos(angle), torch.sin(angle)], 1)
-    return centers + 0.2 * _randn(n, g, device)
+    centers = EIGHT_RADIUS * torch.cat([torch.cos(angle), torch.sin(angle)], 1)
+    return centers + EIGHT_STD * _randn(n, g, device)
 
 
 def moons(n, g, device):
