@@ -169,7 +169,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_training_arguments(p, steps=1000, width=128)
     p.set_defaults(n_eval=1000)  # exact OT of 2,000 points takes ~10 s a W2 here, of 1,000 under 1 s
-    p.add_argument("--only", help="rows whose name contains this text (e.g. 'coupling')")
+    p.add_argument("--only", nargs="+", metavar="TEXT",
+                   help="rows whose name contains one of these texts (e.g. 'coupling' 'icfm')")
     p.add_argument("--ours", nargs="*", default=[], metavar="KEY=VALUE",
                    help="config overrides added to every row of ours (e.g. train.grad_clip=0)")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "flow_zoo_2d")
@@ -185,7 +186,7 @@ def main() -> None:
         saved.write_text(json.dumps(results, indent=1))
     for problem in PROBLEMS:
         for row, (overrides, peer) in rows_of(problem).items():
-            if args.only and args.only not in row:
+            if args.only and not any(text in row for text in args.only):
                 continue
             for who in ("ours", "torchcfm"):
                 key = f"{problem} | {row} | {who}"
