@@ -88,7 +88,8 @@ class FlowConfig:
     time_density: str = "uniform"  # training t density, a key of flows.TIME_DENSITIES
     time_mean: float = 0.0  # logit-normal location (our convention: > 0 favours t near 1, the data)
     time_std: float = 1.0  # logit-normal scale
-    mode_scale: float = 1.29  # SD3 mode density scale s (0 is uniform)
+    mode_scale: float = 1.29  # SD3 mode density scale s (0 is uniform; −1 is U-shaped, t = cos²(πu/2): more
+    #                           weight at both ends, as Lee et al. 2024's reflow density)
     grid_steps: int = 1  # time_density=grid: t on {0, 1/k, ..., (k-1)/k}, k = grid_steps (k-step distillation)
     loss: str = "l2"  # 'l2' (mean squared error) or 'pseudo_huber' (√(‖·‖² + c²) − c, Lee et al. 2024)
     huber_c: float = 0.0  # pseudo-Huber c (0: 0.00054·√D, D the data's dimension)

@@ -56,6 +56,10 @@ def test_time_densities_stay_in_unit_interval_and_have_their_shape():
     inverse = lambda t: next(u for u in [i / 100_000 for i in range(100_001)] if f(u) <= t)  # noqa: E731
     middle = ((ModeTime(s)(20_000, g, torch.device("cpu")) - 0.5).abs() < 0.25).float().mean().item()
     assert abs(middle - (inverse(0.25) - inverse(0.75))) < 0.012  # standard error 0.0033
+    # s = −1, the U-shaped density the reflow configs use: t = cos²(πu/2), the arcsine law, P(t ≤ x) = (2/π)·asin(√x).
+    u_shaped = ModeTime(-1.0)(20_000, g, torch.device("cpu"))
+    for x in (0.05, 0.25, 0.5, 0.9):
+        assert abs((u_shaped <= x).float().mean().item() - 2 / math.pi * math.asin(math.sqrt(x))) < 0.012
 
 
 def test_label_dropout_replaces_labels_by_the_null_class_at_the_configured_rate():
