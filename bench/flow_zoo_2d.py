@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from pathlib import Path
 
@@ -42,7 +41,7 @@ from toy2d_w2 import (  # noqa: E402
 
 from config import load_config  # noqa: E402
 from data import build_dataset, build_source  # noqa: E402
-from data.toy import EIGHT_RADIUS, EIGHT_STD  # noqa: E402
+from data.toy import EIGHT_CENTRES, EIGHT_STD  # noqa: E402
 from flows.paths import CosinePath, LinearPath  # noqa: E402
 
 PATHS = ["linear", "cosine", "vp", "polynomial"]
@@ -113,9 +112,7 @@ def _cfm():
 # The exact minimiser of each shared objective, from the first EXACT_DATA points of the training set and the source,
 # which data/toy.py draws as a mixture of isotropic Gaussians: (centres, std). Euler at EXACT_NFES only: an
 # evaluation at 1,000 points against 20,000 × 8 components takes ~6 s here.
-_ANGLES = torch.arange(8, dtype=torch.float64)[:, None] * (math.pi / 4)
-SOURCES = {"gaussian": (torch.zeros(1, 2), 1.0),
-           "8gaussians": (EIGHT_RADIUS * torch.cat([_ANGLES.cos(), _ANGLES.sin()], 1), EIGHT_STD)}
+SOURCES = {"gaussian": (torch.zeros(1, 2), 1.0), "8gaussians": (EIGHT_CENTRES, EIGHT_STD)}
 EXACT_ROWS = {"linear / velocity": (LinearPath(), 0.0), "cosine / velocity": (CosinePath(), 0.0),
               f"icfm σ={ICFM_SIGMA} / velocity": (LinearPath(), ICFM_SIGMA)}
 EXACT_DATA, EXACT_NFES = 20_000, [1, 2, 4, 8]

@@ -24,13 +24,14 @@ def _rand(n, g, device, d=1):
     return torch.rand(n, d, generator=g, device=device)
 
 
-EIGHT_RADIUS, EIGHT_STD = 2, 0.2  # 8gaussians: 8 components at angles kπ/4 on this circle, each of this std
+# 8gaussians: 8 equally likely components centred at angles kπ/4 on a circle of radius 2, each of std 0.2
+_ANGLES = torch.arange(8)[:, None] * (math.pi / 4)
+EIGHT_CENTRES, EIGHT_STD = 2 * torch.cat([torch.cos(_ANGLES), torch.sin(_ANGLES)], 1), 0.2
 
 
 def eight_gaussians(n, g, device):
-    angle = torch.randint(0, 8, (n, 1), generator=g, device=device) * (math.pi / 4)
-    centers = EIGHT_RADIUS * torch.cat([torch.cos(angle), torch.sin(angle)], 1)
-    return centers + EIGHT_STD * _randn(n, g, device)
+    k = torch.randint(0, 8, (n,), generator=g, device=device)
+    return EIGHT_CENTRES.to(device)[k] + EIGHT_STD * _randn(n, g, device)
 
 
 def moons(n, g, device):
