@@ -57,6 +57,9 @@ class ModelConfig:
     patch: int | None = None  # DiT patch size (e.g. 1 for 7x7 latents)
     dropout: float | None = None  # UNet dropout
     time_dim: int = 64  # MLP: size of the sinusoidal timestep embedding
+    time_input: str | None = None  # MLP: 'sines' (the embedding of t, the preset) or 'raw' (t itself as one more
+    #                                input, as torchcfm's MLP)
+    activation: str | None = None  # MLP: 'silu' (the preset), 'selu' (torchcfm's MLP) or 'gelu'
     time_scale: float = 1000.0  # the timestep embedding's sines take time_scale·t (MeanFlow: 1, as MeanFlow's code)
     class_cond: bool = False  # condition on the dataset's class labels (their number is read from the data)
     latent_channels: int | None = None  # autoencoders: channels of the latent (preset: 4)

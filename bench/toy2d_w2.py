@@ -50,9 +50,10 @@ def evaluate(velocity, source, data_name, n: int = N_EVAL, nfes: list[int] = NFE
     return {nfe: w2_distance(integrate(velocity, x0, uniform_grid(nfe), "euler").x, data) for nfe in nfes}
 
 
-def run_ours(problem: str, flow: list[str], seed: int, args, out: Path, name: str) -> dict:
+def run_ours(problem: str, flow: list[str], seed: int, args, out: Path, name: str, probe=None) -> dict:
     """train.py on the problem with the `flow` overrides (run folder OUT/ours_SOURCE_NAME_seedS), then W2 of its
-    EMA weights read as a velocity (flows.velocity_model) and its ms per step."""
+    EMA weights read as a velocity (flows.velocity_model) and its ms per step; with `probe`, a function of the
+    velocity v(x, t) that returns more figures, those too."""
     data_name, source_name = PROBLEMS[problem]
     run = out / f"ours_{source_name}_{name}_seed{seed}"
     overrides = [f"train.seed={seed}", f"data.name={data_name}", f"data.source={source_name}", *flow,
@@ -70,11 +71,14 @@ def run_ours(problem: str, flow: list[str], seed: int, args, out: Path, name: st
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()][1:]  # skip warm-up
     step_ms = 1000 * args.batch / (sum(r["samples_per_s"] for r in rows) / len(rows))
     source = build_source(cfg, (2,))
-    return {"w2": evaluate(lambda x, t: model(x, t), source, data_name, args.n_eval), "step_ms": step_ms}
+    velocity = lambda x, t: model(x, t)  # noqa: E731
+    return {"w2": evaluate(velocity, source, data_name, args.n_eval), "step_ms": step_ms,
+            **(probe(velocity) if probe else {})}
 
 
-def run_torchcfm(problem: str, matcher, seed: int, args) -> dict:
-    """torchcfm's matcher (a factory of a ConditionalFlowMatcher) in a bare loop with torchcfm's MLP."""
+def run_torchcfm(problem: str, matcher, seed: int, args, probe=None) -> dict:
+    """torchcfm's matcher (a factory of a ConditionalFlowMatcher) in a bare loop with torchcfm's MLP; `probe` as
+    run_ours's."""
     from torchcfm.models.models import MLP
 
     data_name, source_name = PROBLEMS[problem]
@@ -98,9 +102,10 @@ def run_torchcfm(problem: str, matcher, seed: int, args) -> dict:
         loss.backward()
         optimizer.step()
     step_ms = 1000 * (time.perf_counter() - start) / (args.steps - args.steps // 10)
+    velocity = lambda x, t: net(torch.cat([x, t[:, None]], -1))  # noqa: E731
     with torch.no_grad():
-        w2 = evaluate(lambda x, t: net(torch.cat([x, t[:, None]], -1)), source, data_name, args.n_eval)
-    return {"w2": w2, "step_ms": step_ms}
+        return {"w2": evaluate(velocity, source, data_name, args.n_eval), "step_ms": step_ms,
+                **(probe(velocity) if probe else {})}
 
 
 def add_training_arguments(p: argparse.ArgumentParser, steps: int, width: int) -> None:

@@ -27,7 +27,7 @@ AUTOENCODERS = autoencoder.PRESETS
 # Config keys that change a preset -> the argument they set, per model class.
 _OVERRIDES = {
     autoencoder.AutoencoderKL: dict(width="channels", depth="num_res_blocks", latent_channels="latent_channels"),
-    mlp.MLP: dict(width="width", depth="depth", time_dim="time_dim"),
+    mlp.MLP: dict(width="width", depth="depth", time_dim="time_dim", activation="activation", time_input="time_input"),
     unet.UNet: dict(width="channels", depth="num_res_blocks", dropout="dropout"),
     dit.DiT: dict(width="width", depth="depth", heads="heads", patch="patch"),
 }
@@ -36,6 +36,16 @@ _OVERRIDES = {
 def check_config(cfg: Config) -> None:
     """model.name in the registry of what the objective trains: a flow's velocity field or an autoencoder."""
     check_name(AUTOENCODERS if cfg.flow.objective == "autoencoder" else MODELS, cfg.model.name, "model.name")
+    if cfg.model.activation is not None:
+        check_name(mlp.ACTIVATIONS, cfg.model.activation, "model.activation")
+    if cfg.model.time_input is not None:
+        check_name(mlp.TIME_INPUTS, cfg.model.time_input, "model.time_input")
+        if cfg.model.time_input == "raw" and cfg.flow.objective == "meanflow":
+            raise UserError("model.time_input=raw gives the MLP no second time input, which flow.objective=meanflow "
+                            "needs; use model.time_input=sines")
+        if cfg.model.time_input == "raw" and cfg.model.time_scale != 1000.0:
+            raise UserError("model.time_scale scales the sines of t, which model.time_input=raw does not use; "
+                            "remove model.time_scale")
 
 
 def model_arguments(cfg: Config) -> tuple[type[nn.Module], dict]:
@@ -49,7 +59,8 @@ def model_arguments(cfg: Config) -> tuple[type[nn.Module], dict]:
         value = getattr(cfg.model, key)
         if value is not None:
             kwargs[argument] = value
-    ignored = [key for key in ("width", "depth", "heads", "dropout", "latent_channels", "patch")
+    ignored = [key for key in ("width", "depth", "heads", "dropout", "latent_channels", "patch", "activation",
+                               "time_input")
                if getattr(cfg.model, key) is not None and key not in _OVERRIDES[cls]]
     if ignored:
         raise UserError(f"config key model.{ignored[0]} does not apply to model.name '{cfg.model.name}'; remove it")

@@ -1,8 +1,10 @@
 """A time-conditioned MLP velocity field for low-dimensional data (2-D toy problems, tabular data).
 
-x (N, D) and the embedding of t (and of the label, for conditional models) are concatenated and
-passed through `depth` hidden layers of `width` units with SiLU. The output layer starts at zero,
-so the untrained model predicts zero velocity.
+x (N, D) and the time input (and the embedding of the label, for conditional models) are concatenated and
+passed through `depth` hidden layers of `width` units with the activation (SiLU; SELU as torchcfm's MLP). The
+time input is either the embedding of t (sinusoidal features of time_scale·t through a small MLP, as the image
+models) or t itself as one more input (`time_input="raw"`, as torchcfm's MLP takes it). The output layer starts at
+zero, so the untrained model predicts zero velocity.
 """
 
 from __future__ import annotations
@@ -12,18 +14,30 @@ from torch import nn
 
 from models.embeddings import IntervalEmbedder, LabelEmbedder, TimestepEmbedder
 
+ACTIVATIONS = {"silu": nn.SiLU, "selu": nn.SELU, "gelu": nn.GELU}
+TIME_INPUTS = {"sines": "the sinusoidal embedding of time_scale·t", "raw": "t itself, one more input"}
+
 
 class MLP(nn.Module):
     def __init__(self, dim: int, width: int = 256, depth: int = 3, time_dim: int = 64, num_classes: int = 0,
-                 mean_flow: bool = False, time_scale: float = 1000.0):
+                 mean_flow: bool = False, time_scale: float = 1000.0, activation: str = "silu",
+                 time_input: str = "sines"):
         super().__init__()
-        # time_dim frequencies (256 are overkill here)
-        self.time_embed = TimestepEmbedder(time_dim, freq_dim=time_dim, scale=time_scale)
-        self.interval_embed = IntervalEmbedder(time_dim, freq_dim=time_dim, scale=time_scale) if mean_flow else None
+        if time_input == "raw":
+            if mean_flow:
+                raise ValueError("time_input='raw' has no second time input for MeanFlow")
+            self.time_embed, self.interval_embed, d_time = None, None, 1
+        else:  # time_dim frequencies (256 are overkill here)
+            self.time_embed = TimestepEmbedder(time_dim, freq_dim=time_dim, scale=time_scale)
+            self.interval_embed = (IntervalEmbedder(time_dim, freq_dim=time_dim, scale=time_scale) if mean_flow
+                                   else None)
+            d_time = time_dim
         self.label_embed = LabelEmbedder(num_classes, time_dim) if num_classes > 0 else None
-        layers, d_in = [], dim + time_dim
+        if self.label_embed is not None and self.time_embed is None:  # the label's embedding beside t
+            d_time += time_dim
+        layers, d_in = [], dim + d_time
         for _ in range(depth):
-            layers += [nn.Linear(d_in, width), nn.SiLU()]
+            layers += [nn.Linear(d_in, width), ACTIVATIONS[activation]()]
             d_in = width
         self.body = nn.Sequential(*layers)
         self.out = nn.Linear(d_in, dim)
@@ -34,6 +48,11 @@ class MLP(nn.Module):
                 s: torch.Tensor | None = None) -> torch.Tensor:
         """x (N, D), t (N,) in [0, 1], y (N,) labels or None -> velocity (N, D); MeanFlow models: the average
         velocity over [t, s] (s (N,) ≥ t, None for s = t)."""
+        if self.time_embed is None:
+            c = t.to(x.dtype)[:, None]
+            if self.label_embed is not None:  # y None: the null class
+                c = torch.cat([c, self.label_embed(y, x.shape[0]).to(x.dtype)], dim=-1)
+            return self.out(self.body(torch.cat([x, c], dim=-1)))
         c = self.time_embed(t)
         if self.interval_embed is not None:
             c = c + self.interval_embed(t, s)

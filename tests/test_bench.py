@@ -52,3 +52,18 @@ def test_scores_are_kept_after_each_measurement_and_never_mixed_across_protocols
 def test_a_run_folder_without_checkpoints_is_named_in_the_error(tmp_path):
     with pytest.raises(UserError, match=f"{tmp_path} has no checkpoint"):
         load_ema(tmp_path, "cpu")
+
+
+def test_the_zoo_bench_reads_a_cell_as_worse_only_beyond_the_larger_seed_spread():
+    from flow_zoo_2d import verdict
+
+    def row(*cells):
+        return {"step_ms": 1.0, "w2": {str(n): cell for n, cell in zip((1, 2, 4), cells)}}
+
+    results = {"p | linear / velocity | ours": row((1.00, 0.01), (0.50, 0.01), (0.30, 0.01)),
+               "p | linear / velocity | torchcfm": row((0.90, 0.05), (0.60, 0.05), (0.28, 0.05)),
+               "p | linear / noise | ours": row((9.0, 0.0), (9.0, 0.0), (9.0, 0.0))}  # no peer: not read
+    lines = verdict(results)
+    assert lines[0].endswith("1 better, 1 within, 1 worse:")
+    assert lines[1:] == ["- p linear / velocity @ NFE 1: 1.000 ± 0.010 against 0.900 ± 0.050"]
+    assert verdict({"p | linear / noise | ours": row((9.0, 0.0))}) == []

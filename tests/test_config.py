@@ -69,7 +69,8 @@ def test_unknown_key_in_a_yaml_file_names_its_dotted_path(tmp_path):
 
 
 @pytest.mark.parametrize("key, value", [("model.name", "mpl"), ("flow.path", "curved"), ("flow.coupling", "sinkhorn"),
-                                        ("data.name", "moon"), ("flow.time_density", "logitnormal")])
+                                        ("data.name", "moon"), ("flow.time_density", "logitnormal"),
+                                        ("model.activation", "relu"), ("model.time_input", "linear")])
 def test_bad_registry_names_fail_before_any_data_is_loaded(key, value):
     with pytest.raises(UserError, match=f"config key {key}: unknown name '{value}'"):
         check_names(load_config(None, [f"{key}={value}"]))

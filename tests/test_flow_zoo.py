@@ -229,6 +229,8 @@ def test_class_ot_pairs_within_classes_by_exact_ot():
     (["sample.diffusion=sbmd"], "did you mean 'sbdm'"),
     (["flow.prediction=x1"], "unknown name 'x1'"),
     (["sample.cfg_interval=[0.8,0.2]"], "must be two times 0 ≤ a ≤ b ≤ 1"),
+    (["model.time_input=raw", "flow.objective=meanflow"], "no second time input"),
+    (["model.time_input=raw", "model.time_scale=1"], "remove model.time_scale"),
 ])
 def test_names_that_do_not_fit_together_fail_at_config_time(overrides, message):
     with pytest.raises(UserError, match=message):

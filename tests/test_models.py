@@ -84,6 +84,28 @@ def test_image_models_reject_what_does_not_fit():
     cfg.model.name, cfg.model.heads = "unet-mnist", 4
     with pytest.raises(UserError, match="model.heads does not apply"):
         build_model(cfg, (1, 28, 28))
+    cfg.model.heads, cfg.model.activation = None, "selu"
+    with pytest.raises(UserError, match="model.activation does not apply"):
+        build_model(cfg, (1, 28, 28))
+
+
+@pytest.mark.parametrize("num_classes", [0, 3])
+def test_the_mlp_with_raw_time_and_selu_is_torchcfms_network(num_classes):
+    """model.time_input=raw model.activation=selu: the network sees cat([x, t]) (and the label's embedding) through
+    Linear-SELU layers, nothing else, so a plain Sequential with its weights gives its output."""
+    cfg = Config()
+    cfg.model.width, cfg.model.depth, cfg.model.time_input, cfg.model.activation = 16, 3, "raw", "selu"
+    model = build_model(cfg, (2,), num_classes)
+    torch.manual_seed(0)
+    for p in model.parameters():
+        p.data.normal_(0, 0.3)
+    x, t, y = torch.randn(5, 2), torch.rand(5), torch.tensor([0, 1, 2, 3, 0])[:5] if num_classes else None
+    layers = [m for m in model.body if isinstance(m, nn.Linear)]
+    plain = nn.Sequential(*[m for layer in layers for m in (layer, nn.SELU())], model.out)
+    inputs = [x, t[:, None]] + ([model.label_embed(y, 5)] if num_classes else [])
+    assert layers[0].in_features == 3 + (cfg.model.time_dim if num_classes else 0)
+    torch.testing.assert_close(model(x, t, y), plain(torch.cat(inputs, dim=-1)))
+    assert not torch.allclose(model(x, t, y), model(x, 1 - t, y))
 
 
 def test_ema_is_a_frozen_copy_moving_towards_the_model():
