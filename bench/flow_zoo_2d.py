@@ -144,12 +144,18 @@ def exact_velocity(path, bridge: float, data: torch.Tensor, source: str, chunk: 
     return velocity
 
 
+def exact_inputs(problem: str):
+    """The problem's first EXACT_DATA training points and its source, which the exact velocity is computed from."""
+    data_name, source_name = PROBLEMS[problem]
+    cfg = load_config(None, [f"data.name={data_name}", f"data.source={source_name}"])
+    return build_dataset(cfg).x[:EXACT_DATA], build_source(cfg, (2,))
+
+
 def exact_results(n_eval: int) -> dict:
     """W2 at each NFE of Euler on the exact velocity of each shared row: what a perfectly trained network gives."""
     results = {}
     for problem, (data_name, source_name) in PROBLEMS.items():
-        cfg = load_config(None, [f"data.name={data_name}", f"data.source={source_name}"])
-        data, source = build_dataset(cfg).x[:EXACT_DATA], build_source(cfg, (2,))
+        data, source = exact_inputs(problem)
         for row, (path, bridge) in EXACT_ROWS.items():
             w2 = evaluate(exact_velocity(path, bridge, data, source_name), source, data_name, n_eval, EXACT_NFES)
             results[f"{problem} | {row} | exact field"] = {"step_ms": None, "w2": {n: (v, 0.0) for n, v in w2.items()}}
@@ -162,11 +168,9 @@ def t0_probe(problem: str, row: str, n_eval: int):
     """A probe (toy2d_w2.run_ours) that measures how far a network's velocity at t = 0 is from the exact one of its
     objective, on the W2's own source points: mean ‖v(x0, 0) − v*(x0, 0)‖², what one Euler step is made of."""
     path, bridge = EXACT_ROWS[row]
-    data_name, source_name = PROBLEMS[problem]
-    cfg = load_config(None, [f"data.name={data_name}", f"data.source={source_name}"])
-    data, source = build_dataset(cfg).x[:EXACT_DATA], build_source(cfg, (2,))
+    data, source = exact_inputs(problem)
     x0, t = source(n_eval, torch.Generator().manual_seed(123), torch.device("cpu")), torch.zeros(n_eval)  # as evaluate
-    target = exact_velocity(path, bridge, data, source_name)(x0, t)
+    target = exact_velocity(path, bridge, data, PROBLEMS[problem][1])(x0, t)
 
     def probe(velocity) -> dict:
         with torch.no_grad():
@@ -233,12 +237,12 @@ def main() -> None:
         for row, (overrides, peer) in rows_of(problem).items():
             if args.only and not any(text in row for text in args.only):
                 continue
+            name = "_".join(o.split("=")[-1] for o in overrides).replace(".", "")
+            probe = t0_probe(problem, row, args.n_eval) if args.exact and row in EXACT_ROWS else None  # both sides
             for who in ("ours", "torchcfm"):
                 key = f"{problem} | {row} | {who}"
                 if key in results or (who == "torchcfm" and (peer is None or not peers)):
                     continue
-                name = "_".join(o.split("=")[-1] for o in overrides).replace(".", "")
-                probe = t0_probe(problem, row, args.n_eval) if args.exact and row in EXACT_ROWS else None
                 runs = [run_ours(problem, [*overrides, *args.ours], seed, args, args.out, name, probe) if who == "ours"
                         else run_torchcfm(problem, peer, seed, args, probe) for seed in range(args.seeds)]
                 results[key] = summary(runs)

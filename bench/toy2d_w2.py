@@ -71,9 +71,8 @@ def run_ours(problem: str, flow: list[str], seed: int, args, out: Path, name: st
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()][1:]  # skip warm-up
     step_ms = 1000 * args.batch / (sum(r["samples_per_s"] for r in rows) / len(rows))
     source = build_source(cfg, (2,))
-    velocity = lambda x, t: model(x, t)  # noqa: E731
-    return {"w2": evaluate(velocity, source, data_name, args.n_eval), "step_ms": step_ms,
-            **(probe(velocity) if probe else {})}
+    return {"w2": evaluate(model, source, data_name, args.n_eval), "step_ms": step_ms,
+            **(probe(model) if probe else {})}
 
 
 def run_torchcfm(problem: str, matcher, seed: int, args, probe=None) -> dict:

@@ -15,7 +15,7 @@ from torch import nn
 from models.embeddings import IntervalEmbedder, LabelEmbedder, TimestepEmbedder
 
 ACTIVATIONS = {"silu": nn.SiLU, "selu": nn.SELU, "gelu": nn.GELU}
-TIME_INPUTS = {"sines": "the sinusoidal embedding of time_scale·t", "raw": "t itself, one more input"}
+TIME_INPUTS = ("sines", "raw")  # the sinusoidal embedding of time_scale·t, or t itself as one more input
 
 
 class MLP(nn.Module):
@@ -26,15 +26,14 @@ class MLP(nn.Module):
         if time_input == "raw":
             if mean_flow:
                 raise ValueError("time_input='raw' has no second time input for MeanFlow")
-            self.time_embed, self.interval_embed, d_time = None, None, 1
+            self.time_embed, self.interval_embed = None, None
+            d_time = 1 + (time_dim if num_classes > 0 else 0)  # t, and the label's embedding beside it
         else:  # time_dim frequencies (256 are overkill here)
             self.time_embed = TimestepEmbedder(time_dim, freq_dim=time_dim, scale=time_scale)
             self.interval_embed = (IntervalEmbedder(time_dim, freq_dim=time_dim, scale=time_scale) if mean_flow
                                    else None)
             d_time = time_dim
         self.label_embed = LabelEmbedder(num_classes, time_dim) if num_classes > 0 else None
-        if self.label_embed is not None and self.time_embed is None:  # the label's embedding beside t
-            d_time += time_dim
         layers, d_in = [], dim + d_time
         for _ in range(depth):
             layers += [nn.Linear(d_in, width), ACTIVATIONS[activation]()]
@@ -48,16 +47,15 @@ class MLP(nn.Module):
                 s: torch.Tensor | None = None) -> torch.Tensor:
         """x (N, D), t (N,) in [0, 1], y (N,) labels or None -> velocity (N, D); MeanFlow models: the average
         velocity over [t, s] (s (N,) ≥ t, None for s = t)."""
-        if self.time_embed is None:
-            c = t.to(x.dtype)[:, None]
-            if self.label_embed is not None:  # y None: the null class
-                c = torch.cat([c, self.label_embed(y, x.shape[0]).to(x.dtype)], dim=-1)
-            return self.out(self.body(torch.cat([x, c], dim=-1)))
-        c = self.time_embed(t)
-        if self.interval_embed is not None:
-            c = c + self.interval_embed(t, s)
-        if self.label_embed is not None:  # y None: the null class
-            c = c + self.label_embed(y, x.shape[0])
+        label = None if self.label_embed is None else self.label_embed(y, x.shape[0])  # y None: the null class
+        if self.time_embed is None:  # t itself, the label's embedding beside it
+            c = torch.cat([t.to(x.dtype)[:, None], *([] if label is None else [label.to(x.dtype)])], dim=-1)
+        else:  # the embeddings of t, of s − t and of the label, summed
+            c = self.time_embed(t)
+            if self.interval_embed is not None:
+                c = c + self.interval_embed(t, s)
+            if label is not None:
+                c = c + label
         return self.out(self.body(torch.cat([x, c.to(x.dtype)], dim=-1)))
 
 
