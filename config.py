@@ -37,7 +37,7 @@ class DataConfig:
     hflip: bool = False  # images: random horizontal flips during training
     source: str = "gaussian"  # source distribution x0: 'gaussian' or any toy distribution name
     size: int = 100_000  # number of points drawn once from a toy distribution to form the dataset
-    seed: int = 0  # seed of those points (the data stay fixed when the training seed changes)
+    seed: int = 0  # in [0, 2^32): seed of those points (the data stay fixed when the training seed changes)
     num_workers: int = 0  # DataLoader worker processes per training process
     # Image-conditioned tasks (data/tasks.py): the model reads a spatial condition made from each image.
     task: str = ""  # '' (none), 'inpaint', 'superres' or 'semantic' (label maps in data.label_maps)
@@ -101,6 +101,8 @@ class FlowConfig:
     meanflow_eps: float = 1e-3  # MeanFlow: c of that weight
     meanflow_cfg: float = 1.0  # MeanFlow: guidance scale ω baked into the target (1: none; needs label dropout)
     meanflow_tangent: str = "conditional"  # MeanFlow: direction of d/dt u: 'conditional' (x1 − x0) or 'model' u(z,t,t)
+    meanflow_times: str = "ordered"  # MeanFlow's (t, s): 'ordered' (the paper's: s = t samples take the earlier of two
+    #                                  draws) or 'single' (py-meanflow's v1: they keep one draw); flows/meanflow.py
     label_dropout: float = 0.0  # probability of replacing a label by the null class (> 0 for guidance to work)
     cond_dropout: float = 0.0  # data.task: probability of replacing the spatial condition by the null one (guidance)
 
@@ -119,7 +121,7 @@ class TrainConfig:
     grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping (the norm is still logged)
     ema_decay: float = 0.999  # EMA of the weights, used for previews and sampling
     ema_warmup: bool = True  # decay min(ema_decay, (1 + n) / (10 + n)) at step n: forget the initial weights fast
-    seed: int = 0  # seeds model init and the training randomness (noise, t, label dropout)
+    seed: int = 0  # in [0, 2^32): model init, and the key of the training randomness (noise, t, order, ...)
     init_from: str = ""  # a checkpoint folder whose EMA weights start a new run (new MeanFlow inputs start at zero)
     mixed_precision: str = "no"  # 'no', 'fp16' or 'bf16' (the -mp flag overrides)
     channels_last: bool = False  # image models in channels-last memory format (faster convolutions on GPUs)
@@ -156,7 +158,7 @@ class SampleConfig:
     atol: float = 1e-5  # adaptive solvers' absolute tolerance
     rtol: float = 1e-5  # adaptive solvers' relative tolerance
     batch_size: int = 256  # samples per process per batch (--bspp); does not change the samples (see README)
-    seed: int = 0  # the noise of sample k comes from (seed, k)
+    seed: int = 0  # in [0, 2^64): the noise of sample k comes from the key (seed, k) (seeds.py)
 
 
 @dataclass
@@ -342,6 +344,10 @@ RANGES = {
     "sample.diffusion_norm": (0, None, True, True),
     "latent.scale": (0, None, True, True), "latentcfm.dim": (0, None, False, True),
     "latentcfm.beta": (0, None, True, True),
+    # train.seed and data.seed also seed Python's, NumPy's and torch's global generators (model init, toy points),
+    # which keep 32 bits; sample k's noise is keyed by the whole sample.seed (seeds.py).
+    "train.seed": (0, 2**32 - 1, True, True), "data.seed": (0, 2**32 - 1, True, True),
+    "sample.seed": (0, 2**64 - 1, True, True),
 }
 
 
@@ -351,17 +357,26 @@ def _in_range(value: float, low, high, low_in: bool, high_in: bool) -> bool:
 
 
 def _interval(low, high, low_in: bool, high_in: bool) -> str:
+    def number(x) -> str:  # integers whole (seeds), others short
+        return str(x) if isinstance(x, int) else f"{x:g}"
+
     if high is None:
-        return f"{'≥' if low_in else '>'} {low:g}" if low else ("≥ 0" if low_in else "positive")
-    return f"in {'[' if low_in else '('}{low:g}, {high:g}{']' if high_in else ')'}"
+        return f"{'≥' if low_in else '>'} {number(low)}" if low else ("≥ 0" if low_in else "positive")
+    return f"in {'[' if low_in else '('}{number(low)}, {number(high)}{']' if high_in else ')'}"
+
+
+def check_range(key: str, value, flag: str | None = None) -> None:
+    """A value for config key `key` (given as `flag` on a command line, if so) within config.RANGES, or one clear
+    sentence."""
+    low, high, low_in, high_in = RANGES[key]
+    if value is not None and not (math.isfinite(value) and _in_range(value, low, high, low_in, high_in)):
+        raise UserError(f"{flag or f'config key {key}'} must be {_interval(low, high, low_in, high_in)}, got {value}")
 
 
 def _validate(cfg: Config) -> None:
-    for key, (low, high, low_in, high_in) in RANGES.items():
+    for key in RANGES:
         section, name = key.split(".")
-        value = getattr(getattr(cfg, section), name)
-        if value is not None and not (math.isfinite(value) and _in_range(value, low, high, low_in, high_in)):
-            raise UserError(f"config key {key} must be {_interval(low, high, low_in, high_in)}, got {value}")
+        check_range(key, getattr(getattr(cfg, section), name))
     t = cfg.train
     choices = {"train.lr_schedule": (t.lr_schedule, ("constant", "cosine")),
                "train.mixed_precision": (t.mixed_precision, ("no", "fp16", "bf16"))}

@@ -49,12 +49,13 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 
+import seeds
 from cluster import STOPPED, Stopped, StopRequest, progress, run_main
-from config import load_config
-from data import build_source, reference_data, reference_data_config, weights_info
+from config import check_range, load_config
+from data import build_source, reference_data, reference_data_config, reference_points, weights_info
 from data.images import to_uint8
 from errors import UserError, atomic_write, exit_on, on_main_process
-from flows import SDE_SOLVERS, check_sampling, sde_sampler, velocity_model
+from flows import PATHS, SDE_SOLVERS, check_sampling, sde_sampler, velocity_model
 from flows.latent import build_feature_encoder, build_space
 from flows.likelihood import log_likelihood
 from flows.schedules import parse_schedule
@@ -116,7 +117,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--bpd", action="store_true", help="also bits per dimension of --bpd-n dataset items")
     p.add_argument("--bpd-n", type=int, default=1000, help="data items for --bpd (default 1000)")
     p.add_argument("--bpd-tol", type=float, default=1e-5, help="dopri5 tolerance of --bpd (default 1e-5)")
-    p.add_argument("--seed", type=int, default=0, help="base seed S: sample k's noise comes from (S, k)")
+    p.add_argument("--seed", type=int, default=0, help="base seed S in [0, 2^64): sample k's noise comes from (S, k)")
     p.add_argument("--bspp", type=int, default=256, help="batch size per process (does not change fixed-grid samples)")
     p.add_argument("--atol", type=float, help="adaptive solvers' absolute tolerance (default: the config's)")
     p.add_argument("--rtol", type=float, help="adaptive solvers' relative tolerance (default: the config's)")
@@ -483,6 +484,7 @@ def evaluate(args: argparse.Namespace, stop: StopRequest | None = None) -> None:
     checkpoints = select_checkpoints(run, args.checkpoints)
     if args.n_samples < 2 or args.bspp <= 0 or args.bpd_n <= 0:
         raise UserError("--n-samples must be at least 2, and --bspp and --bpd-n positive")
+    check_range("sample.seed", args.seed, "--seed")
     cfg = load_config(checkpoints[-1][1] / "config.yaml")
     if cfg.flow.objective == "autoencoder":
         raise UserError(f"run {run} trained an autoencoder (flow.objective=autoencoder), not a flow; train a latent "
@@ -527,7 +529,8 @@ def evaluate(args: argparse.Namespace, stop: StopRequest | None = None) -> None:
                         "reference; use sample.py and compare the fields directly")
     cfg_scales = args.cfg_scale or [s.cfg_scale]
     for scale in cfg_scales:
-        check_guidance(scale, num_classes, float(meta.get("label_dropout", cfg.flow.label_dropout)))
+        check_guidance(scale, num_classes, float(meta.get("label_dropout", cfg.flow.label_dropout)),
+                       float(meta.get("meanflow_cfg", 1)))
     labels = class_labels(None, args.n_samples, num_classes, args.seed)
     source = None if cfg.data.source == "gaussian" else build_source(cfg, shape)
 
@@ -549,7 +552,7 @@ def evaluate(args: argparse.Namespace, stop: StopRequest | None = None) -> None:
     else:
         if args.n_samples > len(dataset):
             raise UserError(f"--n-samples {args.n_samples} exceeds the {len(dataset)} points of the dataset")
-        pick = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(args.seed))[: args.n_samples]
+        pick = reference_points(len(dataset), args.n_samples, args.seed)
         points = dataset[pick][0].double()
         reference_name = f"{reference_data_config(cfg).name} ({args.n_samples} dataset points)"
         mode, features_key = None, None
@@ -658,12 +661,13 @@ def evaluate_task(args, stop: StopRequest, run: Path, checkpoints, cfg, samplers
     task, method = choose_task(trained, args.task, args.method, args.mask, args.factor, cfg.data.factor, image_shape)
     baseline = method in ("mean", "bicubic")
     for sampler in samplers:
-        check_method(method, task, trained is not None, sampler.solver)
+        check_method(method, task, trained is not None, sampler.solver, cfg.flow.path)
     cfg_scales = [1.0] if baseline else args.cfg_scale or [cfg.sample.cfg_scale]
     for scale in cfg_scales:
         check_task_guidance(scale, method, float(meta.get("cond_dropout", 0)))
     shape = tuple(json.loads(meta.get("latent_shape", meta["data_shape"])))
     space = build_space(cfg, image_shape).to(accelerator.device)
+    flow_path = PATHS[cfg.flow.path](cfg)  # where replacement pastes the known pixels, and PnP-Flow interpolates
 
     # The cases: items 0..N-1 of the run's dataset, masks and noise from (seed, k).
     dataset = reference_data(cfg)
@@ -724,7 +728,7 @@ def evaluate_task(args, stop: StopRequest, run: Path, checkpoints, cfg, samplers
                 model = velocity_model(model.to(accelerator.device).eval(), model_cfg)
                 loaded = (step, w)
             start = time.perf_counter()
-            out = task_row(accelerator, model, task, cases, space, row, extractor, args, stop, cfg.flow.sigma_min)
+            out = task_row(accelerator, model, task, cases, space, row, extractor, args, stop, flow_path)
             metrics = image_metrics(out["features"].numpy(), reference, False, args.seed)
             metrics.update({k: out[k] for k in ("psnr", "ssim", "measurement_error", "raw_measurement_error")})
             row.update(nfe=out["nfe"], forward_passes=forward_passes(out["nfe"], scale), **metrics,
@@ -749,10 +753,9 @@ def evaluate_task(args, stop: StopRequest, run: Path, checkpoints, cfg, samplers
     accelerator.end_training()
 
 
-def task_row(accelerator, model, task, cases, space, row: dict, extractor, args, stop: StopRequest,
-             sigma_min: float = 0.0) -> dict:
-    """This process's share of the cases (indices rank, rank + W, ...) restored, enforced and scored; features,
-    PSNR, SSIM and measurement errors gathered over the processes."""
+def task_row(accelerator, model, task, cases, space, row: dict, extractor, args, stop: StopRequest, path) -> dict:
+    """This process's share of the cases (indices rank, rank + W, ...) restored (on the model's `path`), enforced
+    and scored; features, PSNR, SSIM and measurement errors gathered over the processes."""
     from torchmetrics.functional.image import structural_similarity_index_measure
 
     from flows.inverse import restore
@@ -767,9 +770,9 @@ def task_row(accelerator, model, task, cases, space, row: dict, extractor, args,
         if batch:
             m = cases.measurement(batch).to(accelerator.device)
             start = time.perf_counter()
-            x, calls = restore(model, task, m, space, row["method"], row["seed"], batch, row["steps"],
+            x, calls = restore(model, task, m, space, path, row["method"], row["seed"], batch, row["steps"],
                                row["solver"] or "euler", row["schedule"] or "linear", row["cfg_scale"],
-                               sigma_min, args.pnp_alpha, row["atol"] or 0.0, row["rtol"] or 0.0)
+                               args.pnp_alpha, row["atol"] or 0.0, row["rtol"] or 0.0)
             enforced = task.enforce(x, m)
             if accelerator.device.type == "cuda":
                 torch.cuda.synchronize()
@@ -862,7 +865,7 @@ def bits_per_dim(accelerator, model, dataset, kind: str, args, cfg, stop: StopRe
     with c drawn from q(c|x) (the encoder's features of x through the trained posterior layer):
     −log p(x) ≤ E_q[−log p(x|c)] + KL(q(c|x) ‖ N(0, I)), one c per item."""
     n = min(args.bpd_n, len(dataset))
-    pick = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(args.seed + 1))[:n]
+    pick = torch.randperm(len(dataset), generator=seeds.generator("likelihood items", args.seed))[:n]
     mine = pick[accelerator.process_index::accelerator.num_processes]
     total = torch.zeros(2, dtype=torch.float64, device=accelerator.device)
     dtype = next(model.parameters()).dtype
@@ -875,15 +878,17 @@ def bits_per_dim(accelerator, model, dataset, kind: str, args, cfg, stop: StopRe
             x, y = dataset[idx]
             x = x.to(accelerator.device, dtype)
             y = y.to(accelerator.device) if conditional and y is not None else None
-            seeds = [args.seed * 2**32 + int(i) for i in idx]  # item i's noise whatever the batch and processes
+            # Item i's noise whatever the batch and processes: dequantization and Hutchinson (stream 0), c (2).
+            keys = [("likelihood", args.seed, int(i)) for i in idx]
             cond, kl = {}, torch.zeros(len(idx), dtype=torch.float64, device=accelerator.device)
             if layer is not None:
-                eps = torch.stack([torch.randn(layer.cond_dim, generator=torch.Generator().manual_seed(s + 2**62))
-                                   for s in seeds]).to(accelerator.device)
+                eps = torch.stack([torch.randn(layer.cond_dim, generator=seeds.generator(*key, 2))
+                                   for key in keys]).to(accelerator.device)
                 c, kl = layer.sample(encoder(x), eps)
                 cond, kl = {"c": c}, kl.double()
             out = log_likelihood(lambda x, t, y=y, cond=cond: model(x, t, y, **cond), x, None, "dopri5",
-                                 atol=args.bpd_tol, rtol=args.bpd_tol, dequantize=kind == "image", seeds=seeds)
+                                 atol=args.bpd_tol, rtol=args.bpd_tol, dequantize=kind == "image",
+                                 generators=[seeds.generator(*key, 0) for key in keys])
             bpd = out.bpd.double() + kl / (x[0].numel() * math.log(2))
             total += torch.tensor([bpd.sum().item(), len(idx)], dtype=torch.float64, device=accelerator.device)
         if stop.now(accelerator):

@@ -25,6 +25,7 @@ import os
 import sys
 import time
 import zipfile
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -32,12 +33,12 @@ import torch
 from accelerate import Accelerator
 
 from cluster import STOPPED, Stopped, StopRequest, progress, run_main
-from config import load_config
+from config import check_range, load_config
 from data import build_source, reference_data, reference_data_config, weights_info
 from data.images import save_grid, to_uint8
 from data.tasks import cases_from_dataset, cases_from_folder, model_inputs, task_of_meta, task_picture
-from errors import UserError, atomic_write, exit_on
-from flows import check_sampling, sde_sampler, velocity_model
+from errors import UserError, atomic_write, exit_on, on_main_process
+from flows import PATHS, check_sampling, sde_sampler, velocity_model
 from flows.inverse import check_task_guidance
 from flows.latent import build_feature_encoder, build_space
 from flows.schedules import parse_schedule
@@ -92,7 +93,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="labels for class-conditional models, cycled over the samples, or 'random' (uniform "
                         "from (seed, k)); default: random")
     p.add_argument("--bspp", type=int, help="batch size per process (does not change the samples)")
-    p.add_argument("--seed", type=int, help="base seed S: sample k's noise comes from (S, k)")
+    p.add_argument("--seed", type=int, help="base seed S in [0, 2^64): sample k's noise comes from (S, k)")
     p.add_argument("--atol", type=float, help="adaptive solvers' absolute tolerance")
     p.add_argument("--rtol", type=float, help="adaptive solvers' relative tolerance")
     p.add_argument("--raw", action="store_true", help="use the raw weights (model.safetensors), not the EMA")
@@ -149,6 +150,7 @@ def resolve(args: argparse.Namespace):
             setattr(s, "batch_size" if key == "bspp" else key, value)
     if args.cfg_interval is not None:
         s.cfg_interval = parse_interval(args.cfg_interval)
+    check_range("sample.seed", s.seed, "--seed")
     if s.steps is None and s.solver not in ADAPTIVE:
         s.steps = 100
     check_solver(s.solver, s.steps)
@@ -230,13 +232,22 @@ def write_pairs(args, cfg, accelerator, model, weights: Path, meta: dict, shape:
     pairs.SHARD written whole by the processes in turn; pairs.json, written last, says what made them."""
     from safetensors.torch import save_file
 
-    from data.pairs import SHARD, shard_count, shard_path
+    from data.pairs import SHARD, STARTED, check_settings, file_sha256, shard_count, shard_path
 
     s, n, folder = cfg.sample, args.n_samples, Path(args.save_dir)
     if cfg.latent.autoencoder or "feature_dim" in meta:
         raise UserError("--pairs makes pixel-space pairs of an unconditioned flow; this model is a latent or a "
                         "Latent-CFM flow")
     steps = s.steps if s.solver not in ADAPTIVE else None
+    # What makes the pairs: one teacher and one sampler per folder, recorded before the first shard.
+    settings = {"n": n, "shape": list(shape), "teacher_sha256": file_sha256(weights), "solver": s.solver,
+                "steps": steps, "schedule": s.schedule if steps else None, "atol": None if steps else s.atol,
+                "rtol": None if steps else s.rtol, "cfg_scale": s.cfg_scale, "cfg_interval": list(s.cfg_interval),
+                "seed": s.seed, "class_labels": args.class_labels or "random",
+                "sde": [s.diffusion, s.diffusion_norm, s.last_step] if s.solver in SDE_SOLVERS else None}
+    started = on_main_process(accelerator, partial(check_settings, folder, settings))
+    if accelerator.is_main_process and not started:
+        atomic_write(folder / STARTED, lambda tmp: tmp.write_text(json.dumps(settings, indent=1)))
     missing = [k for k in range(shard_count(n)) if not shard_path(folder, k).exists()]
     accelerator.wait_for_everyone()
     mine = missing[accelerator.process_index::accelerator.num_processes]
@@ -278,13 +289,11 @@ def write_pairs(args, cfg, accelerator, model, weights: Path, meta: dict, shape:
     if accelerator.is_main_process:
         # The data the pairs stand for: the teacher's, or its own teacher's for k-rectified chains.
         teacher_data = dataclasses.asdict(reference_data_config(cfg))
-        manifest = {"n": n, "shard_size": SHARD, "shape": list(shape), "num_classes": int(meta["num_classes"]),
-                    "kind": meta["kind"], "teacher": str(weights), "solver": s.solver, "steps": steps,
-                    "schedule": s.schedule if steps else None, "atol": None if steps else s.atol,
-                    "rtol": None if steps else s.rtol, "cfg_scale": s.cfg_scale, "seed": s.seed,
-                    "nfe": fixed_grid_nfe(s.solver, steps) if steps else None, "teacher_data": teacher_data,
-                    "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+        manifest = {**settings, "shard_size": SHARD, "num_classes": int(meta["num_classes"]), "kind": meta["kind"],
+                    "teacher": str(weights.resolve()), "nfe": fixed_grid_nfe(s.solver, steps) if steps else None,
+                    "teacher_data": teacher_data, "date": time.strftime("%Y-%m-%d %H:%M:%S")}
         atomic_write(folder / "pairs.json", lambda tmp: tmp.write_text(json.dumps(manifest, indent=1)))
+        (folder / STARTED).unlink(missing_ok=True)  # pairs.json says it all now
         print(f"done: {n} pairs in {folder} ({what})")
 
 
@@ -347,7 +356,7 @@ def resolve_task(args, cfg, meta: dict):
         raise UserError("give either --masks DIR (your masks) or --mask KIND (drawn ones), not both")
     task, method = choose_task(trained, args.task, args.method, args.mask, args.factor, cfg.data.factor,
                                tuple(json.loads(meta["data_shape"])))
-    check_method(method, task, trained is not None, cfg.sample.solver)
+    check_method(method, task, trained is not None, cfg.sample.solver, cfg.flow.path)
     return task, method
 
 
@@ -370,8 +379,8 @@ def sample_task(args, cfg, accelerator, model, weights: Path, meta: dict, task, 
 
     def make(batch: list[int]) -> tuple[torch.Tensor, float]:
         m = cases.measurement(batch).to(accelerator.device)
-        x, nfe = restore(model, task, m, space, method, s.seed, batch, steps, s.solver, s.schedule, s.cfg_scale,
-                         cfg.flow.sigma_min, args.pnp_alpha, s.atol, s.rtol)
+        x, nfe = restore(model, task, m, space, PATHS[cfg.flow.path](cfg), method, s.seed, batch, steps, s.solver,
+                         s.schedule, s.cfg_scale, args.pnp_alpha, s.atol, s.rtol)
         x = task.enforce(x, m)
         if task.name != "semantic":
             largest.clamp_(min=task.consistency(to_uint8(x).float() / 127.5 - 1, m).max().item())
@@ -422,7 +431,8 @@ def sample(args: argparse.Namespace) -> None:
     labels = class_labels(args.class_labels, n, num_classes, s.seed)
     task, method = resolve_task(args, cfg, meta)
     if task is None:
-        check_guidance(s.cfg_scale, num_classes, float(meta.get("label_dropout", cfg.flow.label_dropout)))
+        check_guidance(s.cfg_scale, num_classes, float(meta.get("label_dropout", cfg.flow.label_dropout)),
+                       float(meta.get("meanflow_cfg", 1)))
     else:
         check_task_guidance(s.cfg_scale, method, float(meta.get("cond_dropout", 0)))  # over the spatial condition
 

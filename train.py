@@ -29,9 +29,18 @@ from accelerate.utils import DistributedType, set_seed
 from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
+import seeds
 from cluster import STOPPED, RunLock, Stopped, StopRequest, progress, run_main
 from config import Config, config_changes, load_config, save_config, to_dict, to_yaml
-from data import build_dataset, build_loader, build_source, close_loader, data_info, reference_data
+from data import (
+    build_dataset,
+    build_loader,
+    build_source,
+    close_loader,
+    data_info,
+    reference_data,
+    reference_points,
+)
 from data.images import random_hflip, save_grid, to_uint8
 from data.latents import encode_dataset
 from data.tasks import cases_from_dataset, model_inputs, task_info, task_of_config, task_picture, training_measurement
@@ -158,7 +167,7 @@ def sample_quality(ema_model, dataset, cfg: Config, device: torch.device, num_cl
     """train.eval_n samples of the EMA model (Euler, MeanFlow models' jumps, train.preview_steps steps) drawn as
     evaluate.py draws them with --seed 0 (sample k's noise, label and condition from (0, k)): FID against
     train.eval_ref (default: the dataset, its statistics computed once) for images, W2 to as many dataset points
-    (picked with seed 0) for 2-D data. `evaluate.py -e RUN --samplers euler:STEPS --n-samples N` (meanflow:STEPS)
+    (data.reference_points, seed 0) for 2-D data. `evaluate.py -e RUN --samplers euler:STEPS --n-samples N` (meanflow:STEPS)
     reports the same number for that checkpoint.
     `cache` keeps the feature network and the reference between calls."""
     from metrics import build_features, frechet_distance, w2
@@ -175,8 +184,7 @@ def sample_quality(ema_model, dataset, cfg: Config, device: torch.device, num_cl
                                cond=condition(ema_model, 0, batch)).x)
     x = space.decode(torch.cat(chunks))
     if len(dataset.shape) == 1:
-        pick = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0))[:n]
-        return {"w2": w2(x.cpu(), dataset.x[pick])}
+        return {"w2": w2(x.cpu(), dataset.x[reference_points(len(dataset), n, 0)])}
     if "reference" not in cache:
         cache["features"] = build_features(t.eval_features, device=device)
         cache["reference"] = load_reference(t.eval_ref or None, cache["features"], tuple(dataset.shape[-2:]),
@@ -219,21 +227,23 @@ def save_task_preview(path: Path, ema_model, dataset, cfg: Config, device: torch
 
 
 def check_config_change(run_dir: Path, cfg: Config, accept: bool) -> list[str]:
-    """The run folder's config.yaml against this start's config: changes to RESUMABLE keys are fine; others are
-    refused in one line naming each (old → new) unless `accept`. Returns the log lines that say what changed."""
-    if not (run_dir / "config.yaml").is_file():
+    """This start's config against the one the folder was trained with, the newest checkpoint's (or, before any
+    checkpoint, the folder's config.yaml): changes to RESUMABLE keys are fine; others are refused in one line naming
+    each (old → new) unless `accept`. Returns the log lines that say what changed."""
+    checkpoints = list_checkpoints(run_dir)
+    saved = checkpoints[-1][1] / "config.yaml" if checkpoints else run_dir / "config.yaml"
+    if not saved.is_file():
         return []
     try:
-        old = load_config(run_dir / "config.yaml")
+        old = load_config(saved)
     except UserError as e:
-        raise UserError(f"{run_dir / 'config.yaml'} cannot be read ({e}); move it away, or choose another folder "
-                        "with -e") from None
+        raise UserError(f"{saved} cannot be read ({e}); move it away, or choose another folder with -e") from None
     allowed, forbidden = config_changes(old, cfg)
 
     def shown(changes: list) -> str:
         return ", ".join(f"{key} {before!r} → {after!r}" for key, before, after in changes)
 
-    if forbidden and not list_checkpoints(run_dir):  # nothing was trained with the old config
+    if forbidden and not checkpoints:  # nothing was trained with the old config
         return [f"config: the earlier start of this folder differed ({shown(forbidden)}) but wrote no checkpoint; "
                 "starting afresh with this one"] + ([f"config: changed {shown(allowed)}"] if allowed else [])
     if forbidden and not accept:
@@ -281,11 +291,9 @@ def run(cfg: Config, run_dir: Path, accelerator, trackers: list[str], stop: Stop
                         f"= {world} × {t.grad_accum}")
     micro_batch = t.batch_size // t.grad_accum  # global, over processes
     log = RunLog(run_dir, accelerator.is_main_process)
-    # The main process reads the folder's config.yaml (if any) before it writes the new one.
+    # The main process compares this config with the one the folder was trained with; the folder's config.yaml is
+    # written once the run has started (a start that fails, weights that do not fit, leaves it as it was).
     changes = on_main_process(accelerator, partial(check_config_change, run_dir, cfg, accept_changes)) or []
-    if accelerator.is_main_process:
-        with full_disk(run_dir / "config.yaml"):
-            save_config(cfg, run_dir / "config.yaml")
     log(f"config:\n{to_yaml(cfg)}")
     for line in changes:
         log(line)
@@ -424,6 +432,9 @@ def run(cfg: Config, run_dir: Path, accelerator, trackers: list[str], stop: Stop
         step, path = checkpoints[-1]
         load_checkpoint(accelerator, path, ema)
         log(f"resumed from {path} at step {step}")
+    if accelerator.is_main_process:
+        with full_disk(run_dir / "config.yaml"):
+            save_config(cfg, run_dir / "config.yaml")
     if step >= t.steps:
         log(f"nothing to do: step {step} ≥ train.steps {t.steps}")
         accelerator.end_training()
@@ -602,7 +613,7 @@ def micro_steps(loader, objective, shard: BatchShard, seed: int, first: int, dev
         extras = extras[0] if extras else {}
         x1, y = x1.to(device, non_blocking=True), None if y is None or not labels else y.to(device, non_blocking=True)
         x0 = extras["x0"].to(device, non_blocking=True) if "x0" in extras else None
-        generator = torch.Generator(device).manual_seed(seed * 2**32 + k)
+        generator = seeds.generator("train", seed, k, device=device)
         if hflip:  # drawn for the global batch, like every draw, so that it does not depend on the processes
             flip = shard.local(torch.rand(x1.shape[0] * shard.world, generator=generator, device=device) < 0.5)
             x1 = random_hflip(x1, flip)

@@ -41,8 +41,9 @@ class _Accelerator:
 def step_time(name: str, objective_name: str, args, device: torch.device) -> float:
     """Best seconds per training step over --steps steps after --warmup, for one objective."""
     shape = (3, 32, 32) if name.startswith("unet") else (4, 32, 32)
-    cfg = load_config(None, [f"model.name={name}", f"flow.objective={objective_name}", "flow.meanflow_ratio=0.75",
-                             *(["model.time_scale=1"] if objective_name == "meanflow" else [])])
+    cfg = load_config(None, [f"model.name={name}", f"flow.objective={objective_name}",
+                             *(["model.time_scale=1", "flow.meanflow_ratio=0.75"] if objective_name == "meanflow"
+                               else [])])
     torch.manual_seed(0)
     model = build_model(cfg, shape).to(device)
     ema = EMA(model, 0.9999)

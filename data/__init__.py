@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Sampler
 
+import seeds
 from config import Config
 from data.images import IMAGE_DATASETS
 from data.pairs import PairsDataset, read_manifest
@@ -101,6 +102,12 @@ def reference_data_config(cfg: Config):
     return dataclasses.replace(cfg.data, **read_manifest(cfg.data.path)["teacher_data"])
 
 
+def reference_points(n_items: int, n: int, seed: int) -> torch.Tensor:
+    """Indices of the dataset points that samples of base seed `seed` are compared with (W2, MMD): the first n of a
+    permutation of range(n_items) keyed by ('reference', seed), for evaluate.py and the in-training check alike."""
+    return torch.randperm(n_items, generator=seeds.generator("reference", seed))[:n]
+
+
 def reference_data(cfg: Config):
     """The dataset of reference_data_config: the run's own data, or its reflow pairs' teacher's."""
     if cfg.data.name != "pairs":
@@ -171,7 +178,7 @@ class ShardedBatchSampler(Sampler):
     def _permutation(self, epoch: int) -> torch.Tensor:
         if epoch != self._epoch:
             self._epoch = epoch
-            self._perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 1_000_003 + epoch))
+            self._perm = torch.randperm(self.n, generator=seeds.generator("order", self.seed, epoch))
         return self._perm
 
     def batch(self, k: int) -> torch.Tensor:

@@ -6,10 +6,15 @@ shards pairs_00000.safetensors, ... of SHARD items each (x0, x1 and, for class-c
 labels y), item k from the teacher's noise of seed (S, k); each shard is written whole, so an
 interrupted run continues, and pairs.json (written last) says what made them. The pairs do not depend
 on the batch size or the number of processes that made them.
+
+A folder is made by one teacher (its weights' SHA-256) with one sampler (solver, steps, schedule, tolerances,
+guidance, seed, labels, SDE settings): pairs.started.json records them before the first shard is written, and a
+command that would continue or redo the folder with anything else is refused, naming the difference.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -18,6 +23,7 @@ import torch
 from errors import UserError
 
 SHARD = 1024  # items per shard
+STARTED = "pairs.started.json"  # the settings of a folder under way, written before its first shard
 
 
 def shard_path(folder: Path, k: int) -> Path:
@@ -26,6 +32,39 @@ def shard_path(folder: Path, k: int) -> Path:
 
 def shard_count(n: int) -> int:
     return -(-n // SHARD)
+
+
+def file_sha256(path: Path) -> str:
+    """The SHA-256 of a file (a teacher's weights), read in blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def check_settings(folder: Path, settings: dict) -> bool:
+    """Whether `folder` may be made or continued with `settings` (what makes the pairs: teacher, sampler, seed, ...):
+    True if the folder records the same (it is under way or complete), False if it holds no pairs yet; otherwise
+    one clear sentence naming each difference."""
+    recorded = None
+    for name in ("pairs.json", STARTED):
+        if (folder / name).is_file():
+            recorded = json.loads((folder / name).read_text())
+            break
+    if recorded is None:
+        made = len(list(folder.glob("pairs_*.safetensors")))
+        if made:
+            raise UserError(f"pairs folder {folder} holds {made} shards but no record of what made them (an older "
+                            "version cut off); remove them or choose another --save-dir")
+        return False
+    differ = [key for key in settings if recorded.get(key, "not recorded") != settings[key]]
+    if differ:
+        was = ", ".join(f"{key} {recorded.get(key, 'not recorded')!r}" for key in differ)
+        now = ", ".join(f"{key} {settings[key]!r}" for key in differ)
+        raise UserError(f"pairs folder {folder} was made with {was}; this command asks for {now}: give the same "
+                        "settings to continue it, or choose another --save-dir")
+    return True
 
 
 def read_manifest(folder: str | Path) -> dict:

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
+import seeds
 from data.images import IMAGE_SUFFIXES, ImageFolderDataset
 from errors import UserError
 
@@ -83,8 +84,8 @@ def draw_mask(kind: str, h: int, w: int, rng: np.random.Generator) -> torch.Tens
 
 
 def sample_masks(kind: str, h: int, w: int, seed: int, indices: list[int]) -> torch.Tensor:
-    """The masks of cases `indices` (N, 1, h, w): case k's from a generator seeded by (seed, k) alone."""
-    return torch.stack([draw_mask(kind, h, w, np.random.default_rng([seed, k])) for k in indices])
+    """The masks of cases `indices` (N, 1, h, w): case k's from a generator keyed by (seed, k) alone."""
+    return torch.stack([draw_mask(kind, h, w, seeds.numpy_generator("mask", seed, k)) for k in indices])
 
 
 def read_mask_folder(folder: str | Path, size: tuple[int, int]) -> torch.Tensor:
@@ -343,7 +344,8 @@ def training_measurement(task, x1: torch.Tensor, extras: dict, seed: int, step: 
     if task.name == "inpaint":
         positions = shard.local(torch.arange(x1.shape[0] * shard.world)).tolist()
         h, w = x1.shape[-2:]
-        masks = torch.stack([draw_mask(task.mask, h, w, np.random.default_rng([seed, step, i])) for i in positions])
+        masks = torch.stack([draw_mask(task.mask, h, w, seeds.numpy_generator("train mask", seed, step, i))
+                             for i in positions])
         return task.measure(x1, masks.to(x1.device, x1.dtype))
     if task.name == "superres":
         return task.measure(x1)

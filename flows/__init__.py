@@ -92,7 +92,8 @@ def build_objective(cfg: Config, source: Callable, num_classes: int = 0, latent_
                   num_classes=num_classes, huber_c=f.huber_c if f.loss == "pseudo_huber" else None)
     if f.objective == "meanflow":
         return MeanFlowObjective(**common, ratio=f.meanflow_ratio, power=f.meanflow_p, eps=f.meanflow_eps,
-                                 cfg_scale=f.meanflow_cfg, tangent=f.meanflow_tangent)
+                                 cfg_scale=f.meanflow_cfg, tangent=f.meanflow_tangent,
+                                 times=f.meanflow_times)
     return FlowMatchingObjective(**common, features=features, cond_dim=cfg.latentcfm.dim if features is not None else 0,
                                  beta=cfg.latentcfm.beta, cond_dropout=f.cond_dropout,
                                  null_condition=None if task is None else task.null,
@@ -141,9 +142,30 @@ def check_sampling(cfg: Config, solvers: list[str] | None = None) -> None:
                         f"Gaussian source; {why}: sample this model with an ODE solver (euler, heun, dopri5, ...)")
 
 
+# Settings read by one choice of another key only: set with another choice, they would be accepted and ignored.
+# (flow.sigma and flow.sigma_min, label and condition dropout are checked with their own reasons.)
+READ_ONLY_WITH = {
+    "kl_weight": ("objective", ("autoencoder",)), "vp_beta_min": ("path", ("vp",)), "vp_beta_max": ("path", ("vp",)),
+    "poly_n": ("path", ("polynomial",)), "ot_reg": ("coupling", ("entropic", "unbalanced")),
+    "ot_mass_reg": ("coupling", ("unbalanced",)), "ot_mass": ("coupling", ("partial",)),
+    "time_mean": ("time_density", ("logit_normal",)), "time_std": ("time_density", ("logit_normal",)),
+    "mode_scale": ("time_density", ("mode",)), "grid_steps": ("time_density", ("grid",)),
+    "huber_c": ("loss", ("pseudo_huber",)),
+    **{key: ("objective", ("meanflow",)) for key in ("meanflow_ratio", "meanflow_p", "meanflow_eps", "meanflow_cfg",
+                                                     "meanflow_tangent", "meanflow_times")},
+}
+
+
 def check_config(cfg: Config) -> None:
-    """The flow section's names, and the combinations that cannot train, each refused with the reason."""
+    """The flow section's names, and the combinations that cannot train or would ignore a setting, each refused with
+    the reason."""
     f = cfg.flow
+    default = type(f)()
+    for key, (owner, choices) in READ_ONLY_WITH.items():
+        if getattr(f, key) != getattr(default, key) and getattr(f, owner) not in choices:
+            raise UserError(f"flow.{key}={getattr(f, key)} is read only with flow.{owner}={' or '.join(choices)}, and "
+                            f"this config has flow.{owner}={getattr(f, owner)}: remove flow.{key} or change "
+                            f"flow.{owner}")
     check_name(("cfm", "meanflow", "autoencoder"), f.objective, "flow.objective")
     check_name(("l2", "pseudo_huber"), f.loss, "flow.loss")
     check_name(PATHS, f.path, "flow.path")
@@ -182,9 +204,15 @@ def check_config(cfg: Config) -> None:
     if f.coupling == "class_ot" and not cfg.model.class_cond:
         raise UserError("flow.coupling=class_ot pairs noise and data within a class, for class-conditional models; "
                         "set model.class_cond=true or use flow.coupling=ot")
+    check_name(("conditional", "model"), f.meanflow_tangent, "flow.meanflow_tangent")
+    check_name(("ordered", "single"), f.meanflow_times, "flow.meanflow_times")
     if f.objective == "meanflow" and (bridge or f.prediction != "velocity" or f.loss_weight != "none"):
         raise UserError("flow.objective=meanflow trains the average velocity on an affine path: use "
                         "flow.prediction=velocity, flow.loss_weight=none and a path without bridge noise")
+    if f.objective == "meanflow" and f.loss != "l2":
+        raise UserError(f"flow.loss={f.loss} does not apply to flow.objective=meanflow, whose loss is the squared "
+                        "error under its adaptive weight (at flow.meanflow_p=0.5 its gradient is the pseudo-Huber "
+                        "loss's); use flow.loss=l2 and set flow.meanflow_p")
     check_sampling(cfg)
 
 

@@ -7,14 +7,18 @@ sample:
     model     the conditional velocity v(x, t | c) of a model trained with data.task, any solver; guidance with
               --cfg-scale over the condition (its null: nothing known), as over labels
     replace   inpainting by replacement (RePaint, Lugmayr et al. 2022, without its resampling): after each solver step
-              to t, the known region is set to where the path puts the known data, α_t·y + σ_t·x0 with the sample's
-              own noise x0, so the model fills the holes around it; any fixed-grid solver
-    pnp       PnP-Flow (Martin et al. 2025, Algorithm 1), for any linear measurement A (inpainting, super-resolution):
-              at t_n = n/N, n = 0..N−1, a gradient step on the data fidelity z = x − γ_n ∇½‖W(A x − y)‖², with
-              γ_n = (1 − t_n)^α; the interpolation z̃ = t_n·z + (1 − t_n)·ε with fresh noise ε; the flow's estimate
-              of the data x = z̃ + (1 − t_n)·v(z̃, t_n). One evaluation per step; ε of sample k comes from its own
-              generator (seed, k), so samples do not depend on the batch. W = (A·Aᵀ)^(−1/2) (1 for a mask, f for f×f
-              block means) makes the step at γ = 1 a projection onto A x = y, so α alone sets the schedule.
+              to t, the known region is set to where the model's path puts the known data, x_t = α_t·y + σ_t·x0
+              with the sample's own noise x0 (plus g_t·ε on a bridge path, ε drawn once per sample), so the model
+              fills the holes around it; any fixed-grid solver
+    pnp       PnP-Flow (Martin et al. 2025, Algorithm 1, written there for the straight path), for any linear
+              measurement A (inpainting, super-resolution): at t_n = n/N, n = 0..N−1, a gradient step on the data
+              fidelity z = x − γ_n ∇½‖W(A x − y)‖², with γ_n = (1 − t_n)^α; the path's point at t_n between fresh
+              noise ε and z, z̃ = α_t·z + σ_t·ε; the flow's estimate of the data x = E[x1 | z̃] =
+              (σ_t·v − σ̇_t·z̃)/D_t (flows/paths.py; on rectified flow z̃ + (1 − t_n)·v(z̃, t_n), the paper's). One
+              evaluation per step; ε of sample k comes from its own generator (seed, k), so samples do not depend on
+              the batch. W = (A·Aᵀ)^(−1/2) (1 for a mask, f for f×f block means) makes the step at γ = 1 a
+              projection onto A x = y, so α alone sets the schedule. A bridge path's velocity does not give E[x1 | z̃]
+              (its noise g_t·ε is not recoverable from it), so PnP-Flow is refused there.
     mean, bicubic   baselines without a model: the holes filled with the image's mean, bicubic upsampling.
 
 In latent space (latent.autoencoder) the flow's state is z and the measurement is taken of the decoded image D(z):
@@ -30,13 +34,14 @@ import torch.nn.functional as F
 
 from data.tasks import Measurement, build_task
 from errors import UserError
+from flows.paths import T_EPS, AffinePath, data_from_velocity
 from flows.solvers import ADAPTIVE, _Counted, generate, guided, noise, per_sample_normal, sample_generators
 
 METHODS = ("model", "replace", "pnp", "mean", "bicubic")
 
 
-def check_method(method: str, task, conditional: bool, solver: str) -> None:
-    """A method that fits the task and the model, or one clear sentence."""
+def check_method(method: str, task, conditional: bool, solver: str, path_name: str = "linear") -> None:
+    """A method that fits the task and the model (trained on flow.path=`path_name`), or one clear sentence."""
     if method not in METHODS:
         raise UserError(f"unknown method '{method}' (valid: {', '.join(METHODS)})")
     if method == "model" and not conditional:
@@ -57,6 +62,10 @@ def check_method(method: str, task, conditional: bool, solver: str) -> None:
                         f"not {solver}")
     if method == "replace" and solver in ADAPTIVE:
         raise UserError(f"--method replace needs a fixed-grid solver (euler, midpoint, heun, rk4), not {solver}")
+    if method == "pnp" and path_name in ("icfm", "sb"):
+        raise UserError(f"--method pnp needs the denoised estimate E[x1 | x_t], which the velocity of flow.path="
+                        f"{path_name} does not give (its bridge noise is not recoverable from it); use --method "
+                        "replace (inpainting)")
 
 
 def choose_task(trained, name: str | None, method: str | None, mask: str | None, factor: int | None,
@@ -93,11 +102,13 @@ def check_task_guidance(cfg_scale: float, method: str, cond_dropout: float) -> N
                         "(trained with flow.cond_dropout=0); leave --cfg-scale 1 or train with flow.cond_dropout=0.1")
 
 
-def restore(model, task, m: Measurement, space, method: str, seed: int, indices: list[int], steps: int | None = 100,
-            solver: str = "euler", schedule: str = "linear", cfg_scale: float = 1.0, sigma_min: float = 0.0,
+def restore(model, task, m: Measurement, space, path: AffinePath, method: str, seed: int, indices: list[int],
+            steps: int | None = 100, solver: str = "euler", schedule: str = "linear", cfg_scale: float = 1.0,
             pnp_alpha: float = 0.01, atol: float = 1e-5, rtol: float = 1e-5) -> tuple[torch.Tensor, float]:
     """Images (N, C, H, W) in [-1, 1] for the measurement `m` of cases `indices` (sample k's noise from (seed, k)),
-    before the measurement is enforced, and the velocity evaluations per sample."""
+    before the measurement is enforced, and the velocity evaluations per sample. `path`: the one the model was
+    trained on (flows.PATHS[cfg.flow.path](cfg)), where replacement puts the known pixels and PnP-Flow
+    interpolates."""
     if method == "mean" or method == "bicubic":
         return task.baseline(m), 0.0
     device = m.y.device
@@ -111,19 +122,24 @@ def restore(model, task, m: Measurement, space, method: str, seed: int, indices:
     if method == "replace":
         known = space.encode(m.y)
         hole = F.adaptive_max_pool2d(m.mask, known.shape[-2:]) if known.shape[-2:] != m.mask.shape[-2:] else m.mask
+        eps = per_sample_normal(sample_generators(seed, indices, 3), x0.shape[1:]).to(device) if path.bridge else None
 
         def replace(x: torch.Tensor, t: float) -> torch.Tensor:
-            on_path = t * known + (1 - (1 - sigma_min) * t) * x0  # α_t·y + σ_t·x0 of the linear path
+            on_path = path.sample(x0, known, torch.full((len(x),), t, device=device), eps).x_t.to(x.dtype)
             return hole * x + (1 - hole) * on_path
 
         out = generate(model, x0, steps, solver, schedule=schedule, after_step=replace)
         return space.decode(out.x).float(), out.nfe
-    return pnp_flow(model, task, m, space, x0, steps, seed, indices, pnp_alpha)
+    return pnp_flow(model, task, m, space, path, x0, steps, seed, indices, pnp_alpha)
 
 
-def pnp_flow(model, task, m: Measurement, space, x0: torch.Tensor, steps: int, seed: int, indices: list[int],
-             alpha: float = 0.01) -> tuple[torch.Tensor, float]:
-    """PnP-Flow (see the module docstring) over N = steps uniform times; returns the decoded images and NFE."""
+def pnp_flow(model, task, m: Measurement, space, path: AffinePath, x0: torch.Tensor, steps: int, seed: int,
+             indices: list[int], alpha: float = 0.01) -> tuple[torch.Tensor, float]:
+    """PnP-Flow (see the module docstring) on the model's affine `path` over N = steps uniform times; returns the
+    decoded images and NFE."""
+    if path.bridge:
+        raise UserError("PnP-Flow needs the denoised estimate E[x1 | x_t], which a bridge path's velocity does not "
+                        "give; use --method replace")
     v = _Counted(guided(model, None))
     generators = sample_generators(seed, indices, 3)
     x = x0.float()
@@ -135,7 +151,12 @@ def pnp_flow(model, task, m: Measurement, space, x0: torch.Tensor, steps: int, s
             (grad,) = torch.autograd.grad(0.5 * residual.square().sum(), z)
         z = x - (1 - t) ** alpha * grad
         eps = per_sample_normal(generators, x.shape[1:]).to(x.device, x.dtype)
-        z = t * z + (1 - t) * eps
+        # Where D_t vanishes (a polynomial path at t = 0: its velocity is 0 there whatever the data), E[x1 | z] cannot
+        # be read from the velocity: that step is taken at T_EPS.
+        if float(path.determinant(torch.tensor([t], dtype=torch.float64))) <= 0:
+            t = T_EPS
+        times = torch.full((len(x),), t, dtype=x.dtype, device=x.device)
+        z = path.sample(eps, z, times).x_t  # α_t·z + σ_t·ε
         with torch.no_grad():
-            x = z + (1 - t) * v(z, t)
+            x = data_from_velocity(path, v(z, t), z, times)  # E[x1 | z]
     return space.decode(x).float(), float(v.calls)

@@ -62,19 +62,19 @@ def divergence(v: torch.Tensor, x: torch.Tensor, epsilon: torch.Tensor | None) -
 def log_likelihood(velocity: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x1: torch.Tensor,
                    steps: int | None = 100, solver: str = "euler", schedule: str = "linear", atol: float = 1e-5,
                    rtol: float = 1e-5, dequantize: bool = False, hutchinson: bool | None = None,
-                   generator: torch.Generator | None = None, seeds: list[int] | None = None) -> LikelihoodResult:
+                   generator: torch.Generator | None = None,
+                   generators: list[torch.Generator] | None = None) -> LikelihoodResult:
     """log p₁ and bits/dim of data x1 (N, ...) in the model's range under the flow dx/dt = velocity(x, t).
 
     dequantize: x1 holds 8-bit images in [-1, 1] (u · 2/255 − 1); uniform noise over each pixel's bin (width
     2/255, centred on u · 2/255 − 1) is added and the bound's − D log(2/255) applied. hutchinson: None chooses
     exact divergence up to EXACT_DIVERGENCE_MAX_DIM dimensions. generator: the dequantization and Hutchinson
-    noise; or `seeds`, one per item, for noise that does not depend on how the items are batched."""
+    noise; or `generators`, one per item, for noise that does not depend on how the items are batched."""
     from flows.schedules import time_grid
 
     check_solver(solver, steps)
     shape, d = x1.shape[1:], x1[0].numel()
     x = x1.double() if x1.dtype == torch.float64 else x1.float()
-    generators = [torch.Generator().manual_seed(seed) for seed in seeds] if seeds is not None else None
 
     def draw(sample: Callable[..., torch.Tensor]) -> torch.Tensor:
         """Noise of x's shape on the CPU: from `generator`, or each item's from its own."""

@@ -19,22 +19,38 @@ Jacobian-vector product of the network itself, tangent (v_t, 1, 0) in (z, t, s),
     u_tgt = v_t + (s − t)·sg(JVP),   loss = sg(w)·‖u_θ(z_t, t, s) − u_tgt‖²,   w = 1 / (‖·‖² + c)^p
 
 with ‖·‖² the squared L2 norm of the sample (summed over its elements, as the official code does; p = 0
-is the plain regression, which diverges as the target follows the network). A fraction `ratio` of the samples has
-s ≠ t, drawn as the larger of two times from the time density; the others have s = t, where the
-target is plain flow matching's. With guidance baked in (the paper's ω, class-conditional models
-trained with label dropout), v_t is replaced by ṽ_t = ω·v_t + (1 − ω)·u_θ(z_t, t, t | ∅) for labelled
-samples, so that one jump samples the guided model.
+is the plain regression, which diverges as the target follows the network). A coupling's per-sample weight
+(unbalanced and partial OT) multiplies this loss: the adaptive weight evens out the samples' error scales, the
+coupling's says how much each sample counts (0: not at all). The pseudo-Huber loss is not offered beside the
+adaptive weight, which already is MeanFlow's robust loss (at p = 0.5 its gradient is the pseudo-Huber loss's,
+2Δ/√(‖Δ‖² + c), as the paper notes).
+
+Times: t and s are two draws from the time density; a fraction `ratio` of the samples has s ≠ t, the others s = t,
+where the target is plain flow matching's. times='ordered' is the paper's sampler (the official JAX code's
+sample_tr; py-meanflow's tr_sampler v0, "used in paper"): the two draws are ordered first, t the earlier (noisier)
+and s the later, then s = t for the others, whose t is therefore the earlier of two draws. times='single' is
+py-meanflow's v1: the s = t samples keep a single draw as t (with the ImageNet recipe's logit-normal(0.4, 1), their
+mean t is 0.58 against 0.465). Which samples have s ≠ t is drawn per sample with probability `ratio`, as
+py-meanflow does (the JAX code takes an exact fraction of each batch).
+
+With guidance baked in (the paper's ω, class-conditional models trained with label dropout), v_t is replaced by
+ṽ_t = ω·v_t + (1 − ω)·u_θ(z_t, t, t | ∅) for labelled samples, so that one jump samples the guided model (the
+paper's κ = 0 form; its κ > 0 mixing term is not implemented). The unconditional u of that target, and the
+network's own velocity that tangent='model' follows, are evaluated in eval mode (dropout off), as the official
+code evaluates guidance with train=False; the JVP and the prediction run in the training mode.
 
 The JVP is computed on the unwrapped network without gradient (a DDP wrapper's hooks that all-reduce
 the gradients do not run under torch.func.jvp, so the gradient flows through a plain forward call of
-the wrapped model), in float32 with autocast off, and with the math attention kernel (flash and
-memory-efficient attention have no forward-mode derivative). A MeanFlow step therefore costs a JVP
+the wrapped model), in float32 with autocast off (weights kept in bf16 or fp16, as DeepSpeed keeps them, are
+read as float32 copies), and with the math attention kernel (flash and memory-efficient attention have no
+forward-mode derivative). A MeanFlow step therefore costs a JVP
 (about two forward passes) on top of a flow-matching step; bench/meanflow_step.py measures it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import warnings
 from collections.abc import Callable
 
@@ -67,10 +83,15 @@ def forward_mode_safe(device: torch.device):
 def total_derivative(model: torch.nn.Module, z: torch.Tensor, t: torch.Tensor, s: torch.Tensor, v: torch.Tensor,
                      y: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """u_θ(z, t, s) and its derivative along dz/dt = v with s fixed, d/dt u = v·∂_z u + ∂_t u, by one
-    forward-mode JVP of the unwrapped network, without gradient, in float32."""
+    forward-mode JVP of the unwrapped network, without gradient, in float32 (weights in a lower precision, as
+    DeepSpeed keeps them under bf16 or fp16, are read as float32 copies)."""
     net = unwrapped(model)
+    tensors = itertools.chain(net.named_parameters(), net.named_buffers()) if isinstance(net, torch.nn.Module) else ()
+    widened = {name: p.float() for name, p in tensors if p.is_floating_point() and p.dtype != torch.float32}
 
     def u(z_, t_, s_):
+        if widened:
+            return torch.func.functional_call(net, widened, (z_, t_, y), {"s": s_})
         return net(z_, t_, y, s=s_)
 
     with torch.no_grad(), forward_mode_safe(z.device), warnings.catch_warnings():
@@ -92,42 +113,62 @@ class MeanFlowObjective(FlowMatchingObjective):
     """The MeanFlow loss per sample (see the module docstring); draws as flow matching does, plus s."""
 
     def __init__(self, *args, ratio: float = 0.25, power: float = 1.0, eps: float = 1e-3, cfg_scale: float = 1.0,
-                 tangent: str = "conditional", **kwargs):
+                 tangent: str = "conditional", times: str = "ordered", **kwargs):
         super().__init__(*args, **kwargs)
+        if self.huber_c is not None:
+            raise ValueError("MeanFlow's loss is its adaptively weighted squared error, not pseudo-Huber")
         self.ratio, self.power, self.eps, self.cfg_scale, self.tangent = ratio, power, eps, cfg_scale, tangent
+        self.times = times
 
     def draw(self, x1: torch.Tensor, y: torch.Tensor | None, generator: torch.Generator,
              shard: BatchShard = BatchShard(), x0: torch.Tensor | None = None,
              image_cond: torch.Tensor | None = None) -> Draw:
-        """Flow matching's draw, its t the smaller and s the larger of two times from the density for a
-        fraction `ratio` of the samples, s = t for the others (all drawn for the global batch)."""
+        """Flow matching's draw with (t, s) from two times of the density (see the module docstring: s ≠ t for a
+        fraction `ratio` of the samples, s = t for the others), all drawn for the global batch."""
         draw = super().draw(x1, y, generator, shard, x0, image_cond)
         n_global, device = x1.shape[0] * shard.world, x1.device
         other = shard.local(self.time_density(n_global, generator, device))
         apart = shard.local(torch.rand(n_global, generator=generator, device=device) < self.ratio)
-        t = torch.where(apart, torch.minimum(draw.t, other), draw.t)
-        draw.t, draw.s = t, torch.where(apart, torch.maximum(draw.t, other), t)
+        earlier, later = torch.minimum(draw.t, other), torch.maximum(draw.t, other)
+        t = earlier if self.times == "ordered" else torch.where(apart, earlier, draw.t)
+        draw.t, draw.s = t, torch.where(apart, later, t)
         return draw
 
     def loss(self, model: Callable, x1: torch.Tensor, draw: Draw) -> ObjectiveOutput:
         sample = self.path.sample(draw.x0, x1.to(draw.x0.dtype), draw.t)
         v = sample.u_t
         if self.cfg_scale != 1 and draw.y is not None:  # guidance baked into the target, for labelled samples
-            with torch.no_grad():
-                unconditional = unwrapped(model)(sample.x_t, draw.t, torch.full_like(draw.y, self.num_classes))
+            with torch.no_grad(), evaluation(unwrapped(model)) as net:
+                unconditional = net(sample.x_t, draw.t, torch.full_like(draw.y, self.num_classes))
             labelled = expand_like(draw.y != self.num_classes, v)
             v = torch.where(labelled, self.cfg_scale * v + (1 - self.cfg_scale) * unconditional.to(v.dtype), v)
         along = v
         if self.tangent == "model":  # the network's own instantaneous velocity: a tangent without the pairing's noise
-            with torch.no_grad():
-                along = unwrapped(model)(sample.x_t, draw.t, draw.y).to(v.dtype)
+            with torch.no_grad(), evaluation(unwrapped(model)) as net:
+                along = net(sample.x_t, draw.t, draw.y).to(v.dtype)
         rng = _rng_state(v.device)  # the JVP and the prediction see the same dropout masks
         target = meanflow_target(model, sample.x_t, draw.t, draw.s, v, draw.y, along)
         _set_rng_state(v.device, rng)
         u = model(sample.x_t, draw.t, draw.y, s=draw.s)
         error = (u.float() - target).square().flatten(1).sum(1)
-        weight = (error.detach() + self.eps) ** -self.power
-        return ObjectiveOutput(loss=weight * error, t=draw.t)
+        loss = (error.detach() + self.eps) ** -self.power * error
+        if draw.weight is not None:  # the coupling's weight of each sample (unbalanced, partial OT)
+            loss = loss * draw.weight.float()
+        return ObjectiveOutput(loss=loss, t=draw.t)
+
+
+@contextlib.contextmanager
+def evaluation(net: torch.nn.Module):
+    """The network in eval mode (dropout off) inside the block, each module's own mode restored after it (any other
+    callable as it is)."""
+    modes = [(module, module.training) for module in net.modules()] if isinstance(net, torch.nn.Module) else []
+    if modes:
+        net.eval()
+    try:
+        yield net
+    finally:
+        for module, training in modes:
+            module.training = training
 
 
 def _rng_state(device: torch.device):

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
+import seeds
 from errors import UserError
 from flows.meanflow import unwrapped
 
@@ -357,12 +358,17 @@ def guided(model: Callable, y: torch.Tensor | None, cfg_scale: float = 1.0, cond
     return velocity
 
 
-def check_guidance(cfg_scale: float, num_classes: int, label_dropout: float) -> None:
+def check_guidance(cfg_scale: float, num_classes: int, label_dropout: float, baked: float = 1.0) -> None:
     """Guidance scale w that the model can honour, or one clear sentence: w ≠ 1 needs the unconditional velocity,
     which only a class-conditional model trained with label dropout has learned (its null class is otherwise
-    never trained)."""
+    never trained), and a MeanFlow model with guidance ω ≠ 1 baked in (flow.meanflow_cfg, `baked`) is guided
+    already: a second guidance on top of it would sample neither scale."""
     if cfg_scale == 1:
         return
+    if baked != 1:
+        raise UserError(f"--cfg-scale {cfg_scale:g} (or sample.cfg_scale) would guide a MeanFlow model whose samples "
+                        f"are guided already (trained with flow.meanflow_cfg={baked:g}, the scale baked into its "
+                        "average velocity); leave --cfg-scale 1")
     if not num_classes:
         raise UserError(f"--cfg-scale {cfg_scale} asks for classifier-free guidance but the model is unconditional "
                         "(trained without model.class_cond); leave --cfg-scale 1")
@@ -499,11 +505,10 @@ def class_labels(given: list[str] | None, n: int, num_classes: int, seed: int) -
 
 
 def _generator(seed: int, k: int, stream: int = 0) -> torch.Generator:
-    """The generator of sample k: one per (seed, k, stream), stream 0 the noise, 1 the label, 2 Latent-CFM's c, 3 the
-    noise a restoration sampler injects at each step, 4 the noise of an SDE sampler's steps (streams 0 and 1 keep the
-    seeds of earlier versions; stream 2 lives above 2^62, stream 3 above 2^61, stream 4 above 2^60)."""
-    high = {2: 2**62, 3: 2**61, 4: 2**60}.get(stream, 0)
-    return torch.Generator().manual_seed((seed * 2**32 + k) * 2 + min(stream, 1) + high)
+    """The generator of sample k: one per (seed, k, stream), independent of every other (seeds.py), stream 0 the
+    noise, 1 the label, 2 Latent-CFM's c, 3 the noise a restoration sampler injects at each step, 4 the noise of an
+    SDE sampler's steps."""
+    return seeds.generator("sample", seed, k, stream)
 
 
 def per_sample_normal(generators: list[torch.Generator], shape: tuple[int, ...],

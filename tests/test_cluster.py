@@ -165,8 +165,13 @@ def test_a_changed_config_is_refused_naming_each_key_unless_accepted(tmp_path, c
         f"error: run folder {tmp_path} was trained with another config: {shown}; start a new run with another -e, "
         "or continue this one with the change on purpose with --accept-changes"), out.stderr
     assert (tmp_path / "config.yaml").read_text() == before  # nothing written
-    if "model.width=64" in change:
-        return  # accepting it would fail on the weights' shapes
+    if "model.width=64" in change:  # accepting it fails on the weights' shapes: the folder stays as it was
+        failed = run_script("train.py", "-e", str(tmp_path), *COMMON, "train.steps=20", *change, "--accept-changes")
+        assert failed.returncode == 2 and "Traceback" not in failed.stderr, failed.stderr
+        assert (tmp_path / "config.yaml").read_text() == before
+        resumed = run_script("train.py", "-e", str(tmp_path), *COMMON, "train.steps=20")
+        assert resumed.returncode == 0 and "resumed from" in resumed.stdout, resumed.stderr
+        return
     accepted = run_script("train.py", "-e", str(tmp_path), *COMMON, "train.steps=20", *change, "--accept-changes")
     assert accepted.returncode == 0 and f"config: changed with --accept-changes: {shown}" in accepted.stdout
 

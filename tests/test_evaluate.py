@@ -221,10 +221,10 @@ def test_2d_report_has_every_row_and_field_and_is_not_recomputed(toy_run, tmp_pa
     assert all(r["atol"] is None and r["schedule"] == "linear" for r in rows if r["solver"] == "euler")
     # The same numbers by another route: sample.py's samples (same seeds) against the same dataset points.
     from config import load_config
-    from data import build_dataset
+    from data import build_dataset, reference_points
 
     dataset = build_dataset(load_config(toy_run / "config.yaml"))
-    points = dataset.x[torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0))[:200]].double()
+    points = dataset.x[reference_points(len(dataset), 200, 0)].double()
     for r in (r for r in rows if r["step"] == 20):
         steps = ["--steps", "4"] if r["solver"] == "euler" else []
         made = run_script("sample.py", "--weights", str(toy_run / "checkpoints" / "step_0000020"), "--n-samples",

@@ -1,5 +1,6 @@
 """MeanFlow: the identity and the loss against closed forms, the models' second time, the one-jump sampler."""
 
+import copy
 import json
 
 import pytest
@@ -52,26 +53,185 @@ def test_the_meanflow_identity_gives_back_the_exact_average_velocity():
     assert (exact(z, t, s=s) - v).abs().max() > 0.1  # the flow is curved: average and instantaneous differ
 
 
-def test_the_loss_is_zero_for_the_exact_average_velocity_of_a_deterministic_pair():
-    """All data at one point M: x0 is read back from x_t, so the conditional velocity is the marginal one and
-    the exact model's MeanFlow loss is zero at every (t, s), the adaptive weight included."""
+class ExactOnPath(nn.Module):
+    """The exact average velocity when all data sit at one point M, on a curved affine path: x0 is read back from
+    z = α_t·M + σ_t·x0, so the conditional velocity is the marginal one, and u(z, t, s) = (z_s − z)/(s − t) with
+    z_s = α_s·M + σ_s·x0; at s = t the instantaneous v = α̇_t·M + σ̇_t·x0. `offset` is added to every output."""
 
-    class Exact(nn.Module):
-        interval_embed = True
+    interval_embed = True
 
-        def forward(self, z, t, y=None, s=None):
-            return (M.to(z) - z) / (1 - t)[:, None]  # straight lines: the average velocity is the instantaneous one
+    def __init__(self, path, offset=None):
+        super().__init__()
+        self.path, self.offset = path, offset
 
-    cfg = load_config(None, ["flow.objective=meanflow", "flow.meanflow_ratio=0.75"])
+    def forward(self, z, t, y=None, s=None):
+        s, p = (t if s is None else s), self.path
+        x0 = (z - p.alpha(t)[:, None] * M.to(z)) / p.sigma(t)[:, None]
+        gap = (s - t)[:, None]
+        jump = (p.alpha(s)[:, None] * M.to(z) + p.sigma(s)[:, None] * x0 - z) / torch.where(gap == 0, 1, gap)
+        instantaneous = p.d_alpha(t)[:, None] * M.to(z) + p.d_sigma(t)[:, None] * x0
+        out = torch.where(gap == 0, instantaneous, jump)
+        return out if self.offset is None else out + self.offset.to(z)
+
+
+@pytest.mark.parametrize("path", ["cosine", "vp"])
+def test_the_loss_of_a_deterministic_pair_on_a_curved_path_pins_the_identity_and_the_weight(path):
+    """All data at one point M on a curved path, where d/dt u ≠ 0: the exact model's MeanFlow loss is zero at every
+    (t, s) (a wrong sign of s − t, tangent or JVP would not be); the exact model plus a constant c (whose JVP is the
+    exact one's) has the error ‖c‖² and the loss ‖c‖²/(‖c‖² + ε)^p exactly, times each coupling weight."""
+    cfg = load_config(None, ["flow.objective=meanflow", "flow.meanflow_ratio=0.75", f"flow.path={path}",
+                             "flow.meanflow_p=0.75", "flow.meanflow_eps=0.01"])
     objective = build_objective(cfg, lambda n, g, d: torch.randn(n, 2, generator=g, device=d, dtype=torch.float64))
     objective.time_density = lambda n, g, d: torch.rand(n, generator=g, device=d, dtype=torch.float64) * 0.95
     x1 = M.expand(256, 2).clone()
     draw = objective.draw(x1, None, torch.Generator().manual_seed(1))
     assert (draw.s > draw.t).float().mean() > 0.6 and (draw.s >= draw.t).all()
-    out = objective.loss(Exact(), x1, draw)
-    assert out.loss.max() < 1e-6
-    wrong = objective.loss(lambda z, t, y=None, s=None: Exact()(z, t) * 0.9, x1, draw)
-    assert wrong.loss.min() > 1e-3
+    exact = ExactOnPath(objective.path)
+    sample = objective.path.sample(draw.x0, x1, draw.t)
+    apart = draw.s > draw.t
+    curved = (exact(sample.x_t, draw.t, s=draw.s) - sample.u_t).norm(dim=1)[apart]
+    assert curved.min() > 1e-3  # u ≠ v where s ≠ t: the (s − t)·d/dt u term carries the target
+    assert objective.loss(exact, x1, draw).loss.max() < 1e-5  # the JVP runs in float32
+    c = torch.tensor([0.3, -0.2], dtype=torch.float64)
+    off = objective.loss(ExactOnPath(objective.path, c), x1, draw).loss
+    norm = float(c.square().sum())
+    assert torch.allclose(off, torch.full_like(off, norm / (norm + 0.01) ** 0.75), rtol=1e-3)
+    draw.weight = torch.linspace(0, 2, 256, dtype=torch.float64)
+    weighted = objective.loss(ExactOnPath(objective.path, c), x1, draw).loss
+    assert torch.allclose(weighted, off * draw.weight.float(), rtol=1e-6)
+
+
+def test_meanflow_applies_the_partial_couplings_weights():
+    """flow.coupling=partial gives half the samples weight 0: their MeanFlow loss is 0, the others' is not."""
+    cfg = load_config(None, ["flow.objective=meanflow", "flow.coupling=partial", "flow.ot_mass=0.5"])
+    objective = build_objective(cfg, lambda n, g, d: torch.randn(n, 2, generator=g, device=d, dtype=torch.float64))
+    x1 = torch.randn(64, 2, generator=torch.Generator().manual_seed(3), dtype=torch.float64) + 3
+    draw = objective.draw(x1, None, torch.Generator().manual_seed(4))
+    assert draw.weight is not None and (draw.weight == 0).sum() >= 16
+    loss = objective.loss(lambda z, t, y=None, s=None: torch.zeros_like(z), x1, draw).loss
+    assert (loss[draw.weight == 0] == 0).all() and (loss[draw.weight > 0] > 0).all()
+
+
+def test_meanflow_with_pseudo_huber_is_refused_at_config_time():
+    from registries import check_names
+
+    with pytest.raises(UserError, match="flow.loss=pseudo_huber does not apply to flow.objective=meanflow"):
+        check_names(load_config(None, ["flow.objective=meanflow", "flow.loss=pseudo_huber"]))
+
+
+@pytest.mark.parametrize("times, mean_t", [("ordered", 1 / 3), ("single", 1 / 2)])
+def test_the_time_samplers_of_the_paper_and_of_py_meanflow_v1(times, mean_t):
+    """Uniform draws: the paper's sampler gives the s = t samples the earlier of two draws (mean 1/3), py-meanflow's
+    v1 one draw (mean 1/2); the s ≠ t samples are the ordered pair in both (means 1/3 and 2/3), a fraction `ratio`."""
+    cfg = load_config(None, ["flow.objective=meanflow", "flow.meanflow_ratio=0.25", f"flow.meanflow_times={times}"])
+    objective = build_objective(cfg, lambda n, g, d: torch.randn(n, 2, generator=g, device=d, dtype=torch.float64))
+    draw = objective.draw(torch.zeros(200_000, 2), None, torch.Generator().manual_seed(0))
+    apart = draw.s != draw.t
+    assert abs(apart.float().mean() - 0.25) < 0.005 and (draw.s >= draw.t).all()
+    assert abs(draw.t[~apart].mean() - mean_t) < 0.005
+    assert abs(draw.t[apart].mean() - 1 / 3) < 0.005 and abs(draw.s[apart].mean() - 2 / 3) < 0.005
+
+
+class LinearAverageVelocity(nn.Module):
+    """u(z, t, s | y) = A·z + b·t + c·s + d_y, its JVP by hand: d/dt u along w is A·w + b. With `dropout`, a dropout
+    layer on the output (it must be off wherever the objective evaluates the model without training it)."""
+
+    interval_embed = True
+
+    def __init__(self, dropout: float = 0.0):
+        super().__init__()
+        g = torch.Generator().manual_seed(5)
+        self.A = nn.Parameter(torch.randn(2, 2, generator=g, dtype=torch.float64) * 0.3)
+        self.b, self.c = (nn.Parameter(torch.randn(2, generator=g, dtype=torch.float64)) for _ in range(2))
+        self.d = nn.Parameter(torch.randn(4, 2, generator=g, dtype=torch.float64))  # 3 classes and the null one
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, z, t, y=None, s=None):
+        s = t if s is None else s
+        return self.drop(z @ self.A.T + t[:, None] * self.b + s[:, None] * self.c + self.d[y])
+
+
+@pytest.mark.parametrize("tangent", ["conditional", "model"])
+def test_baked_guidance_and_the_model_tangent_against_a_hand_computation(tangent):
+    """ω = 2 baked in: labelled samples regress on ṽ = ω·v_t + (1 − ω)·u(z, t, t | ∅) + (s − t)·(A·w + b), with w = ṽ
+    (tangent 'conditional') or u(z, t, t | y) (tangent 'model'); samples whose label was dropped keep v_t."""
+    cfg = load_config(None, ["flow.objective=meanflow", "model.class_cond=true", "flow.label_dropout=0.3",
+                             "flow.meanflow_cfg=2", f"flow.meanflow_tangent={tangent}", "flow.meanflow_p=0"])
+    objective = build_objective(cfg, lambda n, g, d: torch.randn(n, 2, generator=g, device=d, dtype=torch.float64),
+                                num_classes=3)
+    model = LinearAverageVelocity()
+    x1 = torch.randn(64, 2, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    y = torch.arange(64) % 3
+    draw = objective.draw(x1, y, torch.Generator().manual_seed(7))
+    assert (draw.y == 3).any() and (draw.y < 3).any()
+    with torch.no_grad():
+        sample = objective.path.sample(draw.x0, x1, draw.t)
+        z, t, s, v = sample.x_t, draw.t, draw.s, sample.u_t
+        guided = 2 * v + (1 - 2) * model(z, t, torch.full_like(y, 3))
+        v_tilde = torch.where((draw.y < 3)[:, None], guided, v)
+        w = v_tilde if tangent == "conditional" else model(z, t, draw.y)
+        target = v_tilde + (s - t)[:, None] * (w @ model.A.T + model.b)
+        expected = (model(z, t, draw.y, s=s) - target).square().sum(1)
+    assert torch.allclose(objective.loss(model, x1, draw).loss.double(), expected, rtol=1e-5, atol=1e-8)
+
+
+@pytest.mark.parametrize("tangent", ["conditional", "model"])
+def test_the_guidance_and_tangent_forwards_run_without_dropout(tangent, monkeypatch):
+    """With dropout in the model, the guided velocity and the tangent that the target is built from are the same
+    twice for one draw (eval mode; the official code evaluates guidance with train=False), and the model's modes
+    are as they were afterwards."""
+    import flows.meanflow as meanflow
+
+    cfg = load_config(None, ["flow.objective=meanflow", "model.class_cond=true", "flow.label_dropout=0.3",
+                             "flow.meanflow_cfg=2", f"flow.meanflow_tangent={tangent}"])
+    objective = build_objective(cfg, lambda n, g, d: torch.randn(n, 2, generator=g, device=d, dtype=torch.float64),
+                                num_classes=3)
+    model = LinearAverageVelocity(dropout=0.5).train()
+    x1 = torch.randn(64, 2, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    draw = objective.draw(x1, torch.arange(64) % 3, torch.Generator().manual_seed(7))
+    seen = []
+    real = meanflow.meanflow_target
+    monkeypatch.setattr(meanflow, "meanflow_target", lambda m, z, t, s, v, y=None, along=None:
+                        seen.append((v.clone(), along.clone())) or real(m, z, t, s, v, y, along))
+    for _ in range(2):
+        objective.loss(model, x1, draw)
+    assert torch.equal(seen[0][0], seen[1][0]) and torch.equal(seen[0][1], seen[1][1])
+    assert model.training and model.drop.training
+
+
+@pytest.mark.parametrize("name", ["mlp", "DiT-S/4", "unet-mnist"])
+def test_the_jvp_of_a_bf16_model_runs_in_float32(name):
+    """Weights kept in bf16 (as DeepSpeed keeps them) are read as float32 copies by the JVP: the same u and d/dt u as
+    the float32 model with the same (rounded) weights."""
+    from flows.meanflow import total_derivative
+    from models import build_model
+
+    shape = (2,) if name == "mlp" else (1, 8, 8)
+    overrides = [f"model.name={name}", "model.width=32", "flow.objective=meanflow"] + \
+        (["model.depth=1", "model.heads=2"] if "DiT" in name else [])
+    model = build_model(load_config(None, overrides), shape).eval()
+    for p in model.parameters():
+        p.data.normal_(0, 0.1, generator=torch.Generator().manual_seed(p.numel()))
+    low = copy.deepcopy(model).to(torch.bfloat16)
+    rounded = copy.deepcopy(low).float()
+    g = torch.Generator().manual_seed(8)
+    z, v = torch.randn(4, *shape, generator=g), torch.randn(4, *shape, generator=g)
+    t = torch.rand(4, generator=g)
+    s = t + (1 - t) * torch.rand(4, generator=g)
+    u_low, dudt_low = total_derivative(low, z, t, s, v)
+    u, dudt = total_derivative(rounded, z, t, s, v)
+    assert u_low.dtype == torch.float32 and torch.allclose(u_low, u, atol=1e-6) and torch.allclose(dudt_low, dudt,
+                                                                                                   atol=1e-5)
+    assert all(p.dtype == torch.bfloat16 for p in low.parameters())  # the model itself is left as it was
+
+
+def test_guidance_on_a_model_with_guidance_baked_in_is_refused():
+    from flows.solvers import check_guidance
+
+    check_guidance(1.0, 10, 0.1, baked=2.0)  # the model's own guided jumps
+    check_guidance(1.5, 10, 0.1, baked=1.0)  # CFG on a MeanFlow model without baked guidance: its own choice
+    with pytest.raises(UserError, match="guided already \\(trained with flow.meanflow_cfg=2"):
+        check_guidance(1.5, 10, 0.1, baked=2.0)
 
 
 @pytest.mark.parametrize("name", ["mlp", "unet-mnist", "DiT-S/4"])
@@ -227,6 +387,41 @@ def test_bad_pairs_are_one_clear_line(tmp_path, teacher, how, message):
                      "data.name=pairs", f"data.path={tmp_path / 'pairs'}", *extra, "train.steps=2")
     assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
     assert message in out.stderr.strip().splitlines()[-1], out.stderr
+
+
+def test_a_pairs_folder_is_made_by_one_teacher_and_sampler(tmp_path, teacher):
+    """Another solver and steps on a complete folder, another seed on a cut-off one, shards with no record: each
+    refused in one line naming the difference, nothing written; the same command continues a cut-off folder to the
+    shards and manifest of a straight run."""
+    import shutil
+
+    args = ["sample.py", "--weights", str(teacher), "--pairs", "--n-samples", "2100", "--steps", "2"]
+    straight = run_script(*args, "--save-dir", str(tmp_path / "straight"))
+    assert straight.returncode == 0, straight.stderr
+    manifest = (tmp_path / "straight" / "pairs.json").read_text()
+    assert not (tmp_path / "straight" / "pairs.started.json").exists()
+    other = run_script(*args[:-2], "--solver", "heun", "--steps", "5", "--save-dir", str(tmp_path / "straight"))
+    assert other.returncode == 2 and "Traceback" not in other.stderr
+    assert "was made with solver 'euler', steps 2; this command asks for solver 'heun', steps 5" in other.stderr
+    assert (tmp_path / "straight" / "pairs.json").read_text() == manifest  # the manifest says what made the shards
+    # Cut off before its last shard and its manifest: the settings recorded at the start stay.
+    shutil.copytree(tmp_path / "straight", tmp_path / "cut")
+    (tmp_path / "cut" / "pairs.json").rename(tmp_path / "cut" / "pairs.started.json")
+    (tmp_path / "cut" / "pairs_00002.safetensors").unlink()
+    reseeded = run_script(*args, "--seed", "3", "--save-dir", str(tmp_path / "cut"))
+    assert reseeded.returncode == 2 and "was made with seed 0; this command asks for seed 3" in reseeded.stderr
+    assert not (tmp_path / "cut" / "pairs_00002.safetensors").exists()
+    again = run_script(*args, "--save-dir", str(tmp_path / "cut"))
+    assert again.returncode == 0, again.stderr
+    for k in range(3):
+        name = f"pairs_{k:05d}.safetensors"
+        assert (tmp_path / "cut" / name).read_bytes() == (tmp_path / "straight" / name).read_bytes()
+    made = {k: v for k, v in json.loads((tmp_path / "cut" / "pairs.json").read_text()).items() if k != "date"}
+    assert made == {k: v for k, v in json.loads(manifest).items() if k != "date"}
+    # Shards with no record of what made them (an older version's cut-off folder).
+    (tmp_path / "cut" / "pairs.json").unlink()
+    orphan = run_script(*args, "--save-dir", str(tmp_path / "cut"))
+    assert orphan.returncode == 2 and "holds 3 shards but no record of what made them" in orphan.stderr
 
 
 def test_sampling_a_flow_matching_checkpoint_with_meanflow_is_one_line(tmp_path, teacher):

@@ -184,3 +184,19 @@ def test_deepspeed_zero2_trains_as_ddp_does_resumes_bitwise_and_samples(tiny_dit
     out = run_deepspeed("train.py", "-e", str(tmp_path / "resumed"), *common, "train.steps=4", processes=3)
     assert out.returncode != 0
     assert "holds DeepSpeed's optimizer state split over 2 processes and this run has 3" in out.stderr
+
+
+@pytest.mark.skipif(not HAVE_DEEPSPEED, reason="deepspeed (with transformers, which accelerate's DeepSpeed plugin "
+                                               "imports) is not installed: pip install --no-build-isolation deepspeed "
+                                               "transformers")
+def test_meanflow_trains_under_deepspeed_with_bf16_weights(tiny_dit, tmp_path):
+    """DeepSpeed casts the weights to bf16; MeanFlow's JVP reads them as float32 copies: the run trains to finite
+    weights and samples in one jump (it used to stop inside the JVP on a float32 input meeting bf16 weights)."""
+    common, _ = tiny_dit
+    out = run_deepspeed("train.py", "-e", str(tmp_path / "run"), *common, "flow.objective=meanflow",
+                        "model.time_scale=1", "-mp", "bf16", "train.steps=2")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert all(torch.isfinite(v).all() for v in weights(tmp_path / "run", 2, "model").values())
+    sampled = run_script("sample.py", "--weights", str(tmp_path / "run" / "checkpoints" / checkpoint_name(2)),
+                         "--n-samples", "2", "--solver", "meanflow", "--steps", "1", "--save-dir", str(tmp_path / "s"))
+    assert sampled.returncode == 0, sampled.stderr

@@ -16,6 +16,7 @@ from errors import UserError
 from flows import build_objective
 from flows.inverse import restore
 from flows.latent import PixelSpace
+from flows.paths import LinearPath
 from models import build_model
 
 TINY_DIT = ["model.name=DiT-S/4", "model.width=16", "model.depth=1", "model.heads=2", "train.batch_size=4",
@@ -194,11 +195,92 @@ def test_training_free_inpainting_keeps_exactly_the_known_pixels():
     x1 = torch.rand(4, 1, 8, 8) * 2 - 1
     m = task.measure(x1, sample_masks("mixed", 8, 8, 0, [0, 1, 2, 3]))
     space = PixelSpace((1, 8, 8))
-    raw, nfe = restore(model, task, m, space, "replace", 0, [0, 1, 2, 3], steps=5)
+    raw, nfe = restore(model, task, m, space, LinearPath(), "replace", 0, [0, 1, 2, 3], steps=5)
     assert nfe == 5 and torch.allclose(raw * (1 - m.mask), x1 * (1 - m.mask), atol=1e-6)  # α_1·y on the path
     for method in ("replace", "pnp"):
-        out = task.enforce(restore(model, task, m, space, method, 0, [0, 1, 2, 3], steps=5)[0], m)
+        out = task.enforce(restore(model, task, m, space, LinearPath(), method, 0, [0, 1, 2, 3], steps=5)[0], m)
         assert torch.equal(out * (1 - m.mask), x1 * (1 - m.mask))
+
+
+ALL_PATHS = {"linear": ["flow.sigma_min=0.05"], "cosine": [], "vp": [], "polynomial": [], "icfm": ["flow.sigma=0.2"],
+             "sb": ["flow.sigma=0.3", "flow.coupling=entropic"]}
+
+
+def inpainting_case(n: int = 4):
+    task = Inpaint("mixed")
+    x1 = torch.rand(n, 1, 8, 8, generator=torch.Generator().manual_seed(3)) * 2 - 1
+    return task, task.measure(x1, sample_masks("mixed", 8, 8, 0, list(range(n)))), x1
+
+
+@pytest.mark.parametrize("name", list(ALL_PATHS))
+def test_replacement_pastes_the_known_pixels_where_the_models_path_puts_them(name):
+    """After every step to t, the known pixels are the model's own path.sample(x0, y, t) (with the bridge noise of
+    stream 3 on a bridge path): what the network sees there is where it was trained to see the data."""
+    from flows import PATHS
+    from flows.solvers import noise, per_sample_normal, sample_generators
+
+    path = PATHS[name](load_config(None, [f"flow.path={name}", *ALL_PATHS[name]]))
+    task, m, x1 = inpainting_case()
+    seen = []
+
+    def model(x, t, y=None):
+        seen.append((x.clone(), t.clone()))
+        return 0.3 * x + 0.1
+
+    indices = [0, 1, 2, 3]
+    restore(model, task, m, PixelSpace((1, 8, 8)), path, "replace", 7, indices, steps=4, solver="midpoint")
+    x0 = noise(7, indices, (1, 8, 8))
+    eps = per_sample_normal(sample_generators(7, indices, 3), (1, 8, 8)) if path.bridge else None
+    known = 1 - m.mask
+    checked = 0
+    for x, t in seen[2::2]:  # midpoint: the first evaluation of each later step sees the replaced state
+        on_path = path.sample(x0, x1, t, eps).x_t
+        assert torch.allclose(x * known, on_path * known, atol=1e-6), float(t[0])
+        checked += 1
+    assert checked == 3
+
+
+@pytest.mark.parametrize("name", ["linear", "cosine", "vp", "polynomial"])
+def test_pnp_flow_interpolates_and_denoises_on_the_models_path(name):
+    """PnP-Flow against a hand computation with the path's α_t, σ_t and E[x1 | z] = (σ_t·v − σ̇_t·z)/D_t (the
+    paper's z + (1 − t)·v on rectified flow), the fidelity step and the noise of stream 3 as the sampler draws them."""
+    from flows import PATHS
+    from flows.paths import T_EPS
+    from flows.solvers import noise, per_sample_normal, sample_generators
+
+    path = PATHS[name](load_config(None, [f"flow.path={name}", *ALL_PATHS[name]]))
+    task, m, _ = inpainting_case()
+
+    def velocity(x, t, y=None):
+        return 0.3 * x + 0.1 * t.view(-1, 1, 1, 1)
+
+    indices, steps, alpha = [0, 1, 2, 3], 5, 0.5
+    out, nfe = restore(velocity, task, m, PixelSpace((1, 8, 8)), path, "pnp", 7, indices, steps=steps,
+                       pnp_alpha=alpha)
+    x, generators = noise(7, indices, (1, 8, 8)), sample_generators(7, indices, 3)
+    for n in range(steps):
+        t = n / steps
+        grad = (x * (1 - m.mask) - m.y) * (1 - m.mask)  # ∇½‖A x − y‖² of a mask
+        z = x - (1 - t) ** alpha * grad
+        eps = per_sample_normal(generators, (1, 8, 8))
+        t = T_EPS if name == "polynomial" and n == 0 else t  # its D_0 is 0
+        tt = torch.tensor(t)
+        a, s, da, ds = path.alpha(tt), path.sigma(tt), path.d_alpha(tt), path.d_sigma(tt)
+        z = a * z + s * eps
+        x = (s * velocity(z, torch.full((4,), t)) - ds * z) / (s * da - a * ds)
+    assert nfe == steps and torch.allclose(out, x, atol=1e-5)
+
+
+def test_pnp_flow_is_refused_on_a_bridge_path():
+    from flows import PATHS
+    from flows.inverse import check_method
+
+    task, m, _ = inpainting_case()
+    with pytest.raises(UserError, match="--method pnp needs the denoised estimate"):
+        check_method("pnp", task, False, "euler", "icfm")
+    path = PATHS["sb"](load_config(None, ["flow.path=sb", *ALL_PATHS["sb"]]))
+    with pytest.raises(UserError, match="PnP-Flow needs the denoised estimate"):
+        restore(lambda x, t, y=None: x, task, m, PixelSpace((1, 8, 8)), path, "pnp", 0, [0, 1, 2, 3], steps=2)
 
 
 # ---------------------------------------------------------------------------------------------
