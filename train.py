@@ -167,8 +167,9 @@ def sample_quality(ema_model, dataset, cfg: Config, device: torch.device, num_cl
     """train.eval_n samples of the EMA model (Euler, MeanFlow models' jumps, train.preview_steps steps) drawn as
     evaluate.py draws them with --seed 0 (sample k's noise, label and condition from (0, k)): FID against
     train.eval_ref (default: the dataset, its statistics computed once) for images, W2 to as many dataset points
-    (data.reference_points, seed 0) for 2-D data. `evaluate.py -e RUN --samplers euler:STEPS --n-samples N` (meanflow:STEPS)
-    reports the same number for that checkpoint.
+    (data.reference_points, seed 0) for 2-D data.
+    `evaluate.py -e RUN --samplers euler:STEPS --n-samples N` (meanflow:STEPS) reports the same number for that
+    checkpoint.
     `cache` keeps the feature network and the reference between calls."""
     from metrics import build_features, frechet_distance, w2
     from metrics.fid import default_stats_dir, load_reference
