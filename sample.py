@@ -232,7 +232,8 @@ def write_pairs(args, cfg, accelerator, model, weights: Path, meta: dict, shape:
     pairs.SHARD written whole by the processes in turn; pairs.json, written last, says what made them."""
     from safetensors.torch import save_file
 
-    from data.pairs import SHARD, STARTED, check_settings, file_sha256, shard_count, shard_path
+    from data.latents import file_sha256
+    from data.pairs import SHARD, STARTED, check_settings, shard_count, shard_path
 
     s, n, folder = cfg.sample, args.n_samples, Path(args.save_dir)
     if cfg.latent.autoencoder or "feature_dim" in meta:
@@ -240,7 +241,7 @@ def write_pairs(args, cfg, accelerator, model, weights: Path, meta: dict, shape:
                         "Latent-CFM flow")
     steps = s.steps if s.solver not in ADAPTIVE else None
     # What makes the pairs: one teacher and one sampler per folder, recorded before the first shard.
-    settings = {"n": n, "shape": list(shape), "teacher_sha256": file_sha256(weights), "solver": s.solver,
+    settings = {"n": n, "shape": list(shape), "teacher_sha256": file_sha256(weights).hexdigest(), "solver": s.solver,
                 "steps": steps, "schedule": s.schedule if steps else None, "atol": None if steps else s.atol,
                 "rtol": None if steps else s.rtol, "cfg_scale": s.cfg_scale, "cfg_interval": list(s.cfg_interval),
                 "seed": s.seed, "class_labels": args.class_labels or "random",

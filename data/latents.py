@@ -32,15 +32,19 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "fm-toolkit" / "latents"
 
 
+def file_sha256(path: Path):
+    """The SHA-256 object of a file's bytes (weights: read in blocks), to read with hexdigest() or extend."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            h.update(block)
+    return h
+
+
 def cache_key(cfg: Config, dataset, weights: Path) -> str:
     """Changes with the autoencoder's weights, the dataset and the transform, and nothing else."""
-    h = hashlib.sha256()
-    if weights.is_file():
-        with open(weights, "rb") as f:
-            for block in iter(lambda: f.read(1 << 24), b""):
-                h.update(block)
-    else:  # a hub id whose files live in the hub's cache
-        h.update(str(weights).encode())
+    # a hub id's files live in the hub's cache: its name stands for them
+    h = file_sha256(weights) if weights.is_file() else hashlib.sha256(str(weights).encode())
     d = cfg.data
     location = str(Path(d.path).resolve()) if d.path else ""
     h.update(json.dumps([d.name, location, d.split, d.resolution, d.class_folders, len(dataset), d.hflip]).encode())

@@ -14,7 +14,6 @@ command that would continue or redo the folder with anything else is refused, na
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
@@ -32,15 +31,6 @@ def shard_path(folder: Path, k: int) -> Path:
 
 def shard_count(n: int) -> int:
     return -(-n // SHARD)
-
-
-def file_sha256(path: Path) -> str:
-    """The SHA-256 of a file (a teacher's weights), read in blocks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def check_settings(folder: Path, settings: dict) -> bool:
