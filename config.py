@@ -105,6 +105,8 @@ class FlowConfig:
     #                                  draws) or 'single' (py-meanflow's v1: they keep one draw); flows/meanflow.py
     label_dropout: float = 0.0  # probability of replacing a label by the null class (> 0 for guidance to work)
     cond_dropout: float = 0.0  # data.task: probability of replacing the spatial condition by the null one (guidance)
+    align: str = ""  # a representation regulariser added to the loss (flows/align.py, settings in align:): '' (none),
+    #                  'repa' (a frozen encoder's features), 'dispersive' or 'sra' (no encoder)
 
 
 @dataclass
@@ -179,6 +181,29 @@ class LatentCFMConfig:
 
 
 @dataclass
+class AlignConfig:
+    weight: float = 0.5  # λ of loss = flow loss + λ·alignment loss (REPA, SRA, dispersive: 0.5)
+    depth: int = 0  # the block whose hidden state is aligned, 1-based (DiT: blocks; UNet: modules of the down path,
+    #                 then the middle); 0: a third of a DiT's blocks, at most 8 (REPA: 8 of 28), a UNet's middle
+    projector: str = "mlp"  # repa / sra: 'mlp' (REPA: 3 layers, SiLU, per token) or 'conv' (iREPA: a 3×3 convolution
+    #                         over the token grid, and the encoder's tokens normalized over space)
+    proj_width: int = 0  # the MLP projector's hidden width (0: REPA's 2048, at most 4× the model's hidden width)
+    stop_step: int = 0  # HASTE: no alignment from this optimizer step on (0: never stop)
+    encoder: str = "inception"  # repa: 'inception' (clean-fid's network, offline), 'autoencoder' (a checkpoint of
+    #                             this toolkit, in align.weights) or a timm model name, e.g. vit_base_patch14_dinov2
+    weights: str = ""  # repa: the encoder's weights (timm: safetensors or a timm checkpoint; autoencoder: its folder)
+    download: bool = False  # repa with timm: download the pretrained weights when align.weights is empty
+    layer: str = ""  # repa: which feature map is the token grid (inception: 'mixed_2' (35×35 at 299 px), ...; empty:
+    #                  inception mixed_2, timm the last block's tokens, an autoencoder its latent means)
+    resolution: int = 0  # repa: the encoder's input size in pixels (0: the encoder's own, timm's pretrained config)
+    cache: bool = True  # repa: compute the encoder's features of the dataset once into cached shards (else every step)
+    cache_dir: str = ""  # where those caches live (empty: ~/.cache/fm-toolkit/align)
+    temperature: float = 0.5  # dispersive: τ of log E_ij exp(−‖z_i − z_j‖² / (D·τ))
+    target_depth: int = 0  # sra: the EMA model's block that is the target (0: the last DiT block, a UNet's middle)
+    time_gap: float = 0.1  # sra: the EMA model sees x at t + time_gap (less noise; clipped at 1)
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -187,6 +212,7 @@ class Config:
     sample: SampleConfig = field(default_factory=SampleConfig)
     latent: LatentConfig = field(default_factory=LatentConfig)
     latentcfm: LatentCFMConfig = field(default_factory=LatentCFMConfig)
+    align: AlignConfig = field(default_factory=AlignConfig)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -329,6 +355,10 @@ RANGES = {
     "flow.label_dropout": (0, 1, True, False), "flow.grid_steps": (0, None, False, True),
     "flow.huber_c": (0, None, True, True), "flow.meanflow_ratio": (0, 1, True, True),
     "flow.meanflow_p": (0, None, True, True), "flow.meanflow_eps": (0, None, False, True),
+    "align.weight": (0, None, True, True), "align.depth": (0, None, True, True),
+    "align.proj_width": (0, None, True, True), "align.stop_step": (0, None, True, True),
+    "align.resolution": (0, None, True, True), "align.temperature": (0, None, False, True),
+    "align.target_depth": (0, None, True, True), "align.time_gap": (0, 1, True, True),
     "train.steps": (0, None, False, True), "train.batch_size": (0, None, False, True),
     "train.grad_accum": (0, None, False, True), "train.lr": (0, None, False, True),
     "train.lr_min": (0, None, True, True), "train.warmup_steps": (0, None, True, True),
@@ -406,7 +436,7 @@ RESUMABLE = ("train.steps", "train.log_every", "train.t_bins", "train.trackers",
              "train.preview_n", "train.preview_images", "train.preview_steps", "train.checkpoint_every",
              "train.eval_every", "train.eval_n", "train.eval_ref", "train.eval_features", "train.keep_last",
              "train.keep_every", "train.compile", "train.channels_last", "train.grad_checkpoint", "data.num_workers",
-             "data.download", "latent.cache_dir", "sample.")
+             "data.download", "latent.cache_dir", "align.cache_dir", "sample.")
 
 
 def config_changes(old: Config, new: Config) -> tuple[list[tuple[str, Any, Any]], list[tuple[str, Any, Any]]]:

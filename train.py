@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedType, set_seed
+from accelerate.utils import DistributedDataParallelKwargs, DistributedType, set_seed
 from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
@@ -47,9 +47,11 @@ from data.tasks import cases_from_dataset, model_inputs, task_info, task_of_conf
 from data.toy import plot_points
 from errors import UserError, exit_on, full_disk, on_main_process
 from flows import BatchShard, LossByTime, build_objective, generate, velocity_model
+from flows.align import WithFeatures, build_alignment, build_encoder, cached_features, resized
 from flows.latent import build_feature_encoder, build_space
 from flows.solvers import class_labels, condition, noise
 from models import build_autoencoder, build_model
+from models.align import without_head
 from models.checkpoint import (
     checkpoint_name,
     list_checkpoints,
@@ -272,8 +274,12 @@ def train(cfg: Config, run_dir: Path, accept_changes: bool = False) -> None:
     trackers = [name for name in t.trackers if name != "wandb" or _wandb_installed()]
     # Without CUDA, accelerate runs several processes only when told to use the CPU (gloo).
     cpu_multiprocess = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    # HASTE's stop leaves the alignment head without a gradient, which DDP must be told it may see.
+    unused = [DistributedDataParallelKwargs(find_unused_parameters=True)] if cfg.flow.align and cfg.align.stop_step \
+        else []
     accelerator = Accelerator(mixed_precision=t.mixed_precision, gradient_accumulation_steps=t.grad_accum,
-                              log_with=trackers or None, project_dir=str(run_dir), cpu=cpu_multiprocess)
+                              log_with=trackers or None, project_dir=str(run_dir), cpu=cpu_multiprocess,
+                              kwargs_handlers=unused)
     lock = on_main_process(accelerator, RunLock(run_dir).acquire)
     try:
         with StopRequest() as stop:
@@ -372,6 +378,16 @@ def run(cfg: Config, run_dir: Path, accelerator, trackers: list[str], stop: Stop
         new = load_weights(model, init, missing_ok=("interval_embed.",))
         log(f"initialized from {init}" + (f"; the MeanFlow interval embedding ({len(new)} tensors) starts adding "
                                           "zero" if new else ""))
+    # Representation alignment (flow.align): REPA's frozen encoder, and the projection head trained with the model
+    # (it is saved in the training state, never in the weight files that sampling reads).
+    sharded = accelerator.distributed_type == DistributedType.FSDP
+    encoder, alignment = None, None
+    if cfg.flow.align:
+        if cfg.flow.align == "sra" and sharded:
+            raise UserError("flow.align=sra reads the EMA model on every process, which FSDP keeps in shards; use DDP "
+                            "(no FSDP config) or flow.align=repa / dispersive")
+        encoder = build_encoder(cfg, dataset.shape).to(device) if cfg.flow.align == "repa" else None
+        alignment = build_alignment(cfg, model, encoder)
     memory_format = torch.channels_last if t.channels_last and len(space.shape) == 3 else torch.contiguous_format
     model.to(memory_format=memory_format)
     if t.grad_checkpoint:
@@ -381,11 +397,12 @@ def run(cfg: Config, run_dir: Path, accelerator, trackers: list[str], stop: Stop
         model.grad_checkpoint = True
     # Under FSDP each process keeps the EMA of its own shards (the main process also a plain copy for previews);
     # otherwise every process keeps a full EMA, made from the float32 weights before DeepSpeed casts them.
-    sharded = accelerator.distributed_type == DistributedType.FSDP
     template = copy.deepcopy(model).to(device) if sharded and accelerator.is_main_process else None
     ema = None if sharded else EMA(model, t.ema_decay, t.ema_warmup)
     if ema is not None:
         ema.model.to(device)
+    if alignment is not None and alignment.method == "sra":  # its teacher: the EMA model
+        alignment.teacher = ema.model
     autocast = contextlib.nullcontext
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
         autocast = configure_deepspeed(accelerator, t, micro_batch // world)
@@ -408,6 +425,7 @@ def run(cfg: Config, run_dir: Path, accelerator, trackers: list[str], stop: Stop
 
     # Latent flow matching reads the dataset's latents from a cache, encoded once (or encodes every step).
     train_data, encode_per_step = pairs if pairs is not None else dataset, space if cfg.latent.autoencoder else None
+    loop_flips = cfg.data.hflip and pairs is None and not (cfg.latent.autoencoder and cfg.latent.cache)
     if cfg.latent.autoencoder and cfg.latent.cache:
         if cfg.latent.sample_posterior:
             raise UserError("the latent cache stores posterior means; latent.sample_posterior=true needs "
@@ -421,9 +439,14 @@ def run(cfg: Config, run_dir: Path, accelerator, trackers: list[str], stop: Stop
         data_meta["latent_shape"] = json.dumps(list(space.shape))
     if features is not None:  # sampling draws c of this size from the prior, or from reference images
         data_meta.update(feature_dim=str(features.dim), condition_dim=str(cfg.latentcfm.dim))
+    encode_features = None  # REPA's encoder on each batch's images, when its features are not cached
+    if alignment is not None:
+        train_data, encode_features = align_data(cfg, alignment, encoder, dataset, train_data, pairs, accelerator,
+                                                 log, loop_flips)
 
     # Objective.
     objective = build_objective(cfg, source, num_classes, latent_shape, features, task)
+    objective.alignment = alignment
     shard = BatchShard.from_accelerator(accelerator)
 
     # Resume from the newest complete checkpoint.
@@ -456,12 +479,14 @@ def run(cfg: Config, run_dir: Path, accelerator, trackers: list[str], stop: Stop
     if ahead and device.type == "cpu" and torch.get_num_threads() > 1:
         torch.set_num_threads(torch.get_num_threads() - 1)
     batches = micro_steps(loader, objective, shard, t.seed, step * t.grad_accum, device, ahead,
-                          labels=num_classes > 0, hflip=cfg.data.hflip and train_data is dataset,
-                          memory_format=memory_format, space=encode_per_step, task=task, task_space=space)
+                          labels=num_classes > 0, hflip=loop_flips, memory_format=memory_format, space=encode_per_step,
+                          task=task, task_space=space, alignment=alignment, grad_accum=t.grad_accum,
+                          encode_features=encode_features)
     # Listed once: unwrapping the model and walking its parameters cost host time on every step.
     raw_model, params = accelerator.unwrap_model(model), list(model.parameters())
     loss_by_time, eval_cache = LossByTime(t.t_bins, device), {}
     loss_sum, nonfinite = torch.zeros((), device=device), torch.zeros((), dtype=torch.bool, device=device)
+    align_sums = torch.zeros(3, device=device)  # flow loss, alignment loss, aligned micro-steps
     accelerator.init_trackers("tensorboard", config=_flat(to_dict(cfg)))
     bar = progress(t.steps, initial=step, desc="training", unit="step", disable=not accelerator.is_main_process)
     # With an fp16 loss scaler an infinite gradient only skips the step; otherwise it would corrupt the weights.
@@ -477,10 +502,13 @@ def run(cfg: Config, run_dir: Path, accelerator, trackers: list[str], stop: Stop
                 # Gradients are synchronized (DeepSpeed: the optimizer steps) at the last micro-step only.
                 with accelerator.accumulate(model), autocast():
                     out = objective.loss(model, x1, draw)
-                    loss = out.loss.mean()
+                    loss = out.total().mean()
                     accelerator.backward(loss)  # divided by train.grad_accum (by DeepSpeed itself under DeepSpeed)
                 loss_by_time.add(out)
                 loss_sum += loss.detach()
+                if out.align is not None:
+                    align_sums += torch.stack([out.loss.detach().mean(), out.align.detach().mean(),
+                                               torch.ones((), device=device)])
                 nonfinite |= ~torch.isfinite(loss.detach())
             step += 1
             grad_norm = update_weights(accelerator, params, optimizer, ema, raw_model, step, t.grad_clip)
@@ -506,7 +534,9 @@ def run(cfg: Config, run_dir: Path, accelerator, trackers: list[str], stop: Stop
                            "samples_per_s": steps_timed * t.batch_size / elapsed,
                            **({"max_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30}
                               if device.type == "cuda" else {}),
+                           **aligned_losses(accelerator.reduce(align_sums, "sum")),
                            **loss_by_time.read(lambda x: accelerator.reduce(x, "sum"))}
+                align_sums.zero_()
                 log.metrics(step, metrics)
                 accelerator.log(metrics, step=step)
                 bar.set_postfix(loss=f"{metrics['loss']:.4f}", samples_s=f"{metrics['samples_per_s']:.0f}")
@@ -530,7 +560,7 @@ def run(cfg: Config, run_dir: Path, accelerator, trackers: list[str], stop: Stop
                     meta = {**data_meta, **latent_statistics(ema_model, dataset, device)}
                 # Full weights of the model and the EMA, for the main process to write (under FSDP every process
                 # takes part in gathering them).
-                model_state = accelerator.get_state_dict(model)
+                model_state = without_head(accelerator.get_state_dict(model))  # the head stays in train_state/
                 ema_state = ema.state() if sharded or accelerator.is_main_process else {}  # sharded: {} off main
                 path = save_checkpoint(accelerator, run_dir, step, model_state, ema_state, to_yaml(cfg), meta)
                 del model_state, ema_state
@@ -559,6 +589,47 @@ def run(cfg: Config, run_dir: Path, accelerator, trackers: list[str], stop: Stop
         bar.close()
         accelerator.end_training()
     log(f"done: {step} steps; preview {run_dir / 'samples' / f'{checkpoint_name(step)}.png'}")
+
+
+def align_data(cfg: Config, alignment, encoder, dataset, train_data, pairs, accelerator, log, loop_flips: bool):
+    """REPA's targets: the training data with the encoder's features cached beside each item (align.cache), or the
+    encoder to run on each batch's images; for the other regularisers the data as they are. Returns the data and
+    that function (or None)."""
+    a = cfg.align
+    described = f"align: {cfg.flow.align}, λ {alignment.weight:g}, block {alignment.depth}"
+    if encoder is None:
+        log(described + (f", target block {alignment.target_depth} of the EMA model at t + {alignment.time_gap:g}"
+                         if alignment.method == "sra" else f", τ {alignment.temperature:g}")
+            + (f", stops at step {alignment.stop_step}" if alignment.stop_step else ""))
+        return train_data, None
+    described += (f", encoder {encoder.key} ({encoder.dim} features on the {alignment.grid[0]}×{alignment.grid[1]} "
+                  f"token grid)" + (f", stops at step {alignment.stop_step}" if alignment.stop_step else ""))
+    if not a.cache:
+        log(described + ", run on every batch")
+        autocast = accelerator.autocast
+        return train_data, lambda x: resized(_under(autocast, encoder, x), alignment.grid).float()
+    if pairs is not None:
+        raise UserError("REPA's feature cache holds the dataset's images, not reflow pairs' samples; set "
+                        "align.cache=false to encode each batch")
+    started = time.perf_counter()
+    parts, computed, folder = cached_features(cfg, dataset, encoder, alignment.grid, accelerator)
+    mirrored = parts.get("mirrored")
+    features = parts["mean"] if mirrored is None or loop_flips else torch.cat([parts["mean"], mirrored])
+    log(described + f"; feature cache {folder}: {len(parts['mean'])} images "
+        + (f"computed in {time.perf_counter() - started:.1f} s" if computed else "reused")
+        + (" (and their mirrors)" if mirrored is not None else ""))
+    return WithFeatures(train_data, features, mirrored if loop_flips else None), None
+
+
+def _under(autocast, encoder, x: torch.Tensor) -> torch.Tensor:
+    with autocast():  # the training precision
+        return encoder(x)
+
+
+def aligned_losses(sums: torch.Tensor) -> dict[str, float]:
+    """The flow loss and the alignment loss, means over the aligned micro-steps since the last log (none: {})."""
+    flow, align, count = sums.tolist()
+    return {"flow_loss": flow / count, "align_loss": align / count} if count else {}
 
 
 def configure_deepspeed(accelerator, t, per_process_batch: int):
@@ -597,11 +668,13 @@ def update_weights(accelerator, params, optimizer, ema: EMA, raw_model, step: in
 
 def micro_steps(loader, objective, shard: BatchShard, seed: int, first: int, device: torch.device, ahead: bool,
                 labels: bool = True, hflip: bool = False, memory_format: torch.memory_format = torch.contiguous_format,
-                space=None, task=None, task_space=None):
+                space=None, task=None, task_space=None, alignment=None, grad_accum: int = 1, encode_features=None):
     """Yields (x1, draw) for micro-steps first, first+1, ...: the data (with its labels when `labels`,
     randomly mirrored with `hflip`, encoded by `space` for latent flow matching; reflow pairs bring their
-    noise, semantic data their label maps, in a dict as a third element), the spatial condition of an
-    image-conditioned `task` (made in `task_space`, the flow's) and all training randomness.
+    noise, semantic data their label maps, REPA's cached features, in a dict as a third element), the spatial
+    condition of an image-conditioned `task` (made in `task_space`, the flow's), whether the micro-step is aligned
+    (`alignment`, HASTE's stop counted in optimizer steps of `grad_accum` micro-steps) with REPA's target (cached, or
+    `encode_features` of the images) and all training randomness.
 
     Micro-step k's draws come from a generator seeded by (seed, k), the same on every process, so
     they depend neither on the number of processes nor on where training was resumed. With `ahead`
@@ -620,6 +693,15 @@ def micro_steps(loader, objective, shard: BatchShard, seed: int, first: int, dev
             x1 = random_hflip(x1, flip)
             if "label_map" in extras:
                 extras["label_map"] = random_hflip(extras["label_map"][:, None].to(device), flip)[:, 0]
+            if "align_mirrored" in extras:  # the cached features of the mirrored images
+                mirrored = flip[:, None, None, None].cpu()
+                extras["align"] = torch.where(mirrored, extras["align_mirrored"], extras["align"])
+        aligning = alignment is not None and alignment.active(k // grad_accum)
+        align_target = None
+        if aligning and "align" in extras:
+            align_target = extras["align"].to(device, non_blocking=True)
+        elif aligning and encode_features is not None:  # from the pixels, before latent flow matching encodes them
+            align_target = encode_features(x1)
         image_cond = None
         if task is not None:  # from the pixels, before latent flow matching encodes them
             image_cond = task.condition(training_measurement(task, x1, extras, seed, k, shard), task_space)
@@ -627,7 +709,9 @@ def micro_steps(loader, objective, shard: BatchShard, seed: int, first: int, dev
         if space is not None:
             x1 = space.encode(x1, generator)
         x1 = x1.contiguous(memory_format=memory_format)
-        return x1, objective.draw(x1, y, generator, shard, x0, image_cond)
+        draw = objective.draw(x1, y, generator, shard, x0, image_cond)
+        draw.aligning, draw.align_target = aligning, align_target
+        return x1, draw
 
     k = first
     if not ahead:

@@ -78,10 +78,24 @@ def encode_dataset(cfg: Config, dataset, space, accelerator=None, cache_dir: Pat
                    batch_size: int = 256) -> tuple[LatentDataset, bool]:
     """The cached latents of `dataset` under `space` (a LatentSpace), encoding the missing shards first.
     Returns the dataset and whether anything was encoded."""
+    folder = (cache_dir or default_cache_dir()) / cache_key(cfg, dataset, Path(space.name))
+    parts, encoded = cached_encoding(folder, dataset, lambda x: space.autoencoder.encode(x).mean.float(),
+                                     cfg.data.hflip, accelerator, f"encoding {cfg.data.name} to latents",
+                                     {"autoencoder": space.name, "data": cfg.data.name, "split": cfg.data.split},
+                                     batch_size)
+    latents = torch.cat([parts["mean"]] + ([parts["mirrored"]] if cfg.data.hflip else []))
+    return LatentDataset(latents, _labels(dataset), dataset.num_classes, space.shift, space.scale), encoded
+
+
+@torch.no_grad()
+def cached_encoding(folder: Path, dataset, encode, flips: bool, accelerator=None, desc: str = "encoding",
+                    info: dict | None = None, batch_size: int = 256) -> tuple[dict[str, torch.Tensor], bool]:
+    """encode(images) of every item of `dataset`, in order, as {"mean": (N, ...)} (with `flips` also
+    "mirrored", of the mirrored images), from the shards in `folder`, encoding the missing ones first (all processes
+    in parallel, then manifest.json with `info`). Returns the tensors and whether anything was encoded."""
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
     device = accelerator.device if accelerator else torch.device("cpu")
-    folder = (cache_dir or default_cache_dir()) / cache_key(cfg, dataset, Path(space.name))
-    n, flips = len(dataset), cfg.data.hflip
+    n = len(dataset)
     shards = [(first, min(first + SHARD, n)) for first in range(0, n, SHARD)]
     manifest = folder / "manifest.json"
     encoded = False
@@ -89,17 +103,16 @@ def encode_dataset(cfg: Config, dataset, space, accelerator=None, cache_dir: Pat
         folder.mkdir(parents=True, exist_ok=True)
         mine = [k for k in range(len(shards)) if k % world == rank and not (folder / f"shard_{k:05d}.safetensors")
                 .is_file()]
-        bar = progress(sum(shards[k][1] - shards[k][0] for k in mine) * world, unit="image",
-                       desc=f"encoding {cfg.data.name} to latents", disable=rank != 0 or not mine)
+        bar = progress(sum(shards[k][1] - shards[k][0] for k in mine) * world, unit="image", desc=desc,
+                       disable=rank != 0 or not mine)
         for k in mine:
             first, last = shards[k]
             means, mirrored = [], []
             for start in range(first, last, batch_size):
-                x, _ = dataset[torch.arange(start, min(start + batch_size, last))]
-                x = x.to(device)
-                means.append(space.autoencoder.encode(x).mean.float().cpu())
+                x = dataset[torch.arange(start, min(start + batch_size, last))][0].to(device)
+                means.append(encode(x).cpu())
                 if flips:
-                    mirrored.append(space.autoencoder.encode(x.flip(-1)).mean.float().cpu())
+                    mirrored.append(encode(x.flip(-1)).cpu())
                 bar.update(len(x) * world)
             tensors = {"mean": torch.cat(means)} | ({"mirrored": torch.cat(mirrored)} if flips else {})
             tensors = {name: t.contiguous() for name, t in tensors.items()}  # diffusers' means are strided views
@@ -109,17 +122,14 @@ def encode_dataset(cfg: Config, dataset, space, accelerator=None, cache_dir: Pat
         if accelerator:
             accelerator.wait_for_everyone()
         if rank == 0:
-            text = json.dumps({"items": n, "shards": len(shards), "flips": flips, "autoencoder": space.name,
-                               "data": cfg.data.name, "split": cfg.data.split})
+            text = json.dumps({"items": n, "shards": len(shards), "flips": flips, **(info or {})})
             atomic_write(manifest, lambda tmp: tmp.write_text(text))
             for leftover in folder.glob(".tmp_*"):  # from an interrupted encoding
                 leftover.unlink(missing_ok=True)
         if accelerator:
             accelerator.wait_for_everyone()
     parts = [load_file(str(folder / f"shard_{k:05d}.safetensors")) for k in range(len(shards))]
-    latents = torch.cat([p["mean"] for p in parts] + ([p["mirrored"] for p in parts] if flips else []))
-    labels = _labels(dataset)
-    return LatentDataset(latents, labels, dataset.num_classes, space.shift, space.scale), encoded
+    return {name: torch.cat([p[name] for p in parts]) for name in parts[0]}, encoded
 
 
 def _save_shard(tensors: dict[str, torch.Tensor], path: Path) -> None:

@@ -2,7 +2,8 @@
 
 paths.py (x_t, u_t; prediction targets and loss weights), couplings.py (independent, minibatch OT, OT plans, class
 OT, reflow pairs), timesteps.py (training t densities), objective.py (per-sample loss), meanflow.py (the
-average-velocity objective), solvers.py (ODE integration with exact NFE, MeanFlow's jumps, SDE sampling).
+average-velocity objective), solvers.py (ODE integration with exact NFE, MeanFlow's jumps, SDE sampling), align.py
+(REPA, dispersive and SRA regularisers added to the loss).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from collections.abc import Callable
 
 from config import Config
 from errors import UserError, check_name
+from flows import align
 from flows.couplings import (
     BatchShard,
     ClassOTCoupling,
@@ -213,6 +215,7 @@ def check_config(cfg: Config) -> None:
         raise UserError(f"flow.loss={f.loss} does not apply to flow.objective=meanflow, whose loss is the squared "
                         "error under its adaptive weight (at flow.meanflow_p=0.5 its gradient is the pseudo-Huber "
                         "loss's); use flow.loss=l2 and set flow.meanflow_p")
+    align.check_config(cfg)
     check_sampling(cfg)
 
 

@@ -56,6 +56,7 @@ from collections.abc import Callable
 
 import torch
 
+from flows.align import forward
 from flows.couplings import BatchShard
 from flows.objective import Draw, FlowMatchingObjective, ObjectiveOutput
 from flows.paths import expand_like
@@ -149,12 +150,12 @@ class MeanFlowObjective(FlowMatchingObjective):
         rng = _rng_state(v.device)  # the JVP and the prediction see the same dropout masks
         target = meanflow_target(model, sample.x_t, draw.t, draw.s, v, draw.y, along)
         _set_rng_state(v.device, rng)
-        u = model(sample.x_t, draw.t, draw.y, s=draw.s)
+        u, hidden = forward(model, self.alignment, draw.aligning, sample.x_t, draw.t, draw.y, s=draw.s)
         error = (u.float() - target).square().flatten(1).sum(1)
         loss = (error.detach() + self.eps) ** -self.power * error
         if draw.weight is not None:  # the coupling's weight of each sample (unbalanced, partial OT)
             loss = loss * draw.weight.float()
-        return ObjectiveOutput(loss=loss, t=draw.t)
+        return self.aligned(loss, draw.t, hidden, draw, x1)
 
 
 @contextlib.contextmanager

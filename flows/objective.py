@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from flows.align import forward
 from flows.couplings import BatchShard
 from flows.paths import Prediction
 
@@ -30,14 +31,23 @@ class Draw:
     s: torch.Tensor | None = None  # MeanFlow: the end of the interval [t, s] (N,)
     weight: torch.Tensor | None = None  # the coupling's loss weight of each sample (N,) (unbalanced, partial OT)
     eps: torch.Tensor | None = None  # a bridge path's noise ε (N, ...)
+    aligning: bool = False  # flow.align: this micro-step adds the alignment term (HASTE stops it)
+    align_target: torch.Tensor | None = None  # REPA: the frozen encoder's features of the clean data (N, D, h, w)
 
 
 @dataclass
 class ObjectiveOutput:
-    """Per-sample loss (N,) in fp32 and the times t (N,) at which it was taken (None: no time)."""
+    """Per-sample loss (N,) in fp32 and the times t (N,) at which it was taken (None: no time); with flow.align, the
+    alignment loss per sample (N,) and its weight λ."""
 
     loss: torch.Tensor
     t: torch.Tensor | None
+    align: torch.Tensor | None = None
+    align_weight: float = 0.0
+
+    def total(self) -> torch.Tensor:
+        """What is minimized, per sample: the loss, plus λ·the alignment loss."""
+        return self.loss if self.align is None else self.loss + self.align_weight * self.align
 
 
 class FlowMatchingObjective:
@@ -68,6 +78,17 @@ class FlowMatchingObjective:
         # Image-conditioned tasks: the spatial condition is replaced by null_condition(condition) ("nothing known")
         # with probability cond_dropout, which trains the unconditional velocity that guidance needs.
         self.cond_dropout, self.null_condition = cond_dropout, null_condition
+        self.alignment = None  # flow.align's regulariser (flows/align.py), set by the training loop
+
+    def aligned(self, loss: torch.Tensor, t: torch.Tensor, hidden: torch.Tensor | None, draw: Draw,
+                x1: torch.Tensor) -> ObjectiveOutput:
+        """The output with the alignment loss of the hidden state, when this micro-step aligns."""
+        if hidden is None:
+            return ObjectiveOutput(loss=loss, t=t)
+        a = self.alignment
+        return ObjectiveOutput(loss=loss, t=t, align=a.loss(hidden, draw.align_target, self.path, draw.x0, x1, draw.t,
+                                                            draw.y, draw.cond),
+                               align_weight=a.weight)
 
     def draw(self, x1: torch.Tensor, y: torch.Tensor | None, generator: torch.Generator,
              shard: BatchShard = BatchShard(), x0: torch.Tensor | None = None,
@@ -98,7 +119,7 @@ class FlowMatchingObjective:
 
     def loss(self, model: Callable, x1: torch.Tensor, draw: Draw) -> ObjectiveOutput:
         sample = self.path.sample(draw.x0, x1.to(draw.x0.dtype), draw.t, draw.eps)
-        out = model(sample.x_t, draw.t, draw.y, **draw.cond)
+        out, hidden = forward(model, self.alignment, draw.aligning, sample.x_t, draw.t, draw.y, **draw.cond)
         kl = None
         if isinstance(out, tuple):  # Latent-CFM: the velocity and the KL of its condition
             out, kl = out
@@ -106,7 +127,7 @@ class FlowMatchingObjective:
         for weight in (self.prediction.loss_weight(draw.t), draw.weight):
             if weight is not None:
                 loss = loss * weight.float()
-        return ObjectiveOutput(loss=loss if kl is None else loss + self.beta * kl.float(), t=draw.t)
+        return self.aligned(loss if kl is None else loss + self.beta * kl.float(), draw.t, hidden, draw, x1)
 
     def distance(self, v: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Per-sample loss between a prediction and its target: the mean squared error, or pseudo-Huber."""

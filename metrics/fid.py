@@ -29,8 +29,8 @@ import torch
 import torch.nn.functional as F
 
 from errors import UserError, atomic_write
+from models.encoders import INCEPTION_FILE  # where clean-fid loads (and downloads) the network
 
-INCEPTION_FILE = Path("/tmp/inception-2015-12-05.pt")  # where clean-fid loads (and downloads) the network
 INCEPTION_URL = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt"
 MODES = ("clean", "legacy_tensorflow")
 # Reference sets clean-fid publishes precomputed statistics for (downloaded on first use).

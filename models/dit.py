@@ -103,6 +103,7 @@ class DiT(nn.Module):
                  cond_dim: int = 0, mean_flow: bool = False, time_scale: float = 1000.0, cond_channels: int = 0,
                  cond_classes: int = 0):
         super().__init__()
+        self.align_depth, self.align_head = 0, None  # flow.align (flows/align.py): the block read, its head
         self.image_cond = ImageCondition(cond_channels, cond_classes) if cond_channels else None
         h, w = (resolution, resolution) if isinstance(resolution, int) else resolution
         if h % patch or w % patch:
@@ -147,10 +148,25 @@ class DiT(nn.Module):
         x = x.reshape(n, gh, gw, p, p, c)
         return torch.einsum("nhwpqc->nchpwq", x).reshape(n, c, gh * p, gw * p)
 
+    @property
+    def hidden_depths(self) -> int:
+        """How many hidden states `hidden_at` can read: one per block."""
+        return len(self.blocks)
+
+    def hidden_dim(self, depth: int) -> int:
+        """Channels of the hidden tokens after block `depth` (1-based)."""
+        return self.blocks[0].attn.proj.out_features
+
+    def hidden_grid(self, depth: int) -> tuple[int, int]:
+        """The token grid (h, w) of the hidden state after block `depth`."""
+        return self.grid
+
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None, s=None, features=None,
-                eps=None, c=None, image_cond=None):
+                eps=None, c=None, image_cond=None, hidden_at: int = 0, hidden_only: bool = False):
         """The velocity (MeanFlow models: the average velocity over [t, s], s None for s = t); a Latent-CFM model
-        trained from encoder features returns (velocity, KL per sample); image_cond: a task's spatial condition."""
+        trained from encoder features returns (velocity, KL per sample); image_cond: a task's spatial condition.
+        hidden_at = k: (velocity, tokens after block k as a map (N, D, h, w), through the alignment head if the model
+        has one); with hidden_only, those tokens alone (no head), the later blocks skipped."""
         if self.image_cond is not None:
             x = self.image_cond(x, image_cond)
         h = self.patch_embed(x).flatten(2).transpose(1, 2) + self.pos_embed.to(x.dtype)  # (N, T, D)
@@ -163,9 +179,16 @@ class DiT(nn.Module):
         if self.feature_cond is not None:
             emb_c, kl = self.feature_cond(features, eps, c)
             emb = emb + emb_c
-        for block in self.blocks:
+        hidden = None
+        for k, block in enumerate(self.blocks, 1):
             h = embeddings.checkpointed(block, h, emb, enabled=self.grad_checkpoint)
+            if k == hidden_at:
+                hidden = h.transpose(1, 2).reshape(h.shape[0], h.shape[2], *self.grid)
+                if hidden_only:
+                    return hidden
         out = self.unpatchify(self.final(h, emb))
+        if hidden_at:
+            return out, hidden if self.align_head is None else self.align_head(hidden)
         return out if kl is None else (out, kl)
 
 

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
+from models.align import HEAD, without_head
 from models.checkpoint import load_weights, read_weights, unwrapped_state
 
 
@@ -25,6 +26,8 @@ class EMA:
     def __init__(self, model: nn.Module, decay: float, warmup: bool = True):
         self.decay, self.warmup = decay, warmup
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
+        if getattr(self.model, HEAD, None) is not None:  # an alignment head is no part of the velocity field
+            setattr(self.model, HEAD, None)
         # (source model, its tensors, ours), listed at the first update: walking the module tree costs
         # milliseconds of host time per step, and training and loading weights update the tensors in place.
         self._pairs: tuple[nn.Module, list[torch.Tensor], list[torch.Tensor]] | None = None
@@ -34,8 +37,10 @@ class EMA:
 
     @staticmethod
     def _tensors(model: nn.Module) -> list[torch.Tensor]:
-        """The tensors averaged, in the order of the averages."""
-        return [*model.parameters(), *(b for b in model.buffers() if b.is_floating_point())]
+        """The tensors averaged, in the order of the averages (an alignment head's left out)."""
+        head = [id(t) for t in getattr(model, HEAD).parameters()] if getattr(model, HEAD, None) is not None else []
+        return [*(p for p in model.parameters() if id(p) not in head),
+                *(b for b in model.buffers() if b.is_floating_point())]
 
     def _averages(self) -> list[torch.Tensor]:
         return self._tensors(self.model)
@@ -77,12 +82,14 @@ class ShardedEMA(EMA):
 
     def __init__(self, model: nn.Module, decay: float, warmup: bool = True, template: nn.Module | None = None):
         self.decay, self.warmup = decay, warmup
-        keys = model.state_dict().keys()
+        keys = without_head(model.state_dict()).keys()  # an alignment head is no part of the velocity field
         named = [(n, t) for n, t in [*model.named_parameters(), *model.named_buffers()] if n in keys]
         self.names = [n for n, t in named if t.is_floating_point()]
         self.shards = [t.detach().clone() for n, t in named if t.is_floating_point()]
         self.fixed = {n: t for n, t in named if not t.is_floating_point()}  # integer buffers: not averaged
         self.model = template.eval().requires_grad_(False) if template is not None else None
+        if getattr(self.model, HEAD, None) is not None:
+            setattr(self.model, HEAD, None)
         self._pairs = None
 
     def _tensors(self, model: nn.Module) -> list[torch.Tensor]:

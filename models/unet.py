@@ -129,6 +129,8 @@ class UNet(nn.Module):
                  resblock_updown: bool = False, feature_dim: int = 0, cond_dim: int = 0, mean_flow: bool = False,
                  time_scale: float = 1000.0, cond_channels: int = 0, cond_classes: int = 0):
         super().__init__()
+        self.align_depth, self.align_head = 0, None  # flow.align (flows/align.py): the block read, its head
+        self.resolution = resolution
         self.image_cond = ImageCondition(cond_channels, cond_classes) if cond_channels else None
         emb_dim = 4 * channels
         self.time_embed = TimestepEmbedder(emb_dim, freq_dim=channels, scale=time_scale)
@@ -173,10 +175,36 @@ class UNet(nn.Module):
                 size *= 2  # nominal; the true size is taken from the skip at run time
         self.out = nn.Sequential(norm(c), nn.SiLU(), zero(nn.Conv2d(c, in_channels, 3, padding=1)))
 
+    @property
+    def hidden_depths(self) -> int:
+        """How many hidden states `hidden_at` can read: the modules of the down path, then the middle."""
+        return len(self.down) + 1
+
+    def hidden_dim(self, depth: int) -> int:
+        """Channels of the hidden state after down-path module `depth` (1-based; len(down) + 1: the middle)."""
+        modules = [*self.down, self.middle[-1]][:depth]
+        for module in reversed(modules):
+            block = module.block if isinstance(module, Level) else module
+            if isinstance(block, ResBlock):
+                return block.conv2.out_channels
+        return self.stem.out_channels
+
+    def hidden_grid(self, depth: int) -> tuple[int, int]:
+        """The spatial size (h, w) of the hidden state after down-path module `depth`, for inputs of the model's
+        resolution."""
+        h = w = self.resolution
+        for module in self.down[:depth]:
+            if isinstance(module, Resample) or getattr(module, "resample", None) == "down":
+                h, w = (h + 1) // 2, (w + 1) // 2
+        return h, w
+
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None, s=None, features=None,
-                eps=None, c=None, image_cond=None):
+                eps=None, c=None, image_cond=None, hidden_at: int = 0, hidden_only: bool = False):
         """The velocity (MeanFlow models: the average velocity over [t, s], s None for s = t); a Latent-CFM model
-        trained from encoder features returns (velocity, KL per sample); image_cond: a task's spatial condition."""
+        trained from encoder features returns (velocity, KL per sample); image_cond: a task's spatial condition.
+        hidden_at = k: (velocity, the hidden state after down-path module k (len(down) + 1: the middle), a map
+        (N, C, h, w), through the alignment head if the model has one); with hidden_only, that map alone (no head),
+        the rest of the network skipped."""
         if self.image_cond is not None:
             x = self.image_cond(x, image_cond)
         emb = self.time_embed(t)
@@ -191,16 +219,27 @@ class UNet(nn.Module):
         h = self.stem(x)
         skips = [h]
         on = self.grad_checkpoint
-        for module in self.down:
+        hidden = None
+        for k, module in enumerate(self.down, 1):
             h = embeddings.checkpointed(module, h, emb, enabled=on) if not isinstance(module, Resample) else module(h)
             skips.append(h)
+            if k == hidden_at:
+                hidden = h
+                if hidden_only:
+                    return hidden
         h = embeddings.checkpointed(self.middle_forward, h, emb, enabled=on)
+        if hidden_at == len(self.down) + 1:
+            hidden = h
+            if hidden_only:
+                return hidden
         for module in self.up:
             if isinstance(module, Level):
                 h = embeddings.checkpointed(module, torch.cat([h, skips.pop()], dim=1), emb, enabled=on)
             else:  # up-sample to the size of the skip the next block takes
                 size = tuple(skips[-1].shape[-2:])
                 h = module(h, size) if isinstance(module, Resample) else module(h, emb, size)
+        if hidden_at:
+            return self.out(h), hidden if self.align_head is None else self.align_head(hidden)
         return self.out(h) if kl is None else (self.out(h), kl)
 
     def middle_forward(self, h: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
