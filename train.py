@@ -534,7 +534,7 @@ def run(cfg: Config, run_dir: Path, accelerator, trackers: list[str], stop: Stop
                            "samples_per_s": steps_timed * t.batch_size / elapsed,
                            **({"max_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30}
                               if device.type == "cuda" else {}),
-                           **aligned_losses(accelerator.reduce(align_sums, "sum")),
+                           **(aligned_losses(accelerator.reduce(align_sums, "sum")) if alignment else {}),
                            **loss_by_time.read(lambda x: accelerator.reduce(x, "sum"))}
                 align_sums.zero_()
                 log.metrics(step, metrics)

@@ -261,9 +261,10 @@ def cached_features(cfg: Config, dataset, encoder, grid: tuple[int, int], accele
     folder = (Path(cfg.align.cache_dir) if cfg.align.cache_dir else default_cache_dir()) / feature_cache_key(
         cfg, dataset, encoder, grid)
     manifest = folder / "manifest.json"
-    if manifest.is_file() and json.loads(manifest.read_text()).get("encoder") != encoder.key:
-        raise UserError(f"feature cache {folder} was made by another encoder "
-                        f"({json.loads(manifest.read_text()).get('encoder')}); delete it or set align.cache_dir")
+    made_by = json.loads(manifest.read_text()).get("encoder") if manifest.is_file() else encoder.key
+    if made_by != encoder.key:
+        raise UserError(f"feature cache {folder} was made by another encoder ({made_by}); delete it or set "
+                        "align.cache_dir")
 
     def encode(x: torch.Tensor) -> torch.Tensor:
         return resized(encoder(x), grid).half()

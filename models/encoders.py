@@ -144,8 +144,8 @@ def _takes_img_size(name: str) -> bool:
     """Whether timm's model `name` is a ViT-style model that takes img_size (and resizes its positions)."""
     import timm
 
-    return any(family in timm.models.get_pretrained_cfg(name).architecture if timm.models.get_pretrained_cfg(name)
-               else False for family in ("vit", "deit", "eva"))
+    config = timm.models.get_pretrained_cfg(name)
+    return config is not None and any(family in config.architecture for family in ("vit", "deit", "eva"))
 
 
 class AutoencoderEncoder(nn.Module):
