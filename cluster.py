@@ -1,4 +1,5 @@
-"""Running as a cluster job: stop requests from the scheduler, one writer per run folder, and progress in a log file.
+"""Running as a cluster job: the processes of a launch (their Accelerator, results gathered back in index order),
+stop requests from the scheduler, one writer per run folder, and progress in a log file.
 
 A job scheduler (SLURM, Kubernetes, most others) sends SIGTERM before it preempts or ends a job, and Ctrl-C sends
 SIGINT. `StopRequest` turns the first of either into a request that the scripts honour at their next safe point:
@@ -159,6 +160,15 @@ class PlainProgress:
         self._start_n = self.n  # closing twice shows one line
 
 
+def accelerator(**kwargs):
+    """accelerate's Accelerator for the processes of this launch (kwargs go to it). Without CUDA, accelerate runs
+    several processes only when told to use the CPU (gloo)."""
+    from accelerate import Accelerator
+
+    cpu_multiprocess = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return Accelerator(cpu=cpu_multiprocess, **kwargs)
+
+
 def progress(total: int, **kwargs):
     """A tqdm bar on a terminal; a PlainProgress line every PLAIN_EVERY_S seconds when stderr is a file or pipe."""
     if sys.stderr.isatty():
@@ -190,3 +200,13 @@ def run_main(main: Callable[[], object]) -> NoReturn:
         sys.stderr.flush()
         os._exit(status or 0)
     sys.exit(status or 0)
+
+
+def gather_indexed(accelerator, local: torch.Tensor, n: int) -> torch.Tensor:
+    """Rows that process r computed for indices r, r + W, r + 2W, ... gathered back into index order (n, ...)."""
+    world = accelerator.num_processes
+    m = -(-n // world)
+    padded = torch.zeros(m, *local.shape[1:], dtype=local.dtype, device=accelerator.device)
+    padded[: len(local)] = local.to(accelerator.device)
+    everything = accelerator.gather(padded).cpu().reshape(world, m, *local.shape[1:])
+    return everything.transpose(0, 1).reshape(world * m, *local.shape[1:])[:n]

@@ -112,6 +112,18 @@ def atomic_write(path: str | Path, write: Callable[[Path], object]) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def writable_folder(folder: Path, name: str, fix: str) -> None:
+    """Create `folder` and check that it is writable before any work is done, or one sentence: '{name} {folder} is
+    not writable (why); {fix}'."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write_test_{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"{name} {folder} is not writable ({e.strerror}); {fix}") from None
+
+
 def exit_on(error: UserError) -> None:
     """Print the error as one line ('error: ...') unless another process does, and exit with status 2."""
     # A DataLoader worker's error arrives wrapped in its traceback; the user's sentence is the last line.

@@ -29,6 +29,11 @@ from datetime import datetime
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from errors import UserError  # noqa: E402
+from flows.sampling import parse_samplers  # noqa: E402
+
 SHARED = ROOT.parent / "shared" / "data" / "mnist"
 ALIGN = {
     "plain": [],
@@ -92,6 +97,10 @@ def main() -> None:
                    "config's unet-mnist)")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "align_mnist")
     args = p.parse_args()
+    try:  # checked before training, not when evaluate.py reads it after the runs
+        parse_samplers([args.sampler])
+    except UserError as e:
+        p.error(str(e))
     methods = args.methods.split(",")
     args.out.mkdir(parents=True, exist_ok=True)
     cache_dir = args.out / "feature_cache"

@@ -5,7 +5,7 @@
 
 Each step is the toolkit's own: the objective's draw and per-sample loss (flows.FlowMatchingObjective, or
 flows.MeanFlowObjective: a forward-mode JVP of the unwrapped network without gradient, then the forward and
-backward of the prediction), backward, clipping, AdamW and EMA (train.update_weights). unet-cifar10 runs on
+backward of the prediction), backward, clipping, AdamW and EMA (backend.update_weights). unet-cifar10 runs on
 CIFAR-shaped pixels (3×32×32), DiTs on SD-VAE-shaped latents (4×32×32). The two objectives alternate in ABBA
 order --repeats times; the best seconds per step of each and their ratio are printed.
 """
@@ -23,11 +23,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from backend import update_weights  # noqa: E402
 from config import load_config  # noqa: E402
 from flows import build_objective  # noqa: E402
 from models import build_model  # noqa: E402
 from models.ema import EMA  # noqa: E402
-from train import update_weights  # noqa: E402
 
 
 class _Accelerator:

@@ -47,10 +47,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from backend import update_weights  # noqa: E402
 from config import load_config  # noqa: E402
 from models import build_model  # noqa: E402
 from models.ema import EMA  # noqa: E402
-from train import update_weights  # noqa: E402
 
 SHAPE = (3, 32, 32)
 # Dense (no sparsity) peak TFLOP/s by GPU name: (bf16 / fp16 tensor cores, TF32 tensor cores), from the vendors'

@@ -275,3 +275,33 @@ IMAGE_DATASETS = {
     "fields": lambda cfg: FieldDataset(cfg.data.path),
 }
 
+
+def read_image_folder(folder: Path) -> torch.Tensor:
+    """Every image under `folder` (sorted paths) as uint8 (N, C, H, W); gray stays one channel."""
+    paths = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not paths:
+        raise UserError(f"reference folder {folder} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    images = []
+    for path in paths:
+        try:
+            image = Image.open(path)
+            image = image.convert("L" if image.mode in ("L", "I", "I;16", "1") else "RGB")
+        except OSError as e:
+            raise UserError(f"reference image {path} cannot be read ({e}); remove or replace it") from None
+        array = np.asarray(image)
+        images.append(torch.from_numpy((array[None] if array.ndim == 2 else array.transpose(2, 0, 1)).copy()))
+    sizes = {tuple(x.shape) for x in images}
+    if len(sizes) > 1:
+        raise UserError(f"reference folder {folder} mixes image sizes {sorted(sizes)[:3]}; resize them to one size")
+    return torch.stack(images)
+
+
+def read_npz_images(path: Path) -> torch.Tensor:
+    """arr_0 of an .npz (N, H, W, C) or (N, H, W) uint8, as sample.py --npz and the ADM evaluator write it."""
+    with np.load(path) as z:
+        if "arr_0" not in z:
+            raise UserError(f"{path} holds neither statistics (mu, sigma) nor images (arr_0); give another --ref")
+        array = z["arr_0"]
+    if array.dtype != np.uint8 or array.ndim not in (3, 4):
+        raise UserError(f"{path}: arr_0 must be uint8 (N, H, W, C), got {array.dtype} {array.shape}")
+    return torch.from_numpy(array[:, None] if array.ndim == 3 else array.transpose(0, 3, 1, 2).copy())

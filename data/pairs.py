@@ -15,11 +15,16 @@ command that would continue or redo the folder with anything else is refused, na
 from __future__ import annotations
 
 import json
+import sys
+import time
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import torch
 
-from errors import UserError
+from cluster import Stopped, StopRequest, progress
+from errors import UserError, atomic_write, on_main_process
 
 SHARD = 1024  # items per shard
 STARTED = "pairs.started.json"  # the settings of a folder under way, written before its first shard
@@ -55,6 +60,60 @@ def check_settings(folder: Path, settings: dict) -> bool:
         raise UserError(f"pairs folder {folder} was made with {was}; this command asks for {now}: give the same "
                         "settings to continue it, or choose another --save-dir")
     return True
+
+
+def write_pairs(accelerator, folder: Path, settings: dict, about: dict, batch_size: int,
+                make: Callable[[list[int]], tuple[torch.Tensor, torch.Tensor]], labels: torch.Tensor | None,
+                teacher: str, what: str) -> None:
+    """The shards of pairs 0..n-1 (n = settings['n']) that `folder` does not hold yet, shared out over the processes
+    in turn, each made by make(batch) -> (x0, x1) on the CPU (with the labels of the items) and written whole. The
+    `settings` (what makes the pairs: teacher, sampler, seed, ...) are recorded before the first shard, and a folder
+    begun with others is refused; pairs.json, written last, holds them with `about` (what the data look like)."""
+    from safetensors.torch import save_file
+
+    n = settings["n"]
+    started = on_main_process(accelerator, partial(check_settings, folder, settings))
+    if accelerator.is_main_process and not started:
+        atomic_write(folder / STARTED, lambda tmp: tmp.write_text(json.dumps(settings, indent=1)))
+    missing = [k for k in range(shard_count(n)) if not shard_path(folder, k).exists()]
+    accelerator.wait_for_everyone()
+    mine = missing[accelerator.process_index::accelerator.num_processes]
+    if accelerator.is_main_process:
+        print(f"{teacher}: {n} pairs in {shard_count(n)} shards ({shard_count(n) - len(missing)} already in "
+              f"{folder}), {what}, {accelerator.num_processes} process(es) on {accelerator.device}")
+    bar = progress(sum(min(SHARD, n - k * SHARD) for k in mine), unit="pair", desc="pairs",
+                   disable=not accelerator.is_main_process)
+    slots = -(-len(missing) // accelerator.num_processes)  # the same count on every process
+    with StopRequest() as stop:
+        for slot in range(slots):
+            if slot < len(mine):
+                k = mine[slot]
+                items = list(range(k * SHARD, min(n, (k + 1) * SHARD)))
+                x0s, x1s = [], []
+                for first in range(0, len(items), batch_size):
+                    x0, x1 = make(items[first: first + batch_size])
+                    x0s.append(x0)
+                    x1s.append(x1)
+                    bar.update(len(x0))
+                tensors = {"x0": torch.cat(x0s), "x1": torch.cat(x1s)}
+                if labels is not None:
+                    tensors["y"] = labels[items].clone()
+                atomic_write(shard_path(folder, k), lambda tmp, tensors=tensors: save_file(tensors, str(tmp)))
+            if stop.now(accelerator) and slot + 1 < slots:
+                bar.close()
+                accelerator.wait_for_everyone()
+                if accelerator.is_main_process:
+                    done = sum(shard_path(folder, k).exists() for k in range(shard_count(n)))
+                    print(f"stopped by {stop.name}: {done} of {shard_count(n)} shards in {folder}; run the same "
+                          "command to continue", file=sys.stderr)
+                raise Stopped
+    bar.close()
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        manifest = {**settings, "shard_size": SHARD, **about, "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+        atomic_write(folder / "pairs.json", lambda tmp: tmp.write_text(json.dumps(manifest, indent=1)))
+        (folder / STARTED).unlink(missing_ok=True)  # pairs.json says it all now
+        print(f"done: {n} pairs in {folder} ({what})")
 
 
 def read_manifest(folder: str | Path) -> dict:

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
 import seeds
-from data.images import IMAGE_SUFFIXES, ImageFolderDataset
+from data.images import IMAGE_SUFFIXES, ImageFolderDataset, read_image_folder, to_model_range
 from errors import UserError
 
 TASKS = ("inpaint", "superres", "semantic")
@@ -469,9 +469,6 @@ def cases_from_folder(task, folder: str | Path, image_shape: tuple[int, ...], n:
                       mask_kind: str = "mixed", seed: int = 0) -> Cases:
     """The cases of sample.py --condition-images DIR: images of the model's size (superres: also of the low
     resolution, taken as the measurement itself) or label maps (semantic), in sorted order, case k from file k."""
-    from data.images import to_model_range
-    from metrics.fid import read_image_folder
-
     folder = Path(folder)
     if not folder.is_dir():
         raise UserError(f"--condition-images {folder} is not a folder")
@@ -499,3 +496,21 @@ def cases_from_folder(task, folder: str | Path, image_shape: tuple[int, ...], n:
                         f"takes its own case (sample k from file k), so ask for at most {cases.count} samples or add "
                         "images")
     return cases
+
+
+def check_task(cfg, task, dataset, pairs, features) -> None:
+    """What an image-conditioned task (data.task) does not go with, one line each."""
+    if len(dataset.shape) != 3:
+        raise UserError(f"data.task={task.name} conditions on images but {cfg.data.name} has shape {dataset.shape}; "
+                        "use an image dataset or remove data.task")
+    if task.name == "superres":
+        task.check(dataset.shape)
+    if cfg.latent.autoencoder and cfg.latent.cache:
+        raise UserError(f"data.task={task.name} in latent space encodes each batch's condition as it trains; set "
+                        "latent.cache=false")
+    for reason, present in (("flow.objective=meanflow", cfg.flow.objective != "cfm"),
+                            ("reflow pairs (data.name=pairs)", pairs is not None),
+                            ("Latent-CFM (latentcfm.encoder)", features is not None),
+                            ("train.eval_every (use evaluate.py --task)", cfg.train.eval_every > 0)):
+        if present:
+            raise UserError(f"data.task={task.name} does not go with {reason} here; remove one of them")

@@ -8,6 +8,7 @@ average-velocity objective), solvers.py (ODE integration with exact NFE, MeanFlo
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 
 from config import Config
@@ -142,6 +143,68 @@ def check_sampling(cfg: Config, solvers: list[str] | None = None) -> None:
                else f"data.source={cfg.data.source} is not a standard Gaussian")
         raise UserError(f"solver {sde} needs the score, which the velocity gives only on an affine path from a "
                         f"Gaussian source; {why}: sample this model with an ODE solver (euler, heun, dopri5, ...)")
+
+
+def check_data(cfg: Config, dataset, pairs, features, task) -> None:
+    """What the config asks of the data once they are read (the teacher's data and the reflow `pairs`, Latent-CFM's
+    `features` encoder, the image-conditioned `task`), one clear sentence for each mismatch."""
+    from data import data_info
+    from data.tasks import check_task
+
+    t, num_classes = cfg.train, dataset.num_classes if cfg.model.class_cond else 0
+    if cfg.model.class_cond and not dataset.num_classes:
+        raise UserError(f"model.class_cond is set but {cfg.data.name} has no labels; set model.class_cond=false")
+    if cfg.flow.label_dropout > 0 and not num_classes:
+        raise UserError("flow.label_dropout drops class labels, which an unconditional model does not have; "
+                        "set model.class_cond=true or flow.label_dropout=0")
+    if (pairs is not None) != (cfg.flow.coupling == "pairs"):
+        raise UserError("flow.coupling=pairs trains on the noise that reflow pairs carry: use it with data.name=pairs "
+                        "data.path=DIR (made by sample.py --pairs), and data.name=pairs with it")
+    if pairs is not None and cfg.latent.autoencoder:
+        raise UserError("reflow pairs are made and read in pixel space here; remove latent.autoencoder")
+    if pairs is not None and pairs.shape != tuple(dataset.shape):
+        raise UserError(f"pairs folder {cfg.data.path} holds items of shape {pairs.shape} but its teacher's data "
+                        f"have shape {tuple(dataset.shape)}; make the pairs again with a teacher of these data")
+    if pairs is not None and cfg.data.hflip:
+        raise UserError("data.hflip would mirror a pair's sample without its noise; remove it for reflow pairs")
+    if cfg.flow.objective == "meanflow" and features is not None:
+        raise UserError("flow.objective=meanflow does not take Latent-CFM's condition here; remove latentcfm.encoder")
+    if cfg.flow.meanflow_cfg != 1 and not (num_classes and cfg.flow.label_dropout > 0):
+        raise UserError("flow.meanflow_cfg bakes classifier-free guidance into the target, which needs a "
+                        "class-conditional model trained with label dropout (model.class_cond=true "
+                        "flow.label_dropout=0.1)")
+    if task is not None:
+        check_task(cfg, task, dataset, pairs, features)
+    if t.eval_every and data_info(cfg, dataset)["kind"] == "field":
+        raise UserError("train.eval_every measures FID of images or W2 of points; these data are fields: set "
+                        "train.eval_every=0")
+    if t.eval_every and len(dataset.shape) == 1 and t.eval_n > len(dataset):
+        raise UserError(f"train.eval_n {t.eval_n} exceeds the {len(dataset)} points of the dataset, against as many "
+                        f"of which the in-training W2 is measured; set train.eval_n ≤ {len(dataset)}")
+    if cfg.data.hflip and len(dataset.shape) != 3:
+        raise UserError(f"data.hflip applies to images but {cfg.data.name} has shape {dataset.shape}; remove it")
+    if cfg.flow.objective == "autoencoder" and (num_classes or t.eval_every or cfg.latent.autoencoder):
+        raise UserError("an autoencoder (flow.objective=autoencoder) is trained on pixels without model.class_cond "
+                        "and train.eval_every; remove them (and latent.autoencoder)")
+
+
+def weights_meta(cfg: Config, dataset, task, space, features) -> dict[str, str]:
+    """What sampling needs to know without the data, written into the weight files: the data's kind, shape and
+    classes, the trained null class and condition dropout, the task, MeanFlow's baked guidance, the latent shape,
+    Latent-CFM's feature and condition sizes."""
+    from data import data_info
+    from data.tasks import task_info
+
+    meta = data_info(cfg, dataset)
+    meta["label_dropout"] = repr(cfg.flow.label_dropout)  # guidance needs a trained null class
+    meta.update(task_info(task), cond_dropout=repr(cfg.flow.cond_dropout))
+    if cfg.flow.objective == "meanflow":  # guidance baked in at this scale: sampling needs no --cfg-scale
+        meta["meanflow_cfg"] = repr(cfg.flow.meanflow_cfg)
+    if cfg.latent.autoencoder:
+        meta["latent_shape"] = json.dumps(list(space.shape))
+    if features is not None:  # sampling draws c of this size from the prior, or from reference images
+        meta.update(feature_dim=str(features.dim), condition_dim=str(cfg.latentcfm.dim))
+    return meta
 
 
 # Settings read by one choice of another key only: set with another choice, they would be accepted and ignored.

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -294,3 +295,38 @@ class WithFeatures:
         if self.mirrored is not None:
             extras["align_mirrored"] = self.mirrored[idx]
         return x, y, extras
+
+
+def align_data(cfg: Config, alignment, encoder, dataset, train_data, pairs, accelerator, log, loop_flips: bool):
+    """REPA's targets: the training data with the encoder's features cached beside each item (align.cache), or the
+    encoder to run on each batch's images; for the other regularisers the data as they are. Returns the data and
+    that function (or None)."""
+    a = cfg.align
+    described = f"align: {cfg.flow.align}, λ {alignment.weight:g}, block {alignment.depth}"
+    if encoder is None:
+        log(described + (f", target block {alignment.target_depth} of the EMA model at t + {alignment.time_gap:g}"
+                         if alignment.method == "sra" else f", τ {alignment.temperature:g}")
+            + (f", stops at step {alignment.stop_step}" if alignment.stop_step else ""))
+        return train_data, None
+    described += (f", encoder {encoder.key} ({encoder.dim} features on the {alignment.grid[0]}×{alignment.grid[1]} "
+                  f"token grid)" + (f", stops at step {alignment.stop_step}" if alignment.stop_step else ""))
+    if not a.cache:
+        log(described + ", run on every batch")
+        autocast = accelerator.autocast
+        return train_data, lambda x: resized(_under(autocast, encoder, x), alignment.grid).float()
+    if pairs is not None:
+        raise UserError("REPA's feature cache holds the dataset's images, not reflow pairs' samples; set "
+                        "align.cache=false to encode each batch")
+    started = time.perf_counter()
+    parts, computed, folder = cached_features(cfg, dataset, encoder, alignment.grid, accelerator)
+    mirrored = parts.get("mirrored")
+    features = parts["mean"] if mirrored is None or loop_flips else torch.cat([parts["mean"], mirrored])
+    log(described + f"; feature cache {folder}: {len(parts['mean'])} images "
+        + (f"computed in {time.perf_counter() - started:.1f} s" if computed else "reused")
+        + (" (and their mirrors)" if mirrored is not None else ""))
+    return WithFeatures(train_data, features, mirrored if loop_flips else None), None
+
+
+def _under(autocast, encoder, x: torch.Tensor) -> torch.Tensor:
+    with autocast():  # the training precision
+        return encoder(x)

@@ -135,3 +135,45 @@ def build_space(cfg: Config, data_shape: tuple[int, ...]) -> PixelSpace | Latent
     else:
         raise UserError(f"{weights} stores no latent scale; set latent.scale (and latent.shift)")
     return LatentSpace(autoencoder, shift, scale, cfg.latent.sample_posterior, data_shape, str(weights))
+
+
+def reference_features(condition_images: str | None, cfg: Config, meta: dict, device: torch.device
+                       ) -> torch.Tensor | None:
+    """Features of sample.py's --condition-images under a Latent-CFM model's frozen encoder (R, F), or None."""
+    if not condition_images:
+        return None
+    if "feature_dim" not in meta:
+        raise UserError("--condition-images conditions Latent-CFM models (trained with latentcfm.encoder); this "
+                        "model is not one")
+    from data.images import read_image_folder, to_model_range
+
+    folder, data_shape = Path(condition_images), tuple(json.loads(meta["data_shape"]))
+    if not folder.is_dir():
+        raise UserError(f"--condition-images {folder} is not a folder of images")
+    images = read_image_folder(folder)
+    if tuple(images.shape[1:]) != data_shape:
+        raise UserError(f"--condition-images {folder} holds images of shape {tuple(images.shape[1:])} but the model "
+                        f"was trained on {data_shape}; give images of the training data's size and channels")
+    encoder = build_feature_encoder(cfg, data_shape).to(device)
+    return encoder(to_model_range(images).to(device))
+
+
+def training_data(cfg: Config, dataset, pairs, space, accelerator, log) -> tuple[object, object, bool]:
+    """What the training loop reads: reflow pairs or the dataset, or for latent flow matching with latent.cache the
+    dataset's latents, encoded once by all processes (logged with `log`). Returns the data, the space that encodes
+    each batch (latent flow matching without the cache; else None) and whether the loop mirrors images (data.hflip
+    where the cache does not hold the mirrors)."""
+    from data.latents import encode_dataset
+
+    data, encode_per_step = pairs if pairs is not None else dataset, space if cfg.latent.autoencoder else None
+    loop_flips = cfg.data.hflip and pairs is None and not (cfg.latent.autoencoder and cfg.latent.cache)
+    if cfg.latent.autoencoder and cfg.latent.cache:
+        if cfg.latent.sample_posterior:
+            raise UserError("the latent cache stores posterior means; latent.sample_posterior=true needs "
+                            "latent.cache=false")
+        cache_dir = Path(cfg.latent.cache_dir) if cfg.latent.cache_dir else None
+        data, encoded = encode_dataset(cfg, dataset, space, accelerator, cache_dir)
+        encode_per_step = None
+        log(f"latent cache: {len(data)} latents {'encoded' if encoded else 'reused'}"
+            + (" (images and their mirrors)" if cfg.data.hflip else ""))
+    return data, encode_per_step, loop_flips

@@ -24,6 +24,8 @@ from dataclasses import dataclass
 
 import torch
 
+import seeds
+from cluster import Stopped
 from flows.solvers import ADAPTIVE, check_solver, integrate, integrate_adaptive
 
 EXACT_DIVERGENCE_MAX_DIM = 16  # up to this many dimensions the divergence is exact
@@ -109,3 +111,46 @@ def log_likelihood(velocity: Callable[[torch.Tensor, torch.Tensor], torch.Tensor
     nll = -log_p - (d * math.log(BIN) if dequantize else 0.0)
     return LikelihoodResult(log_p=log_p, bpd=nll / (d * math.log(2)), nfe=out.nfe)
 
+
+def bits_per_dim(accelerator, model, dataset, kind: str, cfg, n: int, seed: int, batch_size: int, tol: float,
+                 stop) -> float:
+    """Mean bits/dim of the first n items of a permutation of the dataset drawn from `seed`, shared over the
+    processes in batches of `batch_size`, integrated with dopri5 at atol = rtol = `tol` (evaluate.py --bpd): fixed-grid
+    solvers of a few steps are far too coarse backwards. `stop`: a StopRequest, honoured after each batch.
+
+    A Latent-CFM model's density is a mixture over its condition c, log p(x) = log E_p(c)[p(x|c)]; it is bounded
+    with c drawn from q(c|x) (the encoder's features of x through the trained posterior layer):
+    −log p(x) ≤ E_q[−log p(x|c)] + KL(q(c|x) ‖ N(0, I)), one c per item."""
+    from flows.latent import build_feature_encoder
+
+    n = min(n, len(dataset))
+    pick = torch.randperm(len(dataset), generator=seeds.generator("likelihood items", seed))[:n]
+    mine = pick[accelerator.process_index::accelerator.num_processes]
+    total = torch.zeros(2, dtype=torch.float64, device=accelerator.device)
+    dtype = next(model.parameters()).dtype
+    conditional = getattr(model, "label_embed", None) is not None
+    layer = getattr(model, "feature_cond", None)
+    encoder = build_feature_encoder(cfg, dataset.shape).to(accelerator.device) if layer is not None else None
+    for first in range(0, -(-n // accelerator.num_processes), batch_size):  # as many batches on every process
+        idx = mine[first: first + batch_size]
+        if len(idx):
+            x, y = dataset[idx]
+            x = x.to(accelerator.device, dtype)
+            y = y.to(accelerator.device) if conditional and y is not None else None
+            # Item i's noise whatever the batch and processes: dequantization and Hutchinson (stream 0), c (2).
+            keys = [("likelihood", seed, int(i)) for i in idx]
+            cond, kl = {}, torch.zeros(len(idx), dtype=torch.float64, device=accelerator.device)
+            if layer is not None:
+                eps = torch.stack([torch.randn(layer.cond_dim, generator=seeds.generator(*key, 2))
+                                   for key in keys]).to(accelerator.device)
+                c, kl = layer.sample(encoder(x), eps)
+                cond, kl = {"c": c}, kl.double()
+            out = log_likelihood(lambda x, t, y=y, cond=cond: model(x, t, y, **cond), x, None, "dopri5",
+                                 atol=tol, rtol=tol, dequantize=kind == "image",
+                                 generators=[seeds.generator(*key, 0) for key in keys])
+            bpd = out.bpd.double() + kl / (x[0].numel() * math.log(2))
+            total += torch.tensor([bpd.sum().item(), len(idx)], dtype=torch.float64, device=accelerator.device)
+        if stop.now(accelerator):
+            raise Stopped
+    total = accelerator.reduce(total, "sum")
+    return float(total[0] / total[1])

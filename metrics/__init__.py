@@ -1,4 +1,5 @@
-"""Sample-quality metrics: FID and KID on image features (fid.py), W2 and MMD on points (points.py).
+"""Sample-quality metrics: FID and KID on image features (fid.py), W2 and MMD on points (points.py); evaluate.py's
+report (report.py) and its image-conditioned task rows (tasks.py); what training shows of itself (monitor.py).
 
 evaluate.py and train.py's `train.eval_every` share them; bits per dimension lives in flows/likelihood.py.
 """

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from data.images import read_image_folder, read_npz_images
 from errors import UserError, atomic_write
 from models.encoders import INCEPTION_FILE  # where clean-fid loads (and downloads) the network
 
@@ -235,41 +236,6 @@ def kernel_inception_distance(features1: np.ndarray, features2: np.ndarray, subs
 # Reference images: where they come from, read as uint8 (N, C, H, W).
 
 
-def read_image_folder(folder: Path) -> torch.Tensor:
-    """Every image under `folder` (sorted paths) as uint8 (N, C, H, W); gray stays one channel."""
-    from PIL import Image
-
-    from data.images import IMAGE_SUFFIXES
-
-    paths = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-    if not paths:
-        raise UserError(f"reference folder {folder} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
-    images = []
-    for path in paths:
-        try:
-            image = Image.open(path)
-            image = image.convert("L" if image.mode in ("L", "I", "I;16", "1") else "RGB")
-        except OSError as e:
-            raise UserError(f"reference image {path} cannot be read ({e}); remove or replace it") from None
-        array = np.asarray(image)
-        images.append(torch.from_numpy((array[None] if array.ndim == 2 else array.transpose(2, 0, 1)).copy()))
-    sizes = {tuple(x.shape) for x in images}
-    if len(sizes) > 1:
-        raise UserError(f"reference folder {folder} mixes image sizes {sorted(sizes)[:3]}; resize them to one size")
-    return torch.stack(images)
-
-
-def read_npz_images(path: Path) -> torch.Tensor:
-    """arr_0 of an .npz (N, H, W, C) or (N, H, W) uint8, as sample.py --npz and the ADM evaluator write it."""
-    with np.load(path) as z:
-        if "arr_0" not in z:
-            raise UserError(f"{path} holds neither statistics (mu, sigma) nor images (arr_0); give another --ref")
-        array = z["arr_0"]
-    if array.dtype != np.uint8 or array.ndim not in (3, 4):
-        raise UserError(f"{path}: arr_0 must be uint8 (N, H, W, C), got {array.dtype} {array.shape}")
-    return torch.from_numpy(array[:, None] if array.ndim == 3 else array.transpose(0, 3, 1, 2).copy())
-
-
 def _fingerprint(path: Path) -> str:
     """Changes when the files under `path` change (names, sizes, modification times)."""
     files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
@@ -387,3 +353,11 @@ def load_reference(spec: str | None, extractor, resolution: tuple[int, int], sta
         raise UserError(f"KID needs the reference's features, but {reference.name} holds only statistics; give a "
                         "folder, an .npz of images, or the run's dataset")
     return reference
+
+
+def image_metrics(features: np.ndarray, reference: Reference, kid: bool, seed: int) -> dict:
+    """FID of the features (N, D) against the reference, and with `kid` the KID (mean and std over subsets)."""
+    out = {"fid": frechet_distance(features.mean(0), np.cov(features, rowvar=False), reference.mu, reference.sigma)}
+    if kid:
+        out["kid"], out["kid_std"] = kernel_inception_distance(features, reference.features, seed=seed)
+    return out

@@ -11,6 +11,7 @@ channel multipliers (1, 2, 2) gives 7×7 latents. Trained by train.py with `flow
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 import torch
@@ -178,3 +179,13 @@ def load_diffusers_autoencoder(path: str) -> DiffusersAutoencoder:
         raise UserError(f"diffusers could not load an AutoencoderKL from {path} ({type(e).__name__}); give a folder "
                         "saved with save_pretrained or a hub id such as stabilityai/sd-vae-ft-mse") from None
     return DiffusersAutoencoder(vae)
+
+
+@torch.no_grad()
+def latent_statistics(autoencoder, dataset, device: torch.device, n: int = 1024) -> dict[str, str]:
+    """The latent shape, and the shift and scale that make the latent means of up to n fixed dataset items zero
+    mean and unit variance (latent flow matching trains on (z − shift) · scale), as weight-file metadata."""
+    idx = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0))[:n]
+    z = torch.cat([autoencoder.encode(dataset[chunk][0].to(device)).mean.float().cpu() for chunk in idx.split(256)])
+    return {"latent_shape": json.dumps(list(z.shape[1:])), "latent_shift": repr(z.mean().item()),
+            "latent_scale": repr(1 / z.std().item())}

@@ -12,6 +12,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from config import load_config
 from errors import UserError, atomic_write, full_disk, on_main_process, together
 
 
@@ -187,3 +188,38 @@ def load_checkpoint(accelerator, path: Path, ema) -> None:
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise UserError(f"checkpoint {path} cannot be loaded ({reason}); delete it to resume from the previous "
                         "one") from None
+
+
+def init_weights(model: nn.Module, path: str, time_scale: float) -> str:
+    """train.init_from: a new run starts from another's weights (a checkpoint folder's EMA, or a weight file), which
+    read the time through their own embedding's scale; a MeanFlow interval embedding the weights lack starts adding
+    zero. Returns what was done, for the log."""
+    init = Path(path) / "ema.safetensors" if Path(path).is_dir() else Path(path)
+    if (init.parent / "config.yaml").is_file():
+        scale = load_config(init.parent / "config.yaml").model.time_scale
+        if scale != time_scale:
+            raise UserError(f"train.init_from {init.parent} was trained with model.time_scale={scale:g}; set "
+                            f"model.time_scale={scale:g} (its time embedding reads {scale:g}·t)")
+    new = load_weights(model, init, missing_ok=("interval_embed.",))
+    return f"initialized from {init}" + (f"; the MeanFlow interval embedding ({len(new)} tensors) starts adding zero"
+                                         if new else "")
+
+
+def select_checkpoints(run: Path, spec: str) -> list[tuple[int, Path]]:
+    """The checkpoints of a run that evaluate.py's --checkpoints names: all, last, or steps such as 5000,10000."""
+    found = list_checkpoints(run)
+    if not found:
+        raise UserError(f"run dir {run} has no checkpoints (checkpoints/step_N); train first or give the run's folder")
+    if spec == "all":
+        return found
+    if spec == "last":
+        return found[-1:]
+    try:
+        wanted = [int(s) for s in spec.split(",")]
+    except ValueError:
+        raise UserError(f"--checkpoints must be all, last or training steps such as 5000,10000; got {spec}") from None
+    steps = dict(found)
+    missing = [s for s in wanted if s not in steps]
+    if missing:
+        raise UserError(f"run dir {run} has no checkpoint at step {missing[0]}; it has {', '.join(map(str, steps))}")
+    return [(s, steps[s]) for s in wanted]

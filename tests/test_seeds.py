@@ -66,7 +66,7 @@ def test_the_streams_of_one_sample_are_independent():
 
 
 def draws_of_step_0(train_seed: int):
-    from train import micro_steps
+    from flows.batches import micro_steps
 
     cfg = load_config(None, [f"train.seed={train_seed}", "data.size=256"])
     dataset = build_dataset(cfg)

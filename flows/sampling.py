@@ -1,0 +1,205 @@
+"""One sampler specification for sample.py, evaluate.py and the benches, parsed and checked once, and the batch of
+samples it draws.
+
+A sampler is SOLVER[:STEPS][:SCHEDULE] (euler:10, heun:25:cosine, rk4:4:logit_normal:mean=0,std=1, dopri5); the
+rest of the specification is the config's sample section (guidance scale and interval, tolerances, SDE diffusion
+and last step, seed, batch per process), which the scripts' flags override. Sample k's noise, label and condition
+come from (seed, k) (flows/solvers.py), so a sample does not depend on the batch or on the number of processes.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from cluster import Stopped, gather_indexed, progress
+from config import Config, check_range
+from data.tasks import model_inputs, task_of_meta
+from errors import UserError
+from flows import SDE_SOLVERS, check_sampling, sde_sampler, velocity_model
+from flows.schedules import parse_schedule
+from flows.solvers import (
+    ADAPTIVE,
+    SolverResult,
+    check_solver,
+    check_tolerances,
+    condition,
+    fixed_grid_nfe,
+    generate,
+    noise,
+    parse_interval,
+    sampler_passes,
+)
+from models import build_model
+from models.checkpoint import load_weights
+
+# The flags of sample.py and evaluate.py that override the config's sample section: flag → key.
+FLAGS = {"solver": "solver", "steps": "steps", "schedule": "schedule", "cfg_scale": "cfg_scale",
+         "cfg_interval": "cfg_interval", "bspp": "batch_size", "seed": "seed", "atol": "atol", "rtol": "rtol",
+         "diffusion": "diffusion", "diffusion_norm": "diffusion_norm", "last_step": "last_step"}
+
+
+@dataclass(frozen=True)
+class Sampler:
+    """A solver, its number of steps (None: adaptive) and its time schedule."""
+
+    solver: str
+    steps: int | None
+    schedule: str
+
+    @property
+    def label(self) -> str:
+        if self.steps is None:
+            return self.solver
+        return f"{self.solver}:{self.steps}" + ("" if self.schedule == "linear" else f":{self.schedule}")
+
+
+def parse_samplers(texts: list[str]) -> list[Sampler]:
+    """'euler:10,heun:25:cosine' (and schedule parameters such as logit_normal:mean=0,std=1) -> samplers."""
+    pieces = [piece for text in texts for piece in text.split(",") if piece]
+    specs: list[str] = []
+    for piece in pieces:  # 'std=1' after 'logit_normal:mean=0' continues the previous sampler's schedule
+        if specs and "=" in piece.split(":")[0]:
+            specs[-1] += "," + piece
+        else:
+            specs.append(piece)
+    samplers = []
+    for spec in specs:
+        solver, _, rest = spec.partition(":")
+        steps_text, _, schedule = rest.partition(":")
+        steps = None
+        if steps_text:
+            try:
+                steps = int(steps_text)
+            except ValueError:
+                raise UserError(f"sampler '{spec}': steps must be an integer (SOLVER[:STEPS][:SCHEDULE], "
+                                "e.g. euler:10 or heun:25:cosine)") from None
+        if steps is None and solver not in ADAPTIVE:
+            steps = 100
+        check_solver(solver, steps)
+        parse_schedule(schedule or "linear")
+        samplers.append(Sampler(solver, steps, schedule or "linear"))
+    return samplers
+
+
+def sampling_key(cfg, sampler: Sampler, scale: float) -> dict:
+    """The row's SDE setting ('DIFFUSION:NORM:LAST_STEP', SDE samplers only) and guidance interval (when guided and
+    not [0, 1]): None otherwise, as in reports written before they existed."""
+    s, interval = cfg.sample, list(cfg.sample.cfg_interval)
+    return {"sde": f"{s.diffusion}:{s.diffusion_norm:g}:{s.last_step}" if sampler.solver in SDE_SOLVERS else None,
+            "cfg_interval": interval if scale != 1 and interval != [0, 1] else None}
+
+
+def passes_of(row: dict, sampler: Sampler) -> float | None:
+    """The network's forward passes per sample of a row (guidance doubles those inside its interval)."""
+    if row["nfe"] is None:
+        return None
+    return sampler_passes(row["nfe"], row["cfg_scale"], sampler.solver, sampler.steps, sampler.schedule,
+                          tuple(row["cfg_interval"] or (0.0, 1.0)))
+
+
+def settle(cfg: Config, flags, specs: list[str] | None = None) -> list[Sampler]:
+    """The sampler specification, checked once: the flags that are given (not None; FLAGS, the guidance interval as
+    'A,B') over cfg.sample, then the samplers of `specs` (evaluate.py's list) or the section's own. One clear sentence
+    for anything that cannot be honoured."""
+    s = cfg.sample
+    for flag, key in FLAGS.items():
+        value = getattr(flags, flag, None)
+        if value is not None:
+            setattr(s, key, parse_interval(value) if flag == "cfg_interval" else value)
+    check_range("sample.seed", s.seed, "--seed")
+    if s.steps is None and s.solver not in ADAPTIVE:
+        s.steps = 100
+    if specs:
+        samplers = parse_samplers(specs)
+    else:
+        check_solver(s.solver, s.steps)
+        parse_schedule(s.schedule)
+        samplers = [Sampler(s.solver, None if s.solver in ADAPTIVE else s.steps, s.schedule)]
+    check_sampling(cfg, [sampler.solver for sampler in samplers])
+    if any(sampler.steps is None for sampler in samplers):
+        check_tolerances(s.atol, s.rtol)
+    if s.batch_size <= 0:
+        raise UserError(f"--bspp must be positive, got {s.batch_size}")
+    return samplers
+
+
+def describe(cfg: Config) -> str:
+    """The section's sampler in words, as the scripts print it."""
+    s = cfg.sample
+    steps = s.steps if s.solver not in ADAPTIVE else None
+    return (f"{s.solver}, {f'{steps} steps, {s.schedule} schedule' if steps else f'atol {s.atol}, rtol {s.rtol}'}, "
+            f"cfg scale {s.cfg_scale}, seed {s.seed}"
+            + (f", {s.diffusion} diffusion ×{s.diffusion_norm:g}, {s.last_step} last step" if s.solver in SDE_SOLVERS
+               else "") + (f", guidance for t in {list(s.cfg_interval)}" if tuple(s.cfg_interval) != (0, 1) else ""))
+
+
+def sampling_model(cfg: Config, weights: Path, meta: dict[str, str], device: torch.device) -> torch.nn.Module:
+    """The velocity field of a weight file (its metadata `meta`) for the samplers, in eval mode on `device`. Vectors
+    are integrated in float64: float32 matrix products differ in the last bit with the batch size, which would make
+    sample k depend on --bspp; images are rounded to uint8, which absorbs those bits."""
+    shape = tuple(json.loads(meta.get("latent_shape", meta["data_shape"])))
+    model = build_model(cfg, shape, int(meta["num_classes"]), int(meta.get("feature_dim", 0)),
+                        **model_inputs(task_of_meta(meta), shape[0]))
+    load_weights(model, weights)
+    dtype = torch.float64 if meta["kind"] == "vector" else torch.float32
+    return velocity_model(model.to(device, dtype).eval(), cfg)
+
+
+def draw(model, sampler: Sampler, cfg: Config, seed: int, batch: list[int], shape: tuple[int, ...],
+         device: torch.device, dtype: torch.dtype, source=None, labels: torch.Tensor | None = None,
+         cfg_scale: float = 1.0, cfg_interval=(0.0, 1.0),
+         features: torch.Tensor | None = None) -> tuple[torch.Tensor, SolverResult]:
+    """Samples `batch` (global indices) of base seed `seed`: their noise x0 as drawn (on the CPU; standard normal,
+    or from `source`), and the solver's result from it, with the labels of these indices (of all samples' `labels`),
+    guidance `cfg_scale` for t in `cfg_interval`, Latent-CFM's condition (from the prior, or the `features` of
+    reference images) and the tolerances and SDE settings of cfg.sample, integrated in `dtype`."""
+    s = cfg.sample
+    x0 = noise(seed, batch, shape, source)
+    y = None if labels is None else labels[batch].to(device)
+    out = generate(model, x0.to(device, dtype), sampler.steps, sampler.solver, y=y,
+                   schedule=sampler.schedule, cfg_scale=cfg_scale, atol=s.atol, rtol=s.rtol,
+                   cond=condition(model, seed, batch, features), sde=sde_sampler(cfg, sampler.solver, seed, batch),
+                   cfg_interval=tuple(cfg_interval))
+    return x0, out
+
+
+def evaluations(out: SolverResult, n: int) -> float:
+    """Velocity evaluations summed over a batch of n samples (adaptive solvers count each sample's own)."""
+    return out.nfe * n if out.sample_nfe is None else out.sample_nfe.sum().item()
+
+
+def sample_row(accelerator, model, sampler: Sampler, cfg: Config, seed: int, n: int, shape: tuple[int, ...],
+               dtype: torch.dtype, reduce, width: tuple[int, ...], batch_size: int, source=None,
+               labels: torch.Tensor | None = None, cfg_scale: float = 1.0, cfg_interval=(0.0, 1.0), stop=None,
+               desc: str = "sampling") -> tuple[torch.Tensor, float]:
+    """The samples of one evaluation row: samples 0..n-1 shared out over the processes (process r draws r, r + W,
+    ..., in batches of `batch_size`), each batch kept as reduce(x) on the CPU (Inception features, points; rows of
+    `width` where a process has none), all of them gathered back in index order; and the NFE per sample (adaptive
+    solvers: the mean over the samples, each of which controls its own steps, so it does not depend on the batch).
+    `stop`: a StopRequest, honoured after each batch."""
+    mine = list(range(accelerator.process_index, n, accelerator.num_processes))
+    values, nfe = [], 0.0
+    bar = progress(n, unit="sample", disable=not accelerator.is_main_process, leave=False, desc=desc)
+    start = time.perf_counter()
+    for first in range(0, -(-n // accelerator.num_processes), batch_size):  # as many batches on every process
+        batch = mine[first: first + batch_size]
+        if batch:
+            _, out = draw(model, sampler, cfg, seed, batch, shape, accelerator.device, dtype, source, labels, cfg_scale,
+                          cfg_interval)
+            nfe += evaluations(out, len(batch))
+            values.append(reduce(out.x))
+            bar.update(len(batch) * accelerator.num_processes)
+            bar.set_postfix(samples_s=f"{bar.n / (time.perf_counter() - start):.1f}", nfe=out.nfe)
+        if stop is not None and stop.now(accelerator):
+            bar.close()
+            raise Stopped
+    bar.close()
+    local = torch.cat(values) if values else torch.zeros(0, *width, dtype=torch.float64)
+    total = accelerator.reduce(torch.tensor([nfe], dtype=torch.float64, device=accelerator.device), "sum").item()
+    mean_nfe = total / n if sampler.steps is None else fixed_grid_nfe(sampler.solver, sampler.steps)
+    return gather_indexed(accelerator, local, n), mean_nfe
