@@ -154,6 +154,12 @@ class SampleConfig:
     schedule: str = "linear"  # time grid (flows.schedules): linear, cosine, logit_normal:mean=0,std=1, edm, ...
     cfg_scale: float = 1.0  # classifier-free guidance scale w; 1 is no guidance (Meta flow_matching's w is ours − 1)
     cfg_interval: list[float] = field(default_factory=lambda: [0.0, 1.0])  # guide only for t in [a, b]
+    guidance: str = "cfg"  # how cfg_scale guides (flows/guidance.py): cfg, auto (autoguidance), apg, cfg_zero
+    guide_weights: str = ""  # guidance=auto: the weaker model's checkpoint folder or weight file, same data and inputs
+    apg_eta: float = 0.0  # guidance=apg: weight η of the update's part parallel to the conditional prediction
+    apg_r: float = 0.0  # guidance=apg: the update's norm cap r (0: no cap)
+    apg_momentum: float = 0.0  # guidance=apg: momentum β of the update over evaluations (APG uses negative β)
+    zero_steps: int = 0  # guidance=cfg_zero: the first K steps of the grid output zero velocity (zero-init)
     diffusion: str = "sigma"  # SDE samplers: diffusion coefficient w(t) (flows.solvers.DIFFUSIONS, SiT's forms)
     diffusion_norm: float = 1.0  # SDE samplers: its scale
     last_step: str = "mean"  # SDE samplers: the noiseless last step, 'mean', 'tweedie' or 'euler'
@@ -371,7 +377,9 @@ RANGES = {
     "train.keep_last": (0, None, False, True), "train.keep_every": (0, None, True, True),
     "sample.steps": (0, None, False, True), "sample.atol": (0, None, True, True),
     "sample.rtol": (0, None, True, True), "sample.batch_size": (0, None, False, True),
-    "sample.diffusion_norm": (0, None, True, True),
+    "sample.diffusion_norm": (0, None, True, True), "sample.apg_eta": (0, None, True, True),
+    "sample.apg_r": (0, None, True, True), "sample.apg_momentum": (-1, 1, False, False),
+    "sample.zero_steps": (0, None, True, True),
     "latent.scale": (0, None, True, True), "latentcfm.dim": (0, None, False, True),
     "latentcfm.beta": (0, None, True, True),
     # train.seed and data.seed also seed Python's, NumPy's and torch's global generators (model init, toy points),

@@ -45,7 +45,18 @@ from data.images import read_image_folder, to_uint8
 from errors import UserError, exit_on, on_main_process
 from flows.latent import build_space
 from flows.likelihood import bits_per_dim
-from flows.sampling import parse_samplers, passes_of, sample_row, sampling_key, sampling_model, settle
+from flows.sampling import (
+    guidance_flags,
+    guidance_for,
+    guidance_of,
+    parse_samplers,
+    passes_of,
+    sample_row,
+    sampling_key,
+    sampling_model,
+    settle,
+    skipped,
+)
 from flows.solvers import ADAPTIVE, check_guidance, class_labels
 from metrics import build_features, fid, mmd, w2
 from metrics.fid import CLEANFID_NAMES, MODES, image_metrics
@@ -106,6 +117,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                       help="inpaint: the masks of the cases (default: the model's training masks, or mixed)")
     task.add_argument("--factor", type=int, help="superres: the downsampling factor (default: the run's data.factor)")
     task.add_argument("--pnp-alpha", type=float, default=0.01, help="PnP-Flow: step sizes (1 − t_n)^α (default 0.01)")
+    guidance_flags(p)
     return p.parse_args(argv)
 
 
@@ -200,7 +212,7 @@ def evaluate(args: argparse.Namespace, stop: StopRequest | None = None) -> None:
         raise UserError("FID needs images; this run's data are fields (data.name=fields), which have no Inception "
                         "reference; use sample.py and compare the fields directly")
     cfg_scales = args.cfg_scales or [s.cfg_scale]
-    for scale in cfg_scales:
+    for scale in cfg_scales if any(guidance_of(cfg, sampler) != "auto" for sampler in samplers) else []:
         check_guidance(scale, num_classes, float(meta.get("label_dropout", cfg.flow.label_dropout)),
                        float(meta.get("meanflow_cfg", 1)))
     labels = class_labels(None, args.n_samples, num_classes, args.seed)
@@ -244,7 +256,7 @@ def evaluate(args: argparse.Namespace, stop: StopRequest | None = None) -> None:
               f"{accelerator.num_processes} process(es) on {device}; report in {report.folder}")
     wanted = ["fid" if kind == "image" else "w2"] + (["kid"] if args.kid and kind == "image" else []) \
         + (["bpd"] if args.bpd else [])
-    loaded, bpd_of = None, {}
+    loaded, bpd_of, guide = None, {}, None
     try:
         for step, path, w, sampler, scale in rows:
             adaptive = sampler.steps is None
@@ -264,11 +276,13 @@ def evaluate(args: argparse.Namespace, stop: StopRequest | None = None) -> None:
                 weights = path / ("ema.safetensors" if w == "ema" else "model.safetensors")
                 model = sampling_model(load_config(path / "config.yaml"), weights, meta, device)
                 loaded = (step, w)
+            guidance, guide_cost = guidance_for(cfg, sampler, scale, meta, model, device, dtype, guide)
+            guide = guidance.guide if guidance is not None and guidance.guide is not None else guide
             start = time.perf_counter()
             values, nfe = sample_row(accelerator, model, sampler, cfg, args.seed, args.n_samples, shape, dtype,
                                      reduce, (extractor.dim,) if kind == "image" else shape, args.bspp, source,
                                      labels, scale, row["cfg_interval"] or (0.0, 1.0), stop,
-                                     f"step {step} {sampler.label}")
+                                     f"step {step} {sampler.label}", guidance)
             if kind == "image":
                 metrics = image_metrics(values.numpy(), reference, args.kid, args.seed)
             else:
@@ -279,7 +293,8 @@ def evaluate(args: argparse.Namespace, stop: StopRequest | None = None) -> None:
                                                      args.bspp, args.bpd_tol, stop)
                 metrics["bpd"] = bpd_of[(step, w)]
             row.update(nfe=nfe, **metrics)
-            row.update(forward_passes=passes_of(row, sampler), bspp=args.bspp, processes=accelerator.num_processes,
+            row.update(forward_passes=passes_of(row, sampler, skipped(cfg, sampler, scale)), guide_cost=guide_cost,
+                       bspp=args.bspp, processes=accelerator.num_processes,
                        device=str(device), checkpoint=str(path), seconds=time.perf_counter() - start,
                        versions=versions(), date=time.strftime("%Y-%m-%d %H:%M:%S"), protocol=protocol)
             if main_process:

@@ -40,7 +40,17 @@ from errors import UserError, exit_on, writable_folder
 from flows import PATHS, SDE_SOLVERS
 from flows.inverse import check_task_guidance
 from flows.latent import build_space, reference_features
-from flows.sampling import describe, draw, evaluations, sampling_model, settle
+from flows.sampling import (
+    describe,
+    draw,
+    evaluations,
+    guidance_flags,
+    guidance_for,
+    guidance_key,
+    sampling_model,
+    settle,
+    skipped,
+)
 from flows.solvers import ADAPTIVE, check_guidance, class_labels, fixed_grid_nfe, sampler_passes
 from registries import check_names
 
@@ -108,6 +118,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                               "(default: the config's data.factor, 4)")
     p.add_argument("--pnp-alpha", type=float, default=0.01, help="PnP-Flow: step sizes γ_n = (1 − t_n)^α")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides, e.g. sample.atol=1e-6")
+    guidance_flags(p)
     return p.parse_intermixed_args(argv)
 
 
@@ -226,11 +237,14 @@ def sample(args: argparse.Namespace) -> None:
         int(meta["num_classes"]), meta["kind"]
     labels = class_labels(args.class_labels, n, num_classes, s.seed)
     task, method = resolve_task(args, cfg, meta)
-    if task is None:
+    if task is not None and s.guidance != "cfg":
+        raise UserError(f"--guidance {s.guidance} is not offered for image-conditioned sampling; guide over the "
+                        "spatial condition with --guidance cfg")
+    if task is not None:
+        check_task_guidance(s.cfg_scale, method, float(meta.get("cond_dropout", 0)))  # over the spatial condition
+    elif s.guidance != "auto":  # the rules that take the model's own unconditional velocity
         check_guidance(s.cfg_scale, num_classes, float(meta.get("label_dropout", cfg.flow.label_dropout)),
                        float(meta.get("meanflow_cfg", 1)))
-    else:
-        check_task_guidance(s.cfg_scale, method, float(meta.get("cond_dropout", 0)))  # over the spatial condition
 
     # Processes and output folder.
     accelerator = cluster.accelerator()
@@ -243,7 +257,9 @@ def sample(args: argparse.Namespace) -> None:
     source = None if cfg.data.source == "gaussian" else build_source(cfg, shape)
     references = None if task is not None else reference_features(args.condition_images, cfg, meta, device)
     space = build_space(cfg, tuple(json.loads(meta["data_shape"]))).to(device)
-    steps, what = sampler.steps, describe(cfg)
+    steps, what, skip = sampler.steps, describe(cfg), skipped(cfg, sampler, s.cfg_scale)
+    # Guidance, with autoguidance's weaker model and its FLOPs per pass over the model's.
+    guidance, guide_cost = guidance_for(cfg, sampler, s.cfg_scale, meta, model, device, dtype)
 
     # Samples: image-conditioned, reflow pairs, or plain, each written whole and continued where a run stopped.
     if task is not None:
@@ -262,14 +278,16 @@ def sample(args: argparse.Namespace) -> None:
                     "atol": None if steps else s.atol, "rtol": None if steps else s.rtol, "cfg_scale": s.cfg_scale,
                     "cfg_interval": list(s.cfg_interval), "seed": s.seed, "class_labels": args.class_labels or "random",
                     "sde": [s.diffusion, s.diffusion_norm, s.last_step] if s.solver in SDE_SOLVERS else None}
+        if guidance is not None:  # recorded only when another rule than CFG guides (folders made before agree)
+            settings["guidance"] = guidance_key(cfg, sampler)
         # The data the pairs stand for: the teacher's, or its own teacher's for k-rectified chains.
         about = {"num_classes": num_classes, "kind": kind, "teacher": str(weights.resolve()),
-                 "nfe": fixed_grid_nfe(s.solver, steps) if steps else None,
+                 "nfe": fixed_grid_nfe(s.solver, steps - skip) if steps else None,
                  "teacher_data": dataclasses.asdict(reference_data_config(cfg))}
 
         def pair(batch: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
             x0, out = draw(model, sampler, cfg, s.seed, batch, shape, device, dtype, source, labels, s.cfg_scale,
-                           s.cfg_interval)
+                           s.cfg_interval, guidance=guidance)
             return x0.float(), out.x.float().cpu()
 
         write_pairs(accelerator, save_dir, settings, about, s.batch_size, pair, labels, str(weights), what)
@@ -278,7 +296,7 @@ def sample(args: argparse.Namespace) -> None:
 
     def make(batch: list[int]) -> tuple[torch.Tensor, float]:
         _, out = draw(model, sampler, cfg, s.seed, batch, shape, device, dtype, source, labels, s.cfg_scale,
-                      s.cfg_interval, references)
+                      s.cfg_interval, references, guidance)
         return space.decode(out.x).float().cpu(), evaluations(out, len(batch))  # vectors: float64 to float32
 
     nfe = write_missing(accelerator, save_dir, n, kind, meta, s.batch_size, f"{weights}: {n} samples", what,
@@ -302,7 +320,7 @@ def sample(args: argparse.Namespace) -> None:
             save_grid(images, save_dir / "grid.png", rows=max(1, round(len(images) ** 0.5)))
         info = {"weights": str(weights), "n_samples": n, "solver": s.solver, "steps": steps,
                 "schedule": s.schedule if steps else None,
-                "nfe": fixed_grid_nfe(s.solver, steps) if steps else (nfe[0] / nfe[1] if nfe[1] else None),
+                "nfe": fixed_grid_nfe(s.solver, steps - skip) if steps else (nfe[0] / nfe[1] if nfe[1] else None),
                 "cfg_scale": s.cfg_scale, "seed": s.seed, "atol": s.atol if not steps else None,
                 "rtol": s.rtol if not steps else None, "class_labels": args.class_labels or "random",
                 "processes": accelerator.num_processes,
@@ -314,7 +332,12 @@ def sample(args: argparse.Namespace) -> None:
         if interval != (0, 1):
             info["cfg_interval"] = list(interval)
         info["forward_passes"] = None if info["nfe"] is None else \
-            sampler_passes(info["nfe"], s.cfg_scale, s.solver, steps, s.schedule, interval)
+            sampler_passes(info["nfe"], s.cfg_scale, s.solver, steps, s.schedule, interval, skip)
+        if guidance is not None:
+            info["guidance"] = guidance_key(cfg, sampler)
+        if guide_cost is not None and info["nfe"]:  # the guide's passes, each costing guide_cost of the model's
+            info.update(guide_cost=guide_cost, main_pass_equivalents=info["nfe"] + (info["forward_passes"]
+                                                                                  - info["nfe"]) * guide_cost)
         (save_dir / "info.json").write_text(json.dumps(info, indent=1))
         passes = f", {info['forward_passes']:g} forward passes" if s.cfg_scale != 1 and info["nfe"] else ""
         print(f"done: {n} samples in {save_dir} ({what}, NFE {info['nfe']}{passes})")

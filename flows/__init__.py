@@ -130,8 +130,11 @@ def sde_sampler(cfg: Config, solver: str, seed: int, indices: list[int]) -> SDE 
 def check_sampling(cfg: Config, solvers: list[str] | None = None) -> None:
     """The sample section's names, and an SDE solver (cfg.sample.solver, or any of `solvers`) only where the path
     defines the score it needs."""
+    from flows.guidance import GUIDANCE
+
     s = cfg.sample
     check_name(DIFFUSIONS, s.diffusion, "sample.diffusion")
+    check_name(GUIDANCE, s.guidance, "sample.guidance")
     check_name(LAST_STEPS, s.last_step, "sample.last_step")
     if len(s.cfg_interval) != 2:
         raise UserError(f"config key sample.cfg_interval must hold two times [a, b], got {s.cfg_interval}")

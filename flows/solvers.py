@@ -322,15 +322,32 @@ def integrate_adaptive(velocity: Velocity, x0: torch.Tensor, solver: str = "dopr
 
 
 def guided(model: Callable, y: torch.Tensor | None, cfg_scale: float = 1.0, cond: dict | None = None,
-           null_cond: dict | None = None, interval: tuple[float, float] = (0.0, 1.0)) -> Velocity:
+           null_cond: dict | None = None, interval: tuple[float, float] = (0.0, 1.0), guidance=None) -> Velocity:
     """The velocity of `model(x, t, y)` with classifier-free guidance (Ho & Salimans 2022, in velocity form):
     v = v(x, t, ∅) + w · (v(x, t, y) − v(x, t, ∅)), both halves in one batched call. w = 1 is the
     conditional velocity alone (one half, no extra cost), w = 0 the unconditional one. Meta flow_matching writes
     the same guidance as (1 + w')·v(x, t, y) − w'·v(x, t, ∅): its w' is our w − 1. `cond`: further
     per-sample model inputs (Latent-CFM's c, a task's image_cond), batched with x; `null_cond`: those of them that
     the unconditional half replaces (a task's null condition), which makes guidance apply to them. `interval`:
-    guidance only for t in [a, b] (Kynkäänniemi et al. 2024), the conditional velocity alone elsewhere (one pass)."""
+    guidance only for t in [a, b] (Kynkäänniemi et al. 2024), the conditional velocity alone elsewhere (one pass).
+    `guidance` (flows/guidance.py; it replaces cfg_scale and interval): another rule combining the two velocities, or
+    autoguidance, whose worse velocity is a weaker model's (two calls, the main model's and the guide's)."""
+    from flows.guidance import GUIDANCE, Guidance
+
     cond = cond or {}
+    g = guidance or Guidance("cfg", cfg_scale, tuple(interval))
+    cfg_scale, interval, rule = g.scale, g.interval, GUIDANCE[g.name]
+    if g.name == "auto" and cfg_scale != 1.0:
+        def autoguided(x, t, s=None):
+            mean_flow = {} if s is None else {"s": s}
+            v = model(x, t, y, **mean_flow, **cond)
+            inside = (t >= interval[0]) & (t <= interval[1])
+            if not bool(inside.any()):
+                return v
+            v_guide = g.guide(x, t, y, **mean_flow, **cond)
+            return torch.where(inside.view(-1, *[1] * (x.dim() - 1)), rule(g, v, v_guide, x, t), v)
+
+        return autoguided
     if cfg_scale == 1.0 or (y is None and not null_cond):
         if cfg_scale != 1.0:
             raise UserError("classifier-free guidance needs class labels; give --class-labels or leave --cfg-scale 1")
@@ -353,7 +370,7 @@ def guided(model: Callable, y: torch.Tensor | None, cfg_scale: float = 1.0, cond
         if s is not None:
             mean_flow = {"s": torch.cat([s, s])}
         v_cond, v_uncond = model(torch.cat([x, x]), torch.cat([t, t]), labels, **mean_flow, **doubled).chunk(2)
-        return torch.where(inside.view(-1, *[1] * (x.dim() - 1)), v_uncond + cfg_scale * (v_cond - v_uncond), v_cond)
+        return torch.where(inside.view(-1, *[1] * (x.dim() - 1)), rule(g, v_cond, v_uncond, x, t), v_cond)
 
     return velocity
 
@@ -387,18 +404,20 @@ def forward_passes(nfe: float, cfg_scale: float, guided_nfe: float | None = None
     return nfe + (nfe if guided_nfe is None else guided_nfe)
 
 
-def guided_evaluations(solver: str, steps: int, schedule: str, interval: tuple[float, float]) -> int:
-    """How many of a fixed-grid solver's velocity evaluations fall in the guidance interval."""
+def guided_evaluations(solver: str, steps: int, schedule: str, interval: tuple[float, float], skip: int = 0) -> int:
+    """How many of a fixed-grid solver's velocity evaluations fall in the guidance interval (the grid starting at its
+    `skip`-th time, as CFG-Zero*'s zero-init integrates)."""
     from flows.schedules import time_grid
 
-    return sum(interval[0] <= t <= interval[1] for t in stage_times(solver, time_grid(schedule, steps).tolist()))
+    grid = time_grid(schedule, steps)[skip:].tolist()
+    return sum(interval[0] <= t <= interval[1] for t in stage_times(solver, grid))
 
 
 def sampler_passes(nfe: float, cfg_scale: float, solver: str, steps: int | None, schedule: str,
-                   interval: tuple[float, float]) -> float:
+                   interval: tuple[float, float], skip: int = 0) -> float:
     """forward_passes of a sampler: with a guidance interval other than [0, 1] (fixed grids only), two passes for
     the evaluations inside it."""
-    inside = guided_evaluations(solver, steps, schedule, interval) if steps and interval != (0, 1) else None
+    inside = guided_evaluations(solver, steps, schedule, interval, skip) if steps and interval != (0, 1) else None
     return forward_passes(nfe, cfg_scale, inside)
 
 
@@ -457,32 +476,36 @@ def generate(model: Callable, x0: torch.Tensor, steps: int | None = 100, solver:
              y: torch.Tensor | None = None, schedule: str = "linear", cfg_scale: float = 1.0,
              atol: float = 1e-5, rtol: float = 1e-5, cond: dict | None = None, null_cond: dict | None = None,
              after_step: Callable | None = None, sde: SDE | None = None,
-             cfg_interval: tuple[float, float] = (0.0, 1.0)) -> SolverResult:
+             cfg_interval: tuple[float, float] = (0.0, 1.0), guidance=None) -> SolverResult:
     """Samples from noise x0 (N, ...) with `model(x, t, y)`: a fixed-grid solver over `steps` intervals
     of the time schedule, an SDE sampler (euler_maruyama, sde_heun; `sde` gives its path, diffusion and the
     samples' generators), or an adaptive one (steps None) under atol/rtol; guidance with cfg_scale (over the
-    labels, and over the inputs of `cond` that `null_cond` replaces) for t in cfg_interval; after_step: see
-    integrate."""
+    labels, and over the inputs of `cond` that `null_cond` replaces) for t in cfg_interval, or another `guidance`
+    (flows/guidance.py: it replaces cfg_scale and cfg_interval; CFG-Zero*'s zero-init starts the grid at its K-th
+    time); after_step: see integrate."""
     from flows.schedules import time_grid
 
     check_solver(solver, steps)
+    if guidance is not None:
+        cfg_scale, cfg_interval = guidance.scale, guidance.interval
     check_interval(cfg_interval, solver)
     if solver == "meanflow" and getattr(unwrapped(model), "interval_embed", None) is None:
         raise UserError("--solver meanflow jumps with the average velocity u(x, t, s) of a MeanFlow model "
                         "(trained with flow.objective=meanflow); this model gives the instantaneous velocity only: "
                         "use euler, midpoint, heun, rk4 or dopri5")
-    velocity = guided(model, y, cfg_scale, cond, null_cond, cfg_interval)
+    velocity = guided(model, y, cfg_scale, cond, null_cond, cfg_interval, guidance)
+    skip = guidance.zero_steps if guidance is not None and guidance.active else 0  # CFG-Zero*'s zero-init
     if solver in SDE_SOLVERS:
         if sde is None or after_step is not None:
             raise UserError(f"solver {solver} needs the path's score and per-sample noise (sample.py gives them), "
                             "and restores nothing between steps; use an ODE solver here")
-        return integrate_sde(velocity, x0, time_grid(schedule, steps).to(x0.device), solver, sde)
+        return integrate_sde(velocity, x0, time_grid(schedule, steps)[skip:].to(x0.device), solver, sde)
     if solver in ADAPTIVE:
         if after_step is not None:
             raise UserError(f"{solver} chooses its own steps, between which nothing can be replaced; use a "
                             "fixed-grid solver (euler, midpoint, heun, rk4) with this method")
         return integrate_adaptive(velocity, x0, solver, atol, rtol)
-    return integrate(velocity, x0, time_grid(schedule, steps).to(x0.device), solver, after_step)
+    return integrate(velocity, x0, time_grid(schedule, steps)[skip:].to(x0.device), solver, after_step)
 
 # Per-sample randomness: sample k's noise and label depend on (seed, k) only.
 

@@ -25,14 +25,15 @@ from flows.solvers import forward_passes
 
 # The settings that define a row: a row with the same values is the same measurement.
 KEY = ("step", "weights", "solver", "steps", "schedule", "atol", "rtol", "cfg_scale", "n_samples", "seed",
-       "reference", "mode", "features", "task", "mask", "factor", "method", "pnp_alpha", "sde", "cfg_interval")
+       "reference", "mode", "features", "task", "mask", "factor", "method", "pnp_alpha", "sde", "cfg_interval",
+       "guidance")
 
 
 # Columns of report.csv and report.md, in order.
-COLUMNS = ("step", "weights", "solver", "steps", "schedule", "sde", "cfg_scale", "cfg_interval", "nfe",
-           "forward_passes", "fid", "kid", "kid_std", "w2", "mmd", "bpd", "n_samples", "seed", "reference", "mode",
-           "features", "seconds", "task", "mask", "factor", "method", "psnr", "ssim", "measurement_error",
-           "raw_measurement_error", "seconds_per_image")
+COLUMNS = ("step", "weights", "solver", "steps", "schedule", "sde", "cfg_scale", "cfg_interval", "guidance", "nfe",
+           "forward_passes", "guide_cost", "fid", "kid", "kid_std", "w2", "mmd", "bpd", "n_samples", "seed",
+           "reference", "mode", "features", "seconds", "task", "mask", "factor", "method", "psnr", "ssim",
+           "measurement_error", "raw_measurement_error", "seconds_per_image")
 
 
 def sampling_protocol(n: int, seed: int, extractor, reference: str, kid: bool = False, bpd_n: int = 0,
@@ -150,6 +151,9 @@ def markdown(rows: list[dict]) -> str:
                 sampler += f" ({r['sde']})"
             if r.get("cfg_interval"):
                 sampler += f", guided in {r['cfg_interval']}"
+            if r.get("guidance"):
+                sampler += f", {r['guidance']}" + (f" (guide: {r['guide_cost']:.2f}× the model's FLOPs per pass)"
+                                                   if r.get("guide_cost") is not None else "")
             cells = [str(r["step"]), r["weights"] or "", sampler, _fmt(r["cfg_scale"], 1), _fmt(r["nfe"], 1),
                      *([_fmt(r.get("forward_passes") or (r["nfe"] and forward_passes(r["nfe"], r["cfg_scale"])), 1)]
                        if guided else []),
@@ -213,7 +217,8 @@ def plot(rows: list[dict], path: Path) -> None:
     by_checkpoint: dict[str, dict[str, list[dict]]] = {}
     for r in group:
         label = Sampler(r["solver"], r["steps"], r["schedule"] or "linear").label
-        cfg = f", cfg {r['cfg_scale']:g}" if r["cfg_scale"] != 1 else ""
+        cfg = (f", cfg {r['cfg_scale']:g}" if r["cfg_scale"] != 1 else "") + \
+            (f" {r['guidance'].split(':')[0]}" if r.get("guidance") else "")
         by_sampler.setdefault(label + cfg + (f" ({r['weights']})" if r["weights"] != "ema" else ""), []).append(r)
         family = r["solver"] + (f" {r['schedule']}" if r["schedule"] not in (None, "linear") else "") + cfg
         by_checkpoint.setdefault(f"step {r['step']} ({r['weights']})", {}).setdefault(family, []).append(r)

@@ -109,6 +109,9 @@ def evaluate_task(args, stop: StopRequest, run: Path, checkpoints, cfg, meta: di
     if meta["kind"] != "image" or cfg.flow.objective != "cfm" or "feature_dim" in meta:
         raise UserError(f"--task {args.task} scores a flow-matching model of images (not MeanFlow or Latent-CFM); "
                         f"run {run} is not one")
+    if any((sampler.guidance or s.guidance) != "cfg" for sampler in samplers):
+        raise UserError("image-conditioned tasks are guided with --guidance cfg only (over the spatial condition); "
+                        "remove the other rule")
     trained, image_shape = task_of_meta(meta), tuple(json.loads(meta["data_shape"]))
     task, method = choose_task(trained, args.task, args.method, args.mask, args.factor, cfg.data.factor, image_shape)
     baseline = method in ("mean", "bicubic")

@@ -1,0 +1,125 @@
+"""Guidance beyond CFG on MNIST, CPU, real FID: every rule against CFG at equal forward passes (issue 33).
+
+    python bench/guidance_mnist.py [--out bench/out/guidance_mnist] [--n 1000] [--nfe 16 32]
+
+Trains (once; reruns reuse the runs and the rows already in their reports):
+- `cond`: configs/mnist_icfm_unet.yaml with model.class_cond=true flow.label_dropout=0.1, --steps steps (checkpoint
+  at --steps/2 kept: the early-checkpoint guide);
+- `cond_small`, `uncond_small`: the same UNet at a quarter of the channels (model.width=8, about 1/10 of the FLOPs),
+  --steps/4 steps: the smaller guides;
+- the unconditional main model is --uncond (default: the 15-minute plain run of bench/align_mnist.py, its early
+  checkpoint the one at about 10 minutes).
+Then evaluate.py rows, FID of --n samples against the 10,000 test digits (midpoint on the cosine grid: 16 NFE is
+midpoint:8:cosine, the toolkit's best sampler at ≤ 16 NFE): no guidance, CFG at three scales, CFG with an interval,
+APG, CFG-Zero*, autoguidance with the early and the small guide, and autoguidance of the unconditional model.
+Prints one table (FID, NFE, forward passes, main-pass equivalents) and writes OUT/fid_vs_passes.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "data" / "mnist"
+DATA = [f"data.path={SHARED}", "data.split=test"]
+
+
+def run(args: list[str], log: Path) -> None:
+    with open(log, "a") as f:
+        code = subprocess.run([sys.executable, *args], cwd=ROOT, stdout=f, stderr=subprocess.STDOUT).returncode
+    if code:
+        sys.exit(f"{' '.join(args[:3])} failed ({code}); see {log}")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "guidance_mnist")
+    p.add_argument("--uncond", type=Path, default=ROOT / "bench" / "out" / "align_mnist" / "plain",
+                   help="the unconditional main run (its last checkpoint; the early guide: its first kept one)")
+    p.add_argument("--steps", type=int, default=1600, help="steps of the class-conditional main run")
+    p.add_argument("--n", type=int, default=1000)
+    p.add_argument("--nfe", type=int, nargs="+", default=[16], help="midpoint on the cosine grid: NFE / 2 steps")
+    p.add_argument("--rows", default="all", help="comma-separated row names to run (default all)")
+    args = p.parse_args()
+    out, ref = args.out, str(SHARED / "t10k-fid-stats-clean.npz")
+    out.mkdir(parents=True, exist_ok=True)
+    log = out / "log.txt"
+    base = ["train.py", "-c", "configs/mnist_icfm_unet.yaml", *DATA, "train.trackers=[]", "train.preview_every=0"]
+    cond = ["model.class_cond=true", "flow.label_dropout=0.1"]
+    half = args.steps // 2
+    trainings = {"cond": [*cond, f"train.steps={args.steps}", f"train.checkpoint_every={half}"],
+                 "cond_small": [*cond, "model.width=8", f"train.steps={args.steps // 4}"],
+                 "uncond_small": ["model.width=8", f"train.steps={args.steps // 4}"]}
+    for name, overrides in trainings.items():
+        print(f"training {name} ...", flush=True)
+        run([*base, "-e", str(out / name), *overrides], log)
+
+    def last(run_dir: Path, first: bool = False) -> Path:
+        steps = sorted((run_dir / "checkpoints").glob("step_*"))
+        return steps[0] if first else steps[-1]
+
+    early, small = last(out / "cond", first=True), last(out / "cond_small")
+    u_early, u_small = last(args.uncond, first=True), last(out / "uncond_small")
+    rows = {  # name: (run, sampler suffix, cfg scales, extra flags)
+        "none": (out / "cond", "", ["1"], []),
+        "cfg": (out / "cond", "", ["1.5", "2", "3"], []),
+        "cfg_interval": (out / "cond", "", ["3"], ["--cfg-interval", "0.2,0.8"]),
+        "apg": (out / "cond", "@apg", ["3"], ["--apg-momentum", "-0.5", "--apg-r", "20"]),
+        "cfg_zero": (out / "cond", "@cfg_zero", ["2"], ["--zero-steps", "1"]),
+        "auto_early": (out / "cond", "@auto", ["2"], ["--guide-weights", str(early)]),
+        "auto_small": (out / "cond", "@auto", ["2"], ["--guide-weights", str(small)]),
+        "uncond_none": (args.uncond, "", ["1"], []),
+        "uncond_auto_early": (args.uncond, "@auto", ["2"], ["--guide-weights", str(u_early)]),
+        "uncond_auto_small": (args.uncond, "@auto", ["2"], ["--guide-weights", str(u_small)]),
+    }
+    wanted = rows if args.rows == "all" else {k: rows[k] for k in args.rows.split(",")}
+    for name, (run_dir, suffix, scales, extra) in wanted.items():
+        for nfe in args.nfe:
+            print(f"row {name} at {nfe} NFE ...", flush=True)
+            run(["evaluate.py", "-e", str(run_dir), "--checkpoints", "last", "--samplers",
+                 f"midpoint:{nfe // 2}:cosine{suffix}", "--cfg-scale", *scales, "--n-samples", str(args.n), "--ref",
+                 ref, "--out", str(out / f"eval_{name}"), *extra], log)
+    table(out, wanted, args)
+
+
+def table(out: Path, rows: dict, args) -> None:
+    lines = ["| row | model | guidance | w | NFE | forward passes | main-pass equivalents | FID |",
+             "|---|---|---|---:|---:|---:|---:|---:|"]
+    points = {}
+    for name in rows:
+        report = out / f"eval_{name}" / "report.json"
+        if not report.is_file():
+            continue
+        for r in json.loads(report.read_text())["rows"]:
+            cost = r["forward_passes"] if r.get("guide_cost") is None else \
+                r["nfe"] + (r["forward_passes"] - r["nfe"]) * r["guide_cost"]
+            model = "unconditional" if name.startswith("uncond") else "class-conditional"
+            lines.append(f"| {name} | {model} | {r.get('guidance') or ('cfg' if r['cfg_scale'] != 1 else '')} | "
+                         f"{r['cfg_scale']:g} | {r['nfe']:g} | {r['forward_passes']:g} | {cost:.1f} | {r['fid']:.2f} |")
+            points.setdefault(name, []).append((cost, r["fid"]))
+    print("\n".join(lines))
+    (out / "table.md").write_text("\n".join(lines) + "\n")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for name, pts in points.items():
+        pts.sort()
+        ax.plot([c for c, _ in pts], [f for _, f in pts], "o" + ("--" if name.startswith("uncond") else "-"),
+                label=name)
+    ax.set(xlabel="forward passes per sample (main-model equivalents)", ylabel=f"FID ({args.n} samples)",
+           title="MNIST, guidance rules at 16 NFE (midpoint, cosine grid)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "fid_vs_passes.png", dpi=110)
+
+
+if __name__ == "__main__":
+    main()
