@@ -24,6 +24,7 @@ or 'euler' (an ODE step), as SiT's last_step. The noise of each step comes from 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -335,7 +336,8 @@ def guided(model: Callable, y: torch.Tensor | None, cfg_scale: float = 1.0, cond
     from flows.guidance import GUIDANCE, Guidance
 
     cond = cond or {}
-    g = guidance or Guidance("cfg", cfg_scale, tuple(interval))
+    # A fresh state per integration: APG's momentum must not carry over from another batch.
+    g = dataclasses.replace(guidance, state={}) if guidance is not None else Guidance("cfg", cfg_scale, tuple(interval))
     cfg_scale, interval, rule = g.scale, g.interval, GUIDANCE[g.name]
     if g.name == "auto" and cfg_scale != 1.0:
         def autoguided(x, t, s=None):

@@ -47,6 +47,16 @@ def test_apg_momentum_adds_the_previous_update():
     assert torch.allclose(first, plain) and torch.allclose(second - v, 0.5 * (plain - v))
 
 
+def test_apg_momentum_starts_afresh_in_every_integration():
+    model, x0 = Counted(1.0), torch.randn(4, 3, dtype=torch.float64)
+    model.label_embed = type("Null", (), {"num_classes": 1})()
+    y = torch.zeros(4, dtype=torch.long)
+    g = Guidance("apg", 2.0, momentum=-0.5, path=LinearPath())
+    first = generate(model, x0, 4, "euler", y=y, guidance=g)
+    assert torch.equal(generate(model, x0, 4, "euler", y=y, guidance=g).x, first.x)  # no state left from the first
+    assert torch.equal(generate(model, x0[:3], 4, "euler", y=y[:3], guidance=g).x, first.x[:3])  # nor its batch
+
+
 def test_cfg_zero_scale_is_the_best_fit_of_the_unconditional_velocity():
     v, v_bad, x, t = velocities()
     s = (v * v_bad).sum(1, keepdim=True) / (v_bad * v_bad).sum(1, keepdim=True)
