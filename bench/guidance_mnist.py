@@ -5,7 +5,7 @@
 Trains (once; reruns reuse the runs and the rows already in their reports):
 - `cond`: configs/mnist_icfm_unet.yaml with model.class_cond=true flow.label_dropout=0.1, --steps steps (checkpoint
   at --steps/2 kept: the early-checkpoint guide);
-- `cond_small`, `uncond_small`: the same UNet at a quarter of the channels (model.width=8, about 1/10 of the FLOPs),
+- `cond_small`, `uncond_small`: the same UNet at half the channels (model.width=8: 0.25 of its FLOPs per pass),
   --steps/4 steps: the smaller guides;
 - the unconditional main model is --uncond (default: the 15-minute plain run of bench/align_mnist.py, its early
   checkpoint the one at about 10 minutes).
