@@ -277,7 +277,7 @@ def evaluate(args: argparse.Namespace, stop: StopRequest | None = None) -> None:
                 model = sampling_model(load_config(path / "config.yaml"), weights, meta, device)
                 loaded = (step, w)
             guidance, guide_cost = guidance_for(cfg, sampler, scale, meta, model, device, dtype, guide)
-            guide = guidance.guide if guidance is not None and guidance.guide is not None else guide
+            guide = getattr(guidance, "guide", None) or guide  # loaded once, for every row that needs it
             start = time.perf_counter()
             values, nfe = sample_row(accelerator, model, sampler, cfg, args.seed, args.n_samples, shape, dtype,
                                      reduce, (extractor.dim,) if kind == "image" else shape, args.bspp, source,

@@ -210,7 +210,7 @@ def loop(cfg: Config, run_dir: Path, accelerator, p: backend.Prepared, objective
          monitor: Monitor, meta: dict[str, str], log: RunLog, stop: StopRequest, aligned: bool) -> None:
     """The training loop from optimizer step `step` to train.steps: micro-steps (loss, backward), the optimizer step
     and EMA, then at their steps the log, previews, checkpoints and the in-training quality check."""
-    t, device = cfg.train, accelerator.device
+    t, device, autoencoding = cfg.train, accelerator.device, cfg.flow.objective == "autoencoder"
     meter = TrainingMeter(accelerator, t.t_bins)
     accelerator.init_trackers("tensorboard", config=tracker_config(cfg))
     bar = progress(t.steps, initial=step, desc="training", unit="step", disable=not accelerator.is_main_process)
@@ -250,7 +250,6 @@ def loop(cfg: Config, run_dir: Path, accelerator, p: backend.Prepared, objective
             evaluating = saving and t.eval_every and (step % t.eval_every == 0 or last)
             # The EMA weights as one plain module on the main process (None elsewhere; under FSDP every process
             # takes part in gathering them).
-            autoencoding = cfg.flow.objective == "autoencoder"
             ema_model = p.ema.gathered() if previewing or (saving and (autoencoding or t.eval_every)) else None
             if previewing:
                 path = run_dir / "samples" / f"{checkpoint_name(step)}.png"

@@ -164,6 +164,9 @@ def load_guide(cfg: Config, meta: dict[str, str], device: torch.device, dtype: t
     Returns the model and its cost per forward pass relative to the main model's (FLOPs of one sample)."""
     from data import weights_info
 
+    if not cfg.sample.guide_weights:  # evaluate.py's --cfg-scale may guide where the config's scale does not
+        raise UserError("--guidance auto guides with a weaker model of the same task: give its checkpoint with "
+                        "--guide-weights (an early checkpoint of this run, or a smaller run on the same data)")
     path = Path(cfg.sample.guide_weights)
     path = path / "ema.safetensors" if path.is_dir() else path
     if not path.is_file() or not (path.parent / "config.yaml").is_file():
