@@ -1,7 +1,8 @@
 """FID report of a run: every checkpoint × sampler (solver, steps, schedule) × guidance scale, protocol recorded.
 
     accelerate launch evaluate.py -e runs/NAME [--checkpoints all|last|STEP,...] [--samplers euler:10,heun:25,dopri5]
-        [--n-samples 50000] [--ref NAME[:SPLIT]|FOLDER|FILE.npz] [--mode clean] [--kid] [--bpd] [--seed 0] [--bspp 256]
+        [--n-samples 50000] [--ref NAME[:SPLIT]|FOLDER|FILE.npz] [--mode clean] [--kid] [--pr] [--bpd] [--seed 0]
+        [--bspp 256]
     python evaluate.py -e runs/mnist --samplers euler:10,rk4:2,midpoint:8:cosine --n-samples 1000 \\
         --ref ../shared/data/mnist/t10k-fid-stats-clean.npz
     python evaluate.py --folder samples/ --ref cifar10:train             # images made elsewhere
@@ -20,7 +21,7 @@ the mean number of model calls per batch for adaptive ones.
 Results go to RUN/eval/: report.json (one row per protocol, with every setting, NFE, seconds and
 library versions), report.csv, report.md (a table per protocol, best row marked) and fid.png (metric
 against training step per sampler, and against NFE per checkpoint). A row already in report.json is
-not recomputed (ask for --kid or --bpd and rows without them are); each row is added when done, so an
+not recomputed (ask for --kid, --pr or --bpd and rows without them are); each row is added when done, so an
 interrupted evaluation continues where it stopped; the report is written under a lock and atomically.
 
 Offline: clean-fid's Inception network is read from /tmp/inception-2015-12-05.pt (clean-fid's own
@@ -94,6 +95,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--mode", default="clean", choices=MODES, help="clean-fid mode (default clean)")
     p.add_argument("--features", default="inception", help="inception (FID) or pixels (a fast stand-in for tests)")
     p.add_argument("--kid", action="store_true", help="also kernel inception distance (mean ± std over subsets)")
+    p.add_argument("--pr", action="store_true", help="also precision and recall (Kynkäänniemi et al. 2019, k = 3, "
+                                                     "against as many reference images as samples): fidelity and "
+                                                     "diversity; needs the reference's features")
     p.add_argument("--bpd", action="store_true", help="also bits per dimension of --bpd-n dataset items")
     p.add_argument("--bpd-n", type=int, default=1000, help="data items for --bpd (default 1000)")
     p.add_argument("--bpd-tol", type=float, default=1e-5, help="dopri5 tolerance of --bpd (default 1e-5)")
@@ -148,16 +152,17 @@ def score_folder(args: argparse.Namespace) -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     extractor = build_features(args.features, args.mode, device)
     reference = fid.load_reference(args.ref, extractor, tuple(images.shape[-2:]), Path(args.stats_dir),
-                                   need_features=args.kid)
+                                   need_features=args.kid or args.pr)
     features = extractor(images)
     row = {"step": None, "weights": None, "solver": str(folder), "steps": None, "schedule": None, "atol": None,
            "rtol": None, "cfg_scale": 1.0, "nfe": None, "n_samples": len(images), "seed": None,
            "reference": reference.name, "mode": args.mode, "features": extractor.key}
-    row.update(image_metrics(features, reference, args.kid, args.seed))
+    row.update(image_metrics(features, reference, args.kid, args.seed, args.pr))
     row.update(seconds=time.perf_counter() - start, versions=versions(), date=time.strftime("%Y-%m-%d %H:%M:%S"),
                protocol=f"{len(images)} images of {folder}, {extractor.description}")
     kid = f", KID {row['kid']:.5f} ± {row['kid_std']:.5f}" if args.kid else ""
-    print(f"{folder}: {len(images)} images, FID {row['fid']:.3f}{kid} against {reference.name}")
+    pr = f", precision {row['precision']:.3f}, recall {row['recall']:.3f}" if args.pr else ""
+    print(f"{folder}: {len(images)} images, FID {row['fid']:.3f}{kid}{pr} against {reference.name}")
     if args.out:
         Report(Path(args.out)).add(row)
 
@@ -226,7 +231,7 @@ def evaluate(args: argparse.Namespace, stop: StopRequest | None = None) -> None:
 
         def load_reference():
             return fid.load_reference(args.ref, extractor, image_shape[-2:], Path(args.stats_dir), cfg, dataset,
-                                      args.kid)
+                                      args.kid or args.pr)
 
         reference = on_main_process(accelerator, load_reference) or load_reference()
         reference_name, mode, features_key = reference.name, args.mode, extractor.key
@@ -239,7 +244,7 @@ def evaluate(args: argparse.Namespace, stop: StopRequest | None = None) -> None:
         raise UserError(f"--bpd needs the standard normal source; this run starts from data.source="
                         f"{cfg.data.source}, whose density is not known")
     protocol = sampling_protocol(args.n_samples, args.seed, extractor, reference_name, args.kid,
-                                 args.bpd_n if args.bpd else 0, args.bpd_tol, "feature_dim" in meta)
+                                 args.bpd_n if args.bpd else 0, args.bpd_tol, "feature_dim" in meta, args.pr)
     report = Report(Path(args.out) if args.out else run / "eval")
     dtype = torch.float64 if kind == "vector" else torch.float32
 
@@ -255,7 +260,7 @@ def evaluate(args: argparse.Namespace, stop: StopRequest | None = None) -> None:
               f"{len(samplers)} samplers × {len(cfg_scales)} cfg scales), {args.n_samples} samples each, "
               f"{accelerator.num_processes} process(es) on {device}; report in {report.folder}")
     wanted = ["fid" if kind == "image" else "w2"] + (["kid"] if args.kid and kind == "image" else []) \
-        + (["bpd"] if args.bpd else [])
+        + (["precision"] if args.pr and kind == "image" else []) + (["bpd"] if args.bpd else [])
     loaded, bpd_of, guide = None, {}, None
     try:
         for step, path, w, sampler, scale in rows:
@@ -284,7 +289,7 @@ def evaluate(args: argparse.Namespace, stop: StopRequest | None = None) -> None:
                                      labels, scale, row["cfg_interval"] or (0.0, 1.0), stop,
                                      f"step {step} {sampler.label}", guidance)
             if kind == "image":
-                metrics = image_metrics(values.numpy(), reference, args.kid, args.seed)
+                metrics = image_metrics(values.numpy(), reference, args.kid, args.seed, args.pr)
             else:
                 metrics = {"w2": w2(values, points), "mmd": mmd(values, points)}
             if args.bpd:  # a property of the checkpoint, not of the sampler: computed once per weights

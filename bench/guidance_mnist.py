@@ -12,7 +12,8 @@ Trains (once; reruns reuse the runs and the rows already in their reports):
 Then evaluate.py rows, FID of --n samples against the 10,000 test digits (midpoint on the cosine grid: 16 NFE is
 midpoint:8:cosine, the toolkit's best sampler at ≤ 16 NFE): no guidance, CFG at three scales, CFG with an interval,
 APG, CFG-Zero*, autoguidance with the early and the small guide, and autoguidance of the unconditional model.
-Prints one table (FID, NFE, forward passes, main-pass equivalents) and writes OUT/fid_vs_passes.png.
+Prints one table (FID, NFE, forward passes, main-pass equivalents; with --pr precision and recall against the
+test digits' features) and writes OUT/table.md and OUT/fid_vs_passes.png (the best w of each row at each cost).
 """
 
 from __future__ import annotations
@@ -44,8 +45,12 @@ def main() -> None:
     p.add_argument("--n", type=int, default=1000)
     p.add_argument("--nfe", type=int, nargs="+", default=[16], help="midpoint on the cosine grid: NFE / 2 steps")
     p.add_argument("--rows", default="all", help="comma-separated row names to run (default all)")
+    p.add_argument("--pr", action="store_true", help="also precision and recall; the reference is then the test "
+                                                     "digits themselves (their features, computed once and cached), "
+                                                     "not their statistics file: the same FID")
     args = p.parse_args()
-    out, ref = args.out, str(SHARED / "t10k-fid-stats-clean.npz")
+    out = args.out
+    ref = ["--pr"] if args.pr else ["--ref", str(SHARED / "t10k-fid-stats-clean.npz")]
     out.mkdir(parents=True, exist_ok=True)
     log = out / "log.txt"
     base = ["train.py", "-c", "configs/mnist_icfm_unet.yaml", *DATA, "train.trackers=[]", "train.preview_every=0"]
@@ -70,7 +75,8 @@ def main() -> None:
         "cfg_interval": (out / "cond", "", ["3"], ["--cfg-interval", "0.2,0.8"]),
         "apg": (out / "cond", "@apg", ["3"], ["--apg-momentum", "-0.5", "--apg-r", "20"]),
         "cfg_zero": (out / "cond", "@cfg_zero", ["2"], ["--zero-steps", "1"]),
-        "auto_early": (out / "cond", "@auto", ["2"], ["--guide-weights", str(early)]),
+        "cfg_zero_k0": (out / "cond", "@cfg_zero", ["2"], ["--zero-steps", "0"]),
+        "auto_early": (out / "cond", "@auto", ["1.5", "2", "2.5", "3"], ["--guide-weights", str(early)]),
         "auto_small": (out / "cond", "@auto", ["2"], ["--guide-weights", str(small)]),
         "uncond_none": (args.uncond, "", ["1"], []),
         "uncond_auto_early": (args.uncond, "@auto", ["2"], ["--guide-weights", str(u_early)]),
@@ -81,26 +87,32 @@ def main() -> None:
         for nfe in args.nfe:
             print(f"row {name} at {nfe} NFE ...", flush=True)
             run(["evaluate.py", "-e", str(run_dir), "--checkpoints", "last", "--samplers",
-                 f"midpoint:{nfe // 2}:cosine{suffix}", "--cfg-scale", *scales, "--n-samples", str(args.n), "--ref",
-                 ref, "--out", str(out / f"eval_{name}"), *extra], log)
+                 f"midpoint:{nfe // 2}:cosine{suffix}", "--cfg-scale", *scales, "--n-samples", str(args.n), *ref,
+                 "--out", str(out / f"eval_{name}"), *extra], log)
     table(out, wanted, args)
 
 
 def table(out: Path, rows: dict, args) -> None:
-    lines = ["| row | model | guidance | w | NFE | forward passes | main-pass equivalents | FID |",
-             "|---|---|---|---:|---:|---:|---:|---:|"]
-    points = {}
+    pr = " precision | recall |" if args.pr else ""
+    lines = [f"| row | model | guidance | w | NFE | forward passes | main-pass equivalents | FID |{pr}",
+             "|---|---|---|---:|---:|---:|---:|---:|" + "---:|" * pr.count("|")]
+    best = {}  # name -> {cost: best FID over the row's scales}
     for name in rows:
         report = out / f"eval_{name}" / "report.json"
         if not report.is_file():
             continue
         for r in json.loads(report.read_text())["rows"]:
+            if (r.get("precision") is None) == args.pr:  # one reference per table: the statistics, or the digits
+                continue
             cost = r["forward_passes"] if r.get("guide_cost") is None else \
                 r["nfe"] + (r["forward_passes"] - r["nfe"]) * r["guide_cost"]
             model = "unconditional" if name.startswith("uncond") else "class-conditional"
+            extra = f" {r['precision']:.3f} | {r['recall']:.3f} |" if args.pr else ""
             lines.append(f"| {name} | {model} | {r.get('guidance') or ('cfg' if r['cfg_scale'] != 1 else '')} | "
-                         f"{r['cfg_scale']:g} | {r['nfe']:g} | {r['forward_passes']:g} | {cost:.1f} | {r['fid']:.2f} |")
-            points.setdefault(name, []).append((cost, r["fid"]))
+                         f"{r['cfg_scale']:g} | {r['nfe']:g} | {r['forward_passes']:g} | {cost:.1f} | "
+                         f"{r['fid']:.2f} |{extra}")
+            points = best.setdefault(name, {})
+            points[cost] = min(points.get(cost, float("inf")), r["fid"])
     print("\n".join(lines))
     (out / "table.md").write_text("\n".join(lines) + "\n")
     import matplotlib
@@ -108,13 +120,13 @@ def table(out: Path, rows: dict, args) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    for name, pts in points.items():
-        pts.sort()
-        ax.plot([c for c, _ in pts], [f for _, f in pts], "o" + ("--" if name.startswith("uncond") else "-"),
-                label=name)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, points in best.items():
+        costs = sorted(points)
+        ax.plot(costs, [points[c] for c in costs], "o" + ("--" if name.startswith("uncond") else "-"), label=name)
+    nfe = "/".join(str(n) for n in args.nfe)
     ax.set(xlabel="forward passes per sample (main-model equivalents)", ylabel=f"FID ({args.n} samples)",
-           title="MNIST, guidance rules at 16 NFE (midpoint, cosine grid)")
+           title=f"MNIST, guidance rules at {nfe} NFE (midpoint, cosine grid; best w per row)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()

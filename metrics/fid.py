@@ -2,7 +2,9 @@
 
 FID (Heusel et al. 2017): ‖μ₁ − μ₂‖² + Tr(Σ₁ + Σ₂ − 2(Σ₁Σ₂)^½) between Gaussians fitted to the 2048-d
 pool features. KID (Bińkowski et al. 2018): the unbiased MMD² under the cubic polynomial kernel
-k(a, b) = (aᵀb / d + 1)³, averaged over random subsets (mean ± std reported).
+k(a, b) = (aᵀb / d + 1)³, averaged over random subsets (mean ± std reported). Precision and recall
+(Kynkäänniemi et al. 2019): the fraction of samples inside the reference's k-nearest-neighbour balls (fidelity),
+and of reference images inside the samples' (diversity), k = 3, against as many reference images as samples.
 
 Features follow clean-fid (Parmar et al. 2022) exactly: mode "clean" resizes each channel to 299×299
 with PIL's bicubic filter in float before the network; "legacy_tensorflow" lets the network resize as
@@ -233,6 +235,29 @@ def kernel_inception_distance(features1: np.ndarray, features2: np.ndarray, subs
     return float(np.mean(values)), float(np.std(values))
 
 
+def precision_recall(features: np.ndarray, reference: np.ndarray, k: int = 3, seed: int = 0) -> tuple[float, float]:
+    """Improved precision and recall (Kynkäänniemi et al. 2019, §3): a set's manifold is the union of balls around
+    its points, each of radius the distance to the point's k-th nearest neighbour in its own set. Precision is the
+    fraction of the samples inside the reference's manifold, recall the fraction of the reference inside the
+    samples'. The reference is subsampled (seeded) to as many points as there are samples, as the paper compares
+    equal numbers; distances are Euclidean in the features, in float64."""
+    if len(features) <= k or len(reference) <= k:
+        raise UserError(f"precision and recall with k = {k} need more than {k} samples and reference images; give "
+                        "more samples (--n-samples)")
+    rng = np.random.default_rng(seed)
+    if len(reference) > len(features):
+        reference = reference[np.sort(rng.choice(len(reference), len(features), replace=False))]
+    a, b = torch.from_numpy(np.asarray(features, np.float64)), torch.from_numpy(np.asarray(reference, np.float64))
+
+    def radii(x: torch.Tensor) -> torch.Tensor:  # the k-th neighbour other than the point itself (column 0)
+        return torch.cdist(x, x).kthvalue(k + 1, dim=1).values
+
+    between = torch.cdist(a, b)  # (samples, reference)
+    precision = (between <= radii(b)[None, :]).any(1).double().mean()
+    recall = (between <= radii(a)[:, None]).any(0).double().mean()
+    return float(precision), float(recall)
+
+
 # Reference images: where they come from, read as uint8 (N, C, H, W).
 
 
@@ -350,14 +375,17 @@ def load_reference(spec: str | None, extractor, resolution: tuple[int, int], sta
         reference = file_reference(spec, extractor, resolution, stats_dir)
     check_reference(reference, resolution, extractor)
     if need_features and reference.features is None:
-        raise UserError(f"KID needs the reference's features, but {reference.name} holds only statistics; give a "
-                        "folder, an .npz of images, or the run's dataset")
+        raise UserError(f"KID, precision and recall need the reference's features, but {reference.name} holds only "
+                        "statistics; give a folder, an .npz of images, or leave --ref out for the run's dataset")
     return reference
 
 
-def image_metrics(features: np.ndarray, reference: Reference, kid: bool, seed: int) -> dict:
-    """FID of the features (N, D) against the reference, and with `kid` the KID (mean and std over subsets)."""
+def image_metrics(features: np.ndarray, reference: Reference, kid: bool, seed: int, pr: bool = False) -> dict:
+    """FID of the features (N, D) against the reference; with `kid` the KID (mean and std over subsets), with `pr`
+    precision and recall."""
     out = {"fid": frechet_distance(features.mean(0), np.cov(features, rowvar=False), reference.mu, reference.sigma)}
     if kid:
         out["kid"], out["kid_std"] = kernel_inception_distance(features, reference.features, seed=seed)
+    if pr:
+        out["precision"], out["recall"] = precision_recall(features, reference.features, seed=seed)
     return out

@@ -31,19 +31,21 @@ KEY = ("step", "weights", "solver", "steps", "schedule", "atol", "rtol", "cfg_sc
 
 # Columns of report.csv and report.md, in order.
 COLUMNS = ("step", "weights", "solver", "steps", "schedule", "sde", "cfg_scale", "cfg_interval", "guidance", "nfe",
-           "forward_passes", "guide_cost", "fid", "kid", "kid_std", "w2", "mmd", "bpd", "n_samples", "seed",
+           "forward_passes", "guide_cost", "fid", "kid", "kid_std", "precision", "recall", "w2", "mmd", "bpd", "n_samples", "seed",
            "reference", "mode", "features", "seconds", "task", "mask", "factor", "method", "psnr", "ssim",
            "measurement_error", "raw_measurement_error", "seconds_per_image")
 
 
 def sampling_protocol(n: int, seed: int, extractor, reference: str, kid: bool = False, bpd_n: int = 0,
-                      bpd_tol: float = 0.0, latent_cfm: bool = False) -> str:
+                      bpd_tol: float = 0.0, latent_cfm: bool = False, pr: bool = False) -> str:
     """How evaluate.py's sampling rows are measured, in words: images through `extractor` against the reference, or
     (extractor None) 2-D points against n dataset points; with bpd_n > 0 also the bits per dimension."""
     if extractor is not None:
         protocol = (f"{n} samples per row from noise seeded by ({seed}, k), uint8 images, {extractor.description} "
                     f"features, Fréchet distance to {reference}"
-                    + ("; KID: unbiased MMD² with the cubic kernel over 100 subsets of up to 1000" if kid else ""))
+                    + ("; KID: unbiased MMD² with the cubic kernel over 100 subsets of up to 1000" if kid else "")
+                    + (f"; precision and recall: k = 3 nearest-neighbour balls (Kynkäänniemi et al. 2019) against "
+                       f"{n} reference images drawn with seed {seed}" if pr else ""))
     else:
         protocol = (f"{n} samples per row from noise seeded by ({seed}, k), W2 by exact optimal assignment and MMD² "
                     f"(Gaussian kernels, bandwidths 0.1-5) to {n} points of the dataset drawn with seed {seed}")
@@ -138,7 +140,7 @@ def markdown(rows: list[dict]) -> str:
         best = min(group, key=lambda r: r[metric])
         lines += [f"## {n} samples, seed {seed}, against {reference}" + (f" ({features})" if mode else ""),
                   "", f"Lower is better; ★ marks the best row by {metric.upper()}.", ""]
-        extra = [c for c in ("kid", "mmd", "bpd") if any(r.get(c) is not None for r in group)]
+        extra = [c for c in ("kid", "precision", "recall", "mmd", "bpd") if any(r.get(c) is not None for r in group)]
         guided = any(r["cfg_scale"] != 1 for r in group)  # then the network's forward passes differ from NFE
         head = ["step", "weights", "sampler", "cfg", "NFE", *(["forward passes"] if guided else []), metric.upper(),
                 *[c.upper() for c in extra], "seconds"]

@@ -19,7 +19,7 @@ from errors import UserError
 from flows.likelihood import log_likelihood, standard_normal_log_p
 from metrics import fid as fid_module
 from metrics import frechet_distance, kernel_inception_distance, mmd, w2
-from metrics.fid import PixelFeatures, Reference
+from metrics.fid import PixelFeatures, Reference, precision_recall
 
 
 def direct_fid(a: np.ndarray, b: np.ndarray) -> float:
@@ -61,6 +61,24 @@ def test_kid_is_the_unbiased_polynomial_mmd():
     assert mean == pytest.approx(within - 2 * across, rel=1e-10) and std == 0
     same, _ = kernel_inception_distance(a, rng.normal(size=(30, 5)), subsets=50)
     assert abs(same) < 0.1 * mean
+
+
+def test_precision_and_recall_count_points_inside_the_other_sets_knn_balls():
+    # 1-D by hand, k = 1: reference 0, 1, 2, 10 (radii 1, 1, 1, 8); samples 0.5, 1.5, 30, 31 (radii 1 each).
+    reference = np.array([[0.0], [1.0], [2.0], [10.0]])
+    samples = np.array([[0.5], [1.5], [30.0], [31.0]])
+    assert precision_recall(samples, reference, k=1) == (0.5, 0.75)  # 30, 31 outside; 10 outside
+    # Mode collapse: samples that all sit on a few reference points are precise and not diverse.
+    rng = np.random.default_rng(0)
+    data = rng.normal(size=(400, 8))
+    collapsed = np.repeat(data[:4], 100, axis=0) + 1e-3 * rng.normal(size=(400, 8))
+    precision, recall = precision_recall(collapsed, data)
+    assert precision == 1.0 and recall < 0.1
+    same_law = precision_recall(rng.normal(size=(400, 8)), data)
+    assert min(same_law) > 0.6
+    # A larger reference is subsampled (seeded) to as many points as there are samples.
+    big = rng.normal(size=(4000, 8))
+    assert precision_recall(data, big, seed=3) == precision_recall(data, big, seed=3) != precision_recall(data, big)
 
 
 def test_w2_and_mmd_equal_brute_force_on_tiny_sets():
@@ -280,7 +298,7 @@ def test_two_processes_give_the_same_rows_as_one(toy_run, tmp_path):
 
 def test_an_interrupted_evaluation_continues_where_it_stopped(image_run, tmp_path, monkeypatch):
     args = ["-e", str(image_run), "--samplers", "euler:2,heun:1", "--n-samples", "12", "--features", "pixels",
-            "--kid", "--stats-dir", str(tmp_path / "stats"), "--out", str(tmp_path / "eval")]
+            "--kid", "--pr", "--stats-dir", str(tmp_path / "stats"), "--out", str(tmp_path / "eval")]
     real, calls = evaluate.sample_row, []
 
     def dies_on_the_third_row(*a, **k):
@@ -300,7 +318,8 @@ def test_an_interrupted_evaluation_continues_where_it_stopped(image_run, tmp_pat
     assert len(rows) == 4 and all(r in rows for r in first)  # the two done rows untouched, two more added
     assert {(r["step"], r["solver"]) for r in rows} == {(1, "euler"), (2, "euler"), (1, "heun"), (2, "heun")}
     assert all(r["fid"] >= 0 and r["kid_std"] >= 0 and r["features"] == "pixels" for r in rows)
-    assert "12 images" in rows[0]["reference"]
+    assert all(0 <= r["precision"] <= 1 and 0 <= r["recall"] <= 1 for r in rows)
+    assert "12 images" in rows[0]["reference"] and "precision and recall" in rows[0]["protocol"]
 
 
 def test_folder_of_images_is_scored_against_a_reference(image_run, tmp_path):
