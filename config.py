@@ -67,8 +67,9 @@ class ModelConfig:
 
 @dataclass
 class FlowConfig:
-    objective: str = "cfm"  # 'cfm' (flow matching), 'meanflow' (average velocity, few-step sampling) or
-    #                         'autoencoder' (a KL autoencoder for latent flow matching)
+    objective: str = "cfm"  # 'cfm' (flow matching); one-stage few-step models of the average velocity u(z, t, s):
+    #                         'meanflow', 'alphaflow' (flow matching → MeanFlow curriculum), 'shortcut' (step size
+    #                         s − t as input, self-consistency); or 'autoencoder' (a KL autoencoder for latent FM)
     kl_weight: float = 1e-3  # autoencoder: β of ‖D(z) − x‖² + β·KL, both per pixel
     path: str = "linear"  # probability path x_t = α_t·x1 + σ_t·x0 (flows/paths.py): 'linear' (rectified flow, I-CFM),
     #                       'cosine' (SiT's GVP, torchcfm's VP-CFM), 'vp' (SiT's VP), 'polynomial' (α_t = tⁿ),
@@ -100,9 +101,20 @@ class FlowConfig:
     meanflow_p: float = 1.0  # MeanFlow: power p of the adaptive loss weight 1 / (‖error‖² + c)^p (0: none)
     meanflow_eps: float = 1e-3  # MeanFlow: c of that weight
     meanflow_cfg: float = 1.0  # MeanFlow: guidance scale ω baked into the target (1: none; needs label dropout)
+    meanflow_loss: str = "u"  # MeanFlow: 'u' (the paper's loss on u) or 'v' (improved MeanFlow's loss on the
+    #                           instantaneous velocity V = u − (s − t)·sg(du/dt) against x1 − x0; needs tangent 'model')
     meanflow_tangent: str = "conditional"  # MeanFlow: direction of d/dt u: 'conditional' (x1 − x0) or 'model' u(z,t,t)
     meanflow_times: str = "ordered"  # MeanFlow's (t, s): 'ordered' (the paper's: s = t samples take the earlier of two
     #                                  draws) or 'single' (py-meanflow's v1: they keep one draw); flows/meanflow.py
+    alpha_start: float = 1.0  # AlphaFlow: α before the curriculum (1: trajectory flow matching)
+    alpha_end: float = 0.0  # AlphaFlow: α after it; must be 0 (MeanFlow), what the curriculum anneals to
+    alpha_steps: list[int] = field(default_factory=lambda: [0, 1000])  # AlphaFlow: optimizer steps [first, last] over
+    #                                                               which α goes from alpha_start to alpha_end
+    alpha_schedule: str = "sigmoid"  # AlphaFlow: 'sigmoid' (the paper's) or 'linear' between those steps
+    alpha_gamma: float = 10.0  # AlphaFlow: sharpness of the sigmoid (α = start + (end − start)·σ(γ·(progress − ½)))
+    shortcut_fraction: float = 0.25  # shortcut: fraction of samples trained by self-consistency (the others: d = 0)
+    shortcut_steps: int = 128  # shortcut: the finest step 1/M, M a power of 2; d is drawn from {2/M, ..., 1/2, 1}
+    shortcut_ema: bool = True  # shortcut: self-consistency targets from the EMA weights (false: the online model's)
     label_dropout: float = 0.0  # probability of replacing a label by the null class (> 0 for guidance to work)
     cond_dropout: float = 0.0  # data.task: probability of replacing the spatial condition by the null one (guidance)
     align: str = ""  # a representation regulariser added to the loss (flows/align.py, settings in align:): '' (none),
@@ -361,6 +373,9 @@ RANGES = {
     "flow.label_dropout": (0, 1, True, False), "flow.grid_steps": (0, None, False, True),
     "flow.huber_c": (0, None, True, True), "flow.meanflow_ratio": (0, 1, True, True),
     "flow.meanflow_p": (0, None, True, True), "flow.meanflow_eps": (0, None, False, True),
+    "flow.alpha_start": (0, 1, True, True), "flow.alpha_end": (0, 1, True, True),
+    "flow.alpha_gamma": (0, None, False, True), "flow.shortcut_fraction": (0, 1, True, True),
+    "flow.shortcut_steps": (1, None, False, True),
     "align.weight": (0, None, True, True), "align.depth": (0, None, True, True),
     "align.proj_width": (0, None, True, True), "align.stop_step": (0, None, True, True),
     "align.resolution": (0, None, True, True), "align.temperature": (0, None, False, True),

@@ -69,7 +69,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--solver", help="euler, midpoint, heun, rk4 (fixed grid) or dopri5, ... (adaptive); "
                                     "SOLVER+LAST takes LAST's step on the last interval: heun+euler never "
                                     "evaluates the velocity at t = 1; euler_maruyama or sde_heun: SDE sampling "
-                                    "(affine paths from a Gaussian source)")
+                                    "(affine paths from a Gaussian source); meanflow (MeanFlow, AlphaFlow) or "
+                                    "shortcut (shortcut models): one jump per step, --steps N network calls")
     p.add_argument("--diffusion", help="SDE solvers: the diffusion coefficient w(t) of dx = [v + w·score] dt + "
                                        "√(2w) dW: sigma (σ_t, default), constant, sbdm, linear, decreasing, "
                                        "increasing_decreasing (SiT's forms)")

@@ -135,6 +135,10 @@ def run(cfg: Config, run_dir: Path, accelerator, stop: StopRequest, accept_chang
     latent_shape = model.latent_shape(dataset.shape) if autoencoding else space.shape
     if t.init_from and not list_checkpoints(run_dir):  # a new run starts from another's weights
         log(init_weights(model, t.init_from, cfg.model.time_scale))
+    if cfg.flow.objective == "shortcut" and cfg.flow.shortcut_ema and \
+            accelerator.distributed_type == DistributedType.FSDP:
+        raise UserError("flow.objective=shortcut takes its targets' half jumps with the EMA model on every process, "
+                        "which FSDP keeps in shards; use DDP (no FSDP config) or flow.shortcut_ema=false")
     encoder, alignment = None, None
     if cfg.flow.align:
         if cfg.flow.align == "sra" and accelerator.distributed_type == DistributedType.FSDP:
@@ -163,6 +167,8 @@ def run(cfg: Config, run_dir: Path, accelerator, stop: StopRequest, accept_chang
     # Objective.
     objective = build_objective(cfg, source, num_classes, latent_shape, features, task)
     objective.alignment = alignment
+    if cfg.flow.objective == "shortcut" and cfg.flow.shortcut_ema:  # the targets' half jumps: the EMA model's
+        objective.teacher = p.ema.model
 
     # Resume from the newest complete checkpoint.
     step = 0

@@ -2,11 +2,15 @@
 beside the I-CFM teacher's Euler at NFE 1, 2, 4, 8, 100. Every model is made by train.py and sample.py as a
 user runs them; --seeds training seeds each (the data stay fixed).
 
-    python bench/few_step_2d.py [--seeds 3] [--out bench/out/few_step_2d]
+    python bench/few_step_2d.py [--seeds 3] [--out bench/out/few_step_2d] [--methods teacher meanflow ...]
 
-Per seed:
+Per seed (--methods chooses; the teacher always, for the ratio):
   teacher   configs/toy2d_moons_icfm.yaml (3,000 steps)
   MeanFlow  configs/toy2d_moons_meanflow.yaml (10,000 steps, from scratch)
+  meanflow_v, alphaflow, shortcut: the same config, budget and jumps with improved MeanFlow's v-loss
+            (flow.meanflow_loss=v, the model's tangent), AlphaFlow (α from 1 to 0 over steps 2,000-8,000, sigmoid)
+            and a shortcut model (its own defaults: a quarter of self-consistency samples, finest step 1/128, EMA
+            targets; the MeanFlow keys reset), from scratch
   reflow    sample.py --pairs from the teacher (Euler 100, --pairs-n pairs), then 3,000 steps of
             flow.coupling=pairs from the teacher's weights: the 2-rectified flow, sampled by Euler
   distill   pairs from the 2-rectified flow (Euler 100), then 2,000 steps at t = 0 only
@@ -41,7 +45,17 @@ N_EVAL = 2000
 QUIET = ["train.trackers=[]", "train.preview_every=0"]
 LABELS = {"teacher": "I-CFM teacher, Euler", "meanflow": "MeanFlow from scratch, meanflow jumps",
           "reflow": "2-rectified flow (reflow of the teacher), Euler",
-          "distill": "2-RF distilled to one step, Euler"}
+          "distill": "2-RF distilled to one step, Euler",
+          "meanflow_v": "improved MeanFlow (v-loss) from scratch, meanflow jumps",
+          "alphaflow": "AlphaFlow from scratch, meanflow jumps",
+          "shortcut": "shortcut model from scratch, shortcut jumps"}
+MEANFLOW = ["-c", "configs/toy2d_moons_meanflow.yaml"]
+ONE_STAGE = {  # name: (train.py overrides on the MeanFlow config, jump solver)
+    "meanflow_v": (["flow.meanflow_loss=v", "flow.meanflow_tangent=model"], "meanflow"),
+    "alphaflow": (["flow.objective=alphaflow", "flow.alpha_steps=[2000,8000]"], "meanflow"),
+    "shortcut": (["flow.objective=shortcut", "flow.meanflow_times=ordered", "flow.meanflow_ratio=0.25",
+                  "flow.meanflow_p=1.0"], "shortcut"),
+}
 
 
 def run(script: str, *args: str) -> float:
@@ -73,20 +87,28 @@ def one_seed(seed: int, args) -> tuple[dict[str, dict[int, float]], dict[str, fl
     teacher, meanflow, reflow, distill = (out / name for name in ("teacher", "meanflow", "reflow", "distill"))
     pairs, pairs2 = out / "pairs", out / "pairs_2rf"
     s = f"train.seed={seed}"
-    wall = {"teacher": run("train.py", "-c", "configs/toy2d_moons_icfm.yaml", "-e", str(teacher), s, *QUIET),
-            "meanflow": run("train.py", "-c", "configs/toy2d_moons_meanflow.yaml", "-e", str(meanflow), s, *QUIET)}
-    wall["reflow"] = run("sample.py", "--weights", str(last_checkpoint(teacher)), "--pairs", "--n-samples",
-                         str(args.pairs_n), "--steps", "100", "--seed", str(seed), "--save-dir", str(pairs))
-    on_pairs = ["data.name=pairs", "flow.coupling=pairs", "train.batch_size=256", "train.lr=1e-3", s, *QUIET]
-    wall["reflow"] += run("train.py", "-e", str(reflow), f"data.path={pairs}",
-                          f"train.init_from={last_checkpoint(teacher)}", "train.steps=3000", *on_pairs)
-    wall["distill"] = run("sample.py", "--weights", str(last_checkpoint(reflow)), "--pairs", "--n-samples",
-                          str(args.pairs_n), "--steps", "100", "--seed", str(seed + 1000), "--save-dir", str(pairs2))
-    wall["distill"] += run("train.py", "-e", str(distill), f"data.path={pairs2}",
-                           f"train.init_from={last_checkpoint(reflow)}", "train.steps=2000",
-                           "flow.time_density=grid", "flow.grid_steps=1", "flow.loss=pseudo_huber", *on_pairs)
-    w2 = {"teacher": w2_at(teacher, "euler", [1, 2, 4, 8, 100]), "meanflow": w2_at(meanflow, "meanflow", [1, 2, 4]),
-          "reflow": w2_at(reflow, "euler", [1, 2, 4]), "distill": w2_at(distill, "euler", [1, 2, 4])}
+    wall = {"teacher": run("train.py", "-c", "configs/toy2d_moons_icfm.yaml", "-e", str(teacher), s, *QUIET)}
+    w2 = {"teacher": w2_at(teacher, "euler", [1, 2, 4, 8, 100])}
+    if "meanflow" in args.methods:
+        wall["meanflow"] = run("train.py", *MEANFLOW, "-e", str(meanflow), s, *QUIET)
+        w2["meanflow"] = w2_at(meanflow, "meanflow", [1, 2, 4])
+    if {"reflow", "distill"} & set(args.methods):
+        wall["reflow"] = run("sample.py", "--weights", str(last_checkpoint(teacher)), "--pairs", "--n-samples",
+                             str(args.pairs_n), "--steps", "100", "--seed", str(seed), "--save-dir", str(pairs))
+        on_pairs = ["data.name=pairs", "flow.coupling=pairs", "train.batch_size=256", "train.lr=1e-3", s, *QUIET]
+        wall["reflow"] += run("train.py", "-e", str(reflow), f"data.path={pairs}",
+                              f"train.init_from={last_checkpoint(teacher)}", "train.steps=3000", *on_pairs)
+        wall["distill"] = run("sample.py", "--weights", str(last_checkpoint(reflow)), "--pairs", "--n-samples",
+                              str(args.pairs_n), "--steps", "100", "--seed", str(seed + 1000), "--save-dir",
+                              str(pairs2))
+        wall["distill"] += run("train.py", "-e", str(distill), f"data.path={pairs2}",
+                               f"train.init_from={last_checkpoint(reflow)}", "train.steps=2000",
+                               "flow.time_density=grid", "flow.grid_steps=1", "flow.loss=pseudo_huber", *on_pairs)
+        w2.update(reflow=w2_at(reflow, "euler", [1, 2, 4]), distill=w2_at(distill, "euler", [1, 2, 4]))
+    for name, (overrides, solver) in ONE_STAGE.items():
+        if name in args.methods:
+            wall[name] = run("train.py", *MEANFLOW, "-e", str(out / name), s, *overrides, *QUIET)
+            w2[name] = w2_at(out / name, solver, [1, 2, 4])
     return w2, wall
 
 
@@ -95,6 +117,9 @@ def main() -> None:
     p.add_argument("--seeds", type=int, default=3, help="training seeds per method")
     p.add_argument("--pairs-n", type=int, default=20480, help="(noise, sample) pairs per reflow and distillation")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "few_step_2d")
+    p.add_argument("--methods", nargs="+", default=["meanflow", "reflow", "distill"],
+                   choices=["meanflow", "reflow", "distill", *ONE_STAGE],
+                   help="what to train beside the teacher (default: MeanFlow, reflow and distillation)")
     args = p.parse_args()
     results, walls = {}, {}
     for seed in range(args.seeds):

@@ -1,13 +1,18 @@
-"""The cost of a MeanFlow training step beside a flow-matching step of the same model and batch.
+"""The cost of a training step of each one-stage few-step objective beside a flow-matching step of the same model
+and batch.
 
-    python bench/meanflow_step.py [--models unet-cifar10 DiT-B/2] [--batch 32] [--steps 5] [--device cuda]
-        [--mixed-precision bf16] [--compile]
+    python bench/meanflow_step.py [--models unet-cifar10 DiT-B/2] [--objectives cfm meanflow alphaflow shortcut]
+        [--batch 32] [--steps 5] [--device cuda] [--mixed-precision bf16] [--compile]
 
-Each step is the toolkit's own: the objective's draw and per-sample loss (flows.FlowMatchingObjective, or
-flows.MeanFlowObjective: a forward-mode JVP of the unwrapped network without gradient, then the forward and
-backward of the prediction), backward, clipping, AdamW and EMA (backend.update_weights). unet-cifar10 runs on
-CIFAR-shaped pixels (3×32×32), DiTs on SD-VAE-shaped latents (4×32×32). The two objectives alternate in ABBA
-order --repeats times; the best seconds per step of each and their ratio are printed.
+Each step is the toolkit's own: the objective's draw and per-sample loss, backward, clipping, AdamW and EMA
+(backend.update_weights). The losses: flow matching (flows.FlowMatchingObjective); MeanFlow (a forward-mode JVP of
+the unwrapped network without gradient, then the forward and backward of the prediction; its v-loss costs the
+same); AlphaFlow mid-curriculum (α = 0.5: one more forward pass without gradient and no JVP; at α = 0 it is
+MeanFlow's step, at α = 1 flow matching's); a shortcut model (two forward passes without gradient on its
+self-consistency quarter of the batch, taken by the EMA model). unet-cifar10 runs on CIFAR-shaped pixels
+(3×32×32), unet-mnist on MNIST's (1×28×28), DiTs on SD-VAE-shaped latents (4×32×32). The objectives take turns,
+in reverse order every other repeat, --repeats times; the best seconds per step of each and its ratio to flow
+matching are printed.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import time
 from pathlib import Path
 
 import torch
+from accelerate.utils import DistributedType
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -31,7 +37,9 @@ from models.ema import EMA  # noqa: E402
 
 
 class _Accelerator:
-    """What update_weights needs of accelerate on one device: clipping."""
+    """What update_weights needs of accelerate on one device: its kind and clipping."""
+
+    distributed_type = DistributedType.NO
 
     @staticmethod
     def clip_grad_norm_(params, max_norm):
@@ -40,16 +48,20 @@ class _Accelerator:
 
 def step_time(name: str, objective_name: str, args, device: torch.device) -> float:
     """Best seconds per training step over --steps steps after --warmup, for one objective."""
-    shape = (3, 32, 32) if name.startswith("unet") else (4, 32, 32)
+    shape = (1, 28, 28) if name == "unet-mnist" else (3, 32, 32) if name.startswith("unet") else (4, 32, 32)
     cfg = load_config(None, [f"model.name={name}", f"flow.objective={objective_name}",
-                             *(["model.time_scale=1", "flow.meanflow_ratio=0.75"] if objective_name == "meanflow"
-                               else [])])
+                             *(["model.time_scale=1", "flow.meanflow_ratio=0.75"]
+                               if objective_name in ("meanflow", "alphaflow") else []),
+                             *(["flow.alpha_steps=[0,2]", "flow.alpha_schedule=linear"]
+                               if objective_name == "alphaflow" else [])])
     torch.manual_seed(0)
     model = build_model(cfg, shape).to(device)
     ema = EMA(model, 0.9999)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True, fused=device.type == "cuda" or None)
     net = torch.compile(model) if args.compile else model
     objective = build_objective(cfg, lambda n, g, d: torch.randn(n, *shape, generator=g, device=d))
+    if objective_name == "shortcut":
+        objective.teacher = ema.model
     params, x1 = list(model.parameters()), torch.randn(args.batch, *shape, device=device)
     autocast = torch.autocast(device.type, torch.bfloat16) if args.mixed_precision == "bf16" \
         else contextlib.nullcontext()
@@ -59,6 +71,7 @@ def step_time(name: str, objective_name: str, args, device: torch.device) -> flo
         nonlocal n
         n += 1
         draw = objective.draw(x1, None, torch.Generator(device).manual_seed(n))
+        draw.step = 1  # AlphaFlow: α = 0.5, halfway through its [0, 2] curriculum
         with autocast:
             loss = objective.loss(net, x1, draw).loss.mean()
         loss.backward()
@@ -81,6 +94,8 @@ def step_time(name: str, objective_name: str, args, device: torch.device) -> flo
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", nargs="+", default=["unet-cifar10", "DiT-B/2"])
+    p.add_argument("--objectives", nargs="+", default=["cfm", "meanflow", "alphaflow", "shortcut"],
+                   help="the first is the reference of the ratios (default: cfm, flow matching)")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
@@ -93,15 +108,18 @@ def main() -> None:
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} CPU threads"
     print(f"{where}, batch {args.batch}, {args.mixed_precision}{', torch.compile' if args.compile else ''}; best "
           f"seconds per step of {args.steps} after {args.warmup}, {args.repeats} ABBA repeats")
-    print("| model | flow matching s/step | MeanFlow s/step | MeanFlow / flow matching |")
-    print("|---|---:|---:|---:|")
+    names = {"cfm": "flow matching", "meanflow": "MeanFlow", "alphaflow": "AlphaFlow (α 0.5)", "shortcut": "shortcut"}
+    first = args.objectives[0]
+    print("| model | " + " | ".join(f"{names[o]} s/step" for o in args.objectives) + " | "
+          + " | ".join(f"{names[o]} / {names[first]}" for o in args.objectives[1:]) + " |")
+    print("|---|" + "---:|" * (2 * len(args.objectives) - 1))
     for name in args.models:
-        best = {"cfm": float("inf"), "meanflow": float("inf")}
+        best = {o: float("inf") for o in args.objectives}
         for repeat in range(args.repeats):
-            for objective in ("cfm", "meanflow") if repeat % 2 == 0 else ("meanflow", "cfm"):
+            for objective in args.objectives if repeat % 2 == 0 else args.objectives[::-1]:
                 best[objective] = min(best[objective], step_time(name, objective, args, device))
-        print(f"| {name} | {best['cfm']:.3f} | {best['meanflow']:.3f} | {best['meanflow'] / best['cfm']:.2f} |")
-
+        print(f"| {name} | " + " | ".join(f"{best[o]:.3f}" for o in args.objectives) + " | "
+              + " | ".join(f"{best[o] / best[first]:.2f}" for o in args.objectives[1:]) + " |")
 
 if __name__ == "__main__":
     main()

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from config import Config
 from errors import UserError, check_name
 from flows import align
+from flows.alphaflow import AlphaFlowObjective, alpha_at
 from flows.couplings import (
     BatchShard,
     ClassOTCoupling,
@@ -36,6 +37,7 @@ from flows.paths import (
     Prediction,
     VPPath,
 )
+from flows.shortcut import ShortcutObjective
 from flows.solvers import (
     DIFFUSIONS,
     LAST_STEPS,
@@ -82,6 +84,27 @@ TIME_DENSITIES = {
 }
 
 
+def _meanflow(cfg: Config) -> dict:
+    f = cfg.flow
+    return dict(ratio=f.meanflow_ratio, power=f.meanflow_p, eps=f.meanflow_eps, cfg_scale=f.meanflow_cfg,
+                tangent=f.meanflow_tangent, times=f.meanflow_times, loss=f.meanflow_loss)
+
+
+def _alpha(cfg: Config) -> Callable[[int], float]:
+    f = cfg.flow
+    return lambda step: alpha_at(step, f.alpha_start, f.alpha_end, tuple(f.alpha_steps), f.alpha_schedule,
+                                 f.alpha_gamma)
+
+
+# The one-stage few-step objectives: a network of the average velocity u(z, t, s), sampled in jumps.
+AVERAGE_VELOCITY = {
+    "meanflow": lambda cfg, common: MeanFlowObjective(**common, **_meanflow(cfg)),
+    "alphaflow": lambda cfg, common: AlphaFlowObjective(**common, **_meanflow(cfg), alpha=_alpha(cfg)),
+    "shortcut": lambda cfg, common: ShortcutObjective(**common, fraction=cfg.flow.shortcut_fraction,
+                                                      steps=cfg.flow.shortcut_steps),
+}
+
+
 def build_objective(cfg: Config, source: Callable, num_classes: int = 0, latent_shape: tuple[int, ...] = (),
                     features: Callable | None = None, task=None) -> FlowMatchingObjective | AutoencoderObjective:
     """The training objective of cfg.flow.objective: flow matching, or an autoencoder's (which needs the
@@ -93,10 +116,8 @@ def build_objective(cfg: Config, source: Callable, num_classes: int = 0, latent_
     common = dict(path=path, coupling=COUPLINGS[f.coupling](cfg),
                   time_density=TIME_DENSITIES[f.time_density](cfg), source=source, label_dropout=f.label_dropout,
                   num_classes=num_classes, huber_c=f.huber_c if f.loss == "pseudo_huber" else None)
-    if f.objective == "meanflow":
-        return MeanFlowObjective(**common, ratio=f.meanflow_ratio, power=f.meanflow_p, eps=f.meanflow_eps,
-                                 cfg_scale=f.meanflow_cfg, tangent=f.meanflow_tangent,
-                                 times=f.meanflow_times)
+    if f.objective in AVERAGE_VELOCITY:
+        return AVERAGE_VELOCITY[f.objective](cfg, common)
     return FlowMatchingObjective(**common, features=features, cond_dim=cfg.latentcfm.dim if features is not None else 0,
                                  beta=cfg.latentcfm.beta, cond_dropout=f.cond_dropout,
                                  null_condition=None if task is None else task.null,
@@ -170,8 +191,9 @@ def check_data(cfg: Config, dataset, pairs, features, task) -> None:
                         f"have shape {tuple(dataset.shape)}; make the pairs again with a teacher of these data")
     if pairs is not None and cfg.data.hflip:
         raise UserError("data.hflip would mirror a pair's sample without its noise; remove it for reflow pairs")
-    if cfg.flow.objective == "meanflow" and features is not None:
-        raise UserError("flow.objective=meanflow does not take Latent-CFM's condition here; remove latentcfm.encoder")
+    if cfg.flow.objective in AVERAGE_VELOCITY and features is not None:
+        raise UserError(f"flow.objective={cfg.flow.objective} does not take Latent-CFM's condition here; remove "
+                        "latentcfm.encoder")
     if cfg.flow.meanflow_cfg != 1 and not (num_classes and cfg.flow.label_dropout > 0):
         raise UserError("flow.meanflow_cfg bakes classifier-free guidance into the target, which needs a "
                         "class-conditional model trained with label dropout (model.class_cond=true "
@@ -201,7 +223,7 @@ def weights_meta(cfg: Config, dataset, task, space, features) -> dict[str, str]:
     meta = data_info(cfg, dataset)
     meta["label_dropout"] = repr(cfg.flow.label_dropout)  # guidance needs a trained null class
     meta.update(task_info(task), cond_dropout=repr(cfg.flow.cond_dropout))
-    if cfg.flow.objective == "meanflow":  # guidance baked in at this scale: sampling needs no --cfg-scale
+    if cfg.flow.objective in ("meanflow", "alphaflow"):  # guidance baked in at this scale: sampling needs none
         meta["meanflow_cfg"] = repr(cfg.flow.meanflow_cfg)
     if cfg.latent.autoencoder:
         meta["latent_shape"] = json.dumps(list(space.shape))
@@ -219,9 +241,25 @@ READ_ONLY_WITH = {
     "time_mean": ("time_density", ("logit_normal",)), "time_std": ("time_density", ("logit_normal",)),
     "mode_scale": ("time_density", ("mode",)), "grid_steps": ("time_density", ("grid",)),
     "huber_c": ("loss", ("pseudo_huber",)),
-    **{key: ("objective", ("meanflow",)) for key in ("meanflow_ratio", "meanflow_p", "meanflow_eps", "meanflow_cfg",
-                                                     "meanflow_tangent", "meanflow_times")},
+    **{key: ("objective", ("meanflow", "alphaflow")) for key in ("meanflow_ratio", "meanflow_p", "meanflow_eps",
+                                                                 "meanflow_cfg", "meanflow_tangent", "meanflow_times",
+                                                                 "meanflow_loss")},
+    **{key: ("objective", ("alphaflow",)) for key in ("alpha_start", "alpha_end", "alpha_steps", "alpha_schedule",
+                                                      "alpha_gamma")},
+    **{key: ("objective", ("shortcut",)) for key in ("shortcut_fraction", "shortcut_steps", "shortcut_ema")},
 }
+
+
+def check_alphaflow(f) -> None:
+    """AlphaFlow's curriculum: a schedule name, a window of two steps, and an end at α = 0 (MeanFlow)."""
+    check_name(("sigmoid", "linear"), f.alpha_schedule, "flow.alpha_schedule")
+    steps = f.alpha_steps
+    if len(steps) != 2 or not all(isinstance(k, int) and k >= 0 for k in steps) or steps[0] >= steps[1]:
+        raise UserError(f"flow.alpha_steps must be two optimizer steps [first, last], 0 ≤ first < last, over which α "
+                        f"goes from flow.alpha_start to flow.alpha_end; got {steps}")
+    if f.alpha_end != 0:
+        raise UserError(f"flow.alpha_end={f.alpha_end:g}: AlphaFlow's curriculum must end at α = 0 (MeanFlow), whose "
+                        "average velocity the jump samplers need; set flow.alpha_end=0")
 
 
 def check_config(cfg: Config) -> None:
@@ -234,7 +272,7 @@ def check_config(cfg: Config) -> None:
             raise UserError(f"flow.{key}={getattr(f, key)} is read only with flow.{owner}={' or '.join(choices)}, and "
                             f"this config has flow.{owner}={getattr(f, owner)}: remove flow.{key} or change "
                             f"flow.{owner}")
-    check_name(("cfm", "meanflow", "autoencoder"), f.objective, "flow.objective")
+    check_name(("cfm", *AVERAGE_VELOCITY, "autoencoder"), f.objective, "flow.objective")
     check_name(("l2", "pseudo_huber"), f.loss, "flow.loss")
     check_name(PATHS, f.path, "flow.path")
     check_name(COUPLINGS, f.coupling, "flow.coupling")
@@ -274,13 +312,21 @@ def check_config(cfg: Config) -> None:
                         "set model.class_cond=true or use flow.coupling=ot")
     check_name(("conditional", "model"), f.meanflow_tangent, "flow.meanflow_tangent")
     check_name(("ordered", "single"), f.meanflow_times, "flow.meanflow_times")
-    if f.objective == "meanflow" and (bridge or f.prediction != "velocity" or f.loss_weight != "none"):
-        raise UserError("flow.objective=meanflow trains the average velocity on an affine path: use "
+    check_name(("u", "v"), f.meanflow_loss, "flow.meanflow_loss")
+    if f.objective in AVERAGE_VELOCITY and (bridge or f.prediction != "velocity" or f.loss_weight != "none"):
+        raise UserError(f"flow.objective={f.objective} trains the average velocity on an affine path: use "
                         "flow.prediction=velocity, flow.loss_weight=none and a path without bridge noise")
-    if f.objective == "meanflow" and f.loss != "l2":
-        raise UserError(f"flow.loss={f.loss} does not apply to flow.objective=meanflow, whose loss is the squared "
+    if f.objective in ("meanflow", "alphaflow") and f.loss != "l2":
+        raise UserError(f"flow.loss={f.loss} does not apply to flow.objective={f.objective}, whose loss is the squared "
                         "error under its adaptive weight (at flow.meanflow_p=0.5 its gradient is the pseudo-Huber "
                         "loss's); use flow.loss=l2 and set flow.meanflow_p")
+    if f.meanflow_loss == "v" and f.meanflow_tangent != "model":
+        raise UserError("flow.meanflow_loss=v regresses V = u − (s − t)·du/dt onto x1 − x0, so the derivative follows "
+                        "the model's own velocity: set flow.meanflow_tangent=model too")
+    check_alphaflow(f)
+    if f.shortcut_steps < 2 or f.shortcut_steps & (f.shortcut_steps - 1):
+        raise UserError(f"flow.shortcut_steps is M of the finest step 1/M, a power of 2 ≥ 2 (the paper: 128); got "
+                        f"{f.shortcut_steps}")
     align.check_config(cfg)
     check_sampling(cfg)
 

@@ -147,7 +147,7 @@ def check_config(cfg: Config) -> None:
         return
     check_name(ALIGNERS, method, "flow.align")
     check_name(("mlp", "conv"), a.projector, "align.projector")
-    if cfg.flow.objective not in ("cfm", "meanflow"):
+    if cfg.flow.objective == "autoencoder":
         raise UserError(f"flow.align={method} regularises a velocity field's hidden states; flow.objective="
                         f"{cfg.flow.objective} trains none: remove flow.align")
     if cfg.model.name == "mlp":

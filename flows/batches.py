@@ -58,7 +58,7 @@ def micro_steps(loader, objective, shard: BatchShard, seed: int, first: int, dev
             x1 = space.encode(x1, generator)
         x1 = x1.contiguous(memory_format=memory_format)
         draw = objective.draw(x1, y, generator, shard, x0, image_cond)
-        draw.aligning, draw.align_target = aligning, align_target
+        draw.aligning, draw.align_target, draw.step = aligning, align_target, k // grad_accum
         return x1, draw
 
     k = first

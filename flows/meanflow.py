@@ -33,6 +33,14 @@ py-meanflow's v1: the s = t samples keep a single draw as t (with the ImageNet r
 mean t is 0.58 against 0.465). Which samples have s ≠ t is drawn per sample with probability `ratio`, as
 py-meanflow does (the JAX code takes an exact fraction of each batch).
 
+The v-loss (improved MeanFlow, Geng et al. 2025b, loss='v'): the network still predicts u, but the loss is on the
+instantaneous velocity it implies through the identity, V_θ = u_θ(z_t, t, s) − (s − t)·sg(d/dt u), regressed onto
+the conditional velocity: ‖V_θ − v_t‖² under the same adaptive weight. Its target v_t does not depend on the
+network; the derivative's tangent is the network's own instantaneous velocity u_θ(z_t, t, t) (tangent='model'),
+since v_t, the regression target, cannot also be the direction. With the stop-gradient its residual, and so its
+gradient, equal the u-loss's with tangent='model' term by term: what the v-form states is the regression, not a
+different step.
+
 With guidance baked in (the paper's ω, class-conditional models trained with label dropout), v_t is replaced by
 ṽ_t = ω·v_t + (1 − ω)·u_θ(z_t, t, t | ∅) for labelled samples, so that one jump samples the guided model (the
 paper's κ = 0 form; its κ > 0 mixing term is not implemented). The unconditional u of that target, and the
@@ -114,12 +122,14 @@ class MeanFlowObjective(FlowMatchingObjective):
     """The MeanFlow loss per sample (see the module docstring); draws as flow matching does, plus s."""
 
     def __init__(self, *args, ratio: float = 0.25, power: float = 1.0, eps: float = 1e-3, cfg_scale: float = 1.0,
-                 tangent: str = "conditional", times: str = "ordered", **kwargs):
+                 tangent: str = "conditional", times: str = "ordered", loss: str = "u", **kwargs):
         super().__init__(*args, **kwargs)
         if self.huber_c is not None:
             raise ValueError("MeanFlow's loss is its adaptively weighted squared error, not pseudo-Huber")
+        if loss == "v" and tangent != "model":
+            raise ValueError("the v-loss's derivative follows the model's own velocity (tangent='model')")
         self.ratio, self.power, self.eps, self.cfg_scale, self.tangent = ratio, power, eps, cfg_scale, tangent
-        self.times = times
+        self.times, self.loss_on = times, loss
 
     def draw(self, x1: torch.Tensor, y: torch.Tensor | None, generator: torch.Generator,
              shard: BatchShard = BatchShard(), x0: torch.Tensor | None = None,
@@ -135,27 +145,40 @@ class MeanFlowObjective(FlowMatchingObjective):
         draw.t, draw.s = t, torch.where(apart, later, t)
         return draw
 
+    def velocity(self, model: Callable, x_t: torch.Tensor, draw: Draw, v: torch.Tensor) -> torch.Tensor:
+        """The conditional velocity v, or with guidance baked in ṽ = ω·v + (1 − ω)·u_θ(z_t, t, t | ∅) for the
+        labelled samples."""
+        if self.cfg_scale == 1 or draw.y is None:
+            return v
+        with torch.no_grad(), evaluation(unwrapped(model)) as net:
+            unconditional = net(x_t, draw.t, torch.full_like(draw.y, self.num_classes))
+        labelled = expand_like(draw.y != self.num_classes, v)
+        return torch.where(labelled, self.cfg_scale * v + (1 - self.cfg_scale) * unconditional.to(v.dtype), v)
+
+    def weighted(self, residual: torch.Tensor, draw: Draw) -> torch.Tensor:
+        """sg(w)·‖residual‖² per sample, w = 1 / (‖residual‖² + c)^p, times the coupling's weight of each sample
+        (unbalanced, partial OT)."""
+        error = residual.float().square().flatten(1).sum(1)
+        loss = (error.detach() + self.eps) ** -self.power * error
+        return loss if draw.weight is None else loss * draw.weight.float()
+
     def loss(self, model: Callable, x1: torch.Tensor, draw: Draw) -> ObjectiveOutput:
         sample = self.path.sample(draw.x0, x1.to(draw.x0.dtype), draw.t)
-        v = sample.u_t
-        if self.cfg_scale != 1 and draw.y is not None:  # guidance baked into the target, for labelled samples
-            with torch.no_grad(), evaluation(unwrapped(model)) as net:
-                unconditional = net(sample.x_t, draw.t, torch.full_like(draw.y, self.num_classes))
-            labelled = expand_like(draw.y != self.num_classes, v)
-            v = torch.where(labelled, self.cfg_scale * v + (1 - self.cfg_scale) * unconditional.to(v.dtype), v)
+        v = self.velocity(model, sample.x_t, draw, sample.u_t)
         along = v
         if self.tangent == "model":  # the network's own instantaneous velocity: a tangent without the pairing's noise
             with torch.no_grad(), evaluation(unwrapped(model)) as net:
                 along = net(sample.x_t, draw.t, draw.y).to(v.dtype)
         rng = _rng_state(v.device)  # the JVP and the prediction see the same dropout masks
-        target = meanflow_target(model, sample.x_t, draw.t, draw.s, v, draw.y, along)
+        if self.loss_on == "v":  # V_θ = u_θ − (s − t)·sg(du/dt), regressed onto v
+            _, dudt = total_derivative(model, sample.x_t, draw.t, draw.s, along, draw.y)
+            implied = expand_like(draw.s - draw.t, v).float() * dudt
+        else:  # u_θ regressed onto u_tgt = v + (s − t)·sg(du/dt)
+            target = meanflow_target(model, sample.x_t, draw.t, draw.s, v, draw.y, along)
         _set_rng_state(v.device, rng)
         u, hidden = forward(model, self.alignment, draw.aligning, sample.x_t, draw.t, draw.y, s=draw.s)
-        error = (u.float() - target).square().flatten(1).sum(1)
-        loss = (error.detach() + self.eps) ** -self.power * error
-        if draw.weight is not None:  # the coupling's weight of each sample (unbalanced, partial OT)
-            loss = loss * draw.weight.float()
-        return self.aligned(loss, draw.t, hidden, draw, x1)
+        residual = (u.float() - implied) - v.float() if self.loss_on == "v" else u.float() - target
+        return self.aligned(self.weighted(residual, draw), draw.t, hidden, draw, x1)
 
 
 @contextlib.contextmanager

@@ -33,6 +33,7 @@ class Draw:
     eps: torch.Tensor | None = None  # a bridge path's noise ε (N, ...)
     aligning: bool = False  # flow.align: this micro-step adds the alignment term (HASTE stops it)
     align_target: torch.Tensor | None = None  # REPA: the frozen encoder's features of the clean data (N, D, h, w)
+    step: int = 0  # the optimizer step this micro-step belongs to (AlphaFlow's curriculum reads it)
 
 
 @dataclass

@@ -75,13 +75,17 @@ def _rk4(v: Velocity, x, t0, t1):
 
 
 def _meanflow(v: Velocity, x, t0, t1):
-    """One jump of a MeanFlow model: x_{t1} = x_{t0} + (t1 − t0)·u(x_{t0}, t0, t1), the average velocity."""
+    """One jump of a MeanFlow model: x_{t1} = x_{t0} + (t1 − t0)·u(x_{t0}, t0, t1), the average velocity (of a
+    shortcut model: its shortcut of step size t1 − t0, the same call)."""
     return x + (t1 - t0) * v(x, t0, t1)
+
+
+JUMPS = ("meanflow", "shortcut")  # solvers that jump with u(x, t, s) over each interval of the grid
 
 
 # name -> (one step, velocity evaluations per step)
 SOLVERS = {"euler": (_euler, 1), "midpoint": (_midpoint, 2), "heun": (_heun, 2), "rk4": (_rk4, 4),
-           "meanflow": (_meanflow, 1)}
+           "meanflow": (_meanflow, 1), "shortcut": (_meanflow, 1)}
 # SDE samplers: name -> velocity evaluations per step (the last step, without noise, takes one).
 SDE_SOLVERS = {"euler_maruyama": 1, "sde_heun": 2}
 LAST_STEPS = ("mean", "tweedie", "euler")
@@ -99,7 +103,7 @@ def stage_times(solver: str, grid: list[float]) -> list[float]:
     """The times at which a fixed-grid solver evaluates the velocity over `grid`, in order."""
     stages = {"euler": lambda a, b: [a], "midpoint": lambda a, b: [a, (a + b) / 2], "heun": lambda a, b: [a, b],
               "rk4": lambda a, b: [a, (a + b) / 2, (a + b) / 2, b], "meanflow": lambda a, b: [a],
-              "euler_maruyama": lambda a, b: [a], "sde_heun": lambda a, b: [a, b]}
+              "shortcut": lambda a, b: [a], "euler_maruyama": lambda a, b: [a], "sde_heun": lambda a, b: [a, b]}
     body, _, last = solver.partition("+")
     last = "euler" if solver in SDE_SOLVERS else last or body
     pairs = list(zip(grid[:-1], grid[1:]))
@@ -456,9 +460,10 @@ def check_solver(solver: str, steps: int | None) -> None:
             raise UserError(f"solver {solver} chooses its own steps (set its tolerances with --atol/--rtol); "
                             f"drop --steps {steps} or choose a fixed-grid solver ({', '.join(SOLVERS)})")
         return
-    if "meanflow" in solver.split("+") and solver != "meanflow":
-        raise UserError(f"solver '{solver}': meanflow jumps over each interval of the grid on its own; give "
-                        "--solver meanflow without +LAST")
+    jump = next((name for name in solver.split("+") if name in JUMPS), None)
+    if jump and solver != jump:
+        raise UserError(f"solver '{solver}': {jump} jumps over each interval of the grid on its own; give "
+                        f"--solver {jump} without +LAST")
     for name in solver.split("+", 1):
         if name not in SOLVERS:
             import difflib
@@ -491,10 +496,11 @@ def generate(model: Callable, x0: torch.Tensor, steps: int | None = 100, solver:
     if guidance is not None:
         cfg_scale, cfg_interval = guidance.scale, guidance.interval
     check_interval(cfg_interval, solver)
-    if solver == "meanflow" and getattr(unwrapped(model), "interval_embed", None) is None:
-        raise UserError("--solver meanflow jumps with the average velocity u(x, t, s) of a MeanFlow model "
-                        "(trained with flow.objective=meanflow); this model gives the instantaneous velocity only: "
-                        "use euler, midpoint, heun, rk4 or dopri5")
+    if solver in JUMPS and getattr(unwrapped(model), "interval_embed", None) is None:
+        what = ("the average velocity u(x, t, s) of a MeanFlow model (flow.objective=meanflow or alphaflow)"
+                if solver == "meanflow" else "a shortcut model's step-size input (flow.objective=shortcut)")
+        raise UserError(f"--solver {solver} jumps with {what}; this model has no second time input and gives the "
+                        "instantaneous velocity only: use euler, midpoint, heun, rk4 or dopri5")
     velocity = guided(model, y, cfg_scale, cond, null_cond, cfg_interval, guidance)
     skip = guidance.zero_steps if guidance is not None and guidance.active else 0  # CFG-Zero*'s zero-init
     if solver in SDE_SOLVERS:

@@ -46,8 +46,9 @@ class Monitor:
 
 
 def preview_solver(cfg: Config) -> str:
-    """Previews and the in-training check sample with Euler, MeanFlow models with their jumps."""
-    return "meanflow" if cfg.flow.objective == "meanflow" else "euler"
+    """Previews and the in-training check sample with Euler, average-velocity models (MeanFlow, AlphaFlow, shortcut)
+    with their jumps."""
+    return "meanflow" if cfg.flow.objective in ("meanflow", "alphaflow", "shortcut") else "euler"
 
 
 @torch.no_grad()

@@ -31,9 +31,9 @@ KEY = ("step", "weights", "solver", "steps", "schedule", "atol", "rtol", "cfg_sc
 
 # Columns of report.csv and report.md, in order.
 COLUMNS = ("step", "weights", "solver", "steps", "schedule", "sde", "cfg_scale", "cfg_interval", "guidance", "nfe",
-           "forward_passes", "guide_cost", "fid", "kid", "kid_std", "precision", "recall", "w2", "mmd", "bpd", "n_samples", "seed",
-           "reference", "mode", "features", "seconds", "task", "mask", "factor", "method", "psnr", "ssim",
-           "measurement_error", "raw_measurement_error", "seconds_per_image")
+           "forward_passes", "guide_cost", "fid", "kid", "kid_std", "precision", "recall", "w2", "mmd", "bpd",
+           "n_samples", "seed", "reference", "mode", "features", "seconds", "task", "mask", "factor", "method", "psnr",
+           "ssim", "measurement_error", "raw_measurement_error", "seconds_per_image")
 
 
 def sampling_protocol(n: int, seed: int, extractor, reference: str, kid: bool = False, bpd_n: int = 0,

@@ -40,9 +40,9 @@ def check_config(cfg: Config) -> None:
         check_name(mlp.ACTIVATIONS, cfg.model.activation, "model.activation")
     if cfg.model.time_input is not None:
         check_name(mlp.TIME_INPUTS, cfg.model.time_input, "model.time_input")
-        if cfg.model.time_input == "raw" and cfg.flow.objective == "meanflow":
-            raise UserError("model.time_input=raw gives the MLP no second time input, which flow.objective=meanflow "
-                            "needs; use model.time_input=sines")
+        if cfg.model.time_input == "raw" and cfg.flow.objective in ("meanflow", "alphaflow", "shortcut"):
+            raise UserError(f"model.time_input=raw gives the MLP no second time input, which flow.objective="
+                            f"{cfg.flow.objective} needs; use model.time_input=sines")
         if cfg.model.time_input == "raw" and cfg.model.time_scale != 1000.0:
             raise UserError("model.time_scale scales the sines of t, which model.time_input=raw does not use; "
                             "remove model.time_scale")
@@ -78,7 +78,8 @@ def build_model(cfg: Config, data_shape: tuple[int, ...], num_classes: int = 0, 
         if cls is mlp.MLP:
             raise UserError(f"data.task={cfg.data.task} conditions image models (UNet, DiT), not the MLP")
         kwargs.update(cond_channels=cond_channels, cond_classes=cond_classes)
-    if cfg.flow.objective == "meanflow":  # the average velocity over [t, s]: a second time input
+    if cfg.flow.objective in ("meanflow", "alphaflow", "shortcut"):  # the average velocity over [t, s]: a second
+        #                                                              time input (shortcut models: the step size)
         kwargs.update(mean_flow=True)
     if cfg.model.time_scale != 1000.0:
         kwargs.update(time_scale=cfg.model.time_scale)

@@ -289,15 +289,21 @@ def teacher(tmp_path_factory):
     return run / "checkpoints" / "step_0000040"
 
 
-def test_meanflow_training_resumes_bitwise_and_two_processes_train_as_one(tmp_path, teacher):
-    """The JVP runs on the unwrapped network and the gradient through the DDP wrapper: 2 gloo processes end where
-    1 does; a run stopped at a checkpoint and resumed ends bitwise where an uninterrupted one does."""
+@pytest.mark.parametrize("objective", [
+    ["flow.objective=meanflow", "flow.meanflow_ratio=0.5"],
+    ["flow.objective=alphaflow", "flow.meanflow_ratio=0.5", "flow.alpha_steps=[5,15]"],  # α: 1 → 0 across step 10
+    ["flow.objective=shortcut", "flow.shortcut_fraction=0.5", "flow.shortcut_steps=8"],  # EMA targets
+], ids=["meanflow", "alphaflow", "shortcut"])
+def test_few_step_training_resumes_bitwise_and_two_processes_train_as_one(tmp_path, teacher, objective):
+    """MeanFlow's JVP runs on the unwrapped network and the gradient through the DDP wrapper, AlphaFlow's α follows
+    the optimizer step, a shortcut model's targets come from the EMA model: for each, 2 gloo processes end where 1
+    does; a run stopped at a checkpoint and resumed ends bitwise where an uninterrupted one does; it samples in
+    jumps."""
     import sys
 
     from test_train import KILL_AFTER_CHECKPOINT, assert_same_weights
 
-    common = [*TINY, "flow.objective=meanflow", "flow.meanflow_ratio=0.5", f"train.init_from={teacher}",
-              "train.steps=20", "train.checkpoint_every=10"]
+    common = [*TINY, *objective, f"train.init_from={teacher}", "train.steps=20", "train.checkpoint_every=10"]
     once = run_script("train.py", "-e", str(tmp_path / "once"), *common)
     assert once.returncode == 0 and "initialized from" in once.stdout and "interval embedding" in once.stdout
     half = run_script("-c", KILL_AFTER_CHECKPOINT, "-e", str(tmp_path / "twice"), *common)
@@ -313,6 +319,10 @@ def test_meanflow_training_resumes_bitwise_and_two_processes_train_as_one(tmp_pa
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
     moved = weights(tmp_path / "once", 20)["interval_embed.embed.mlp.2.weight"]
     assert moved.abs().max() > 0  # the new input learned something
+    solver = "shortcut" if "shortcut" in objective[0] else "meanflow"
+    jumps = run_script("sample.py", "--weights", str(tmp_path / "once" / "checkpoints" / "step_0000020"),
+                       "--n-samples", "8", "--solver", solver, "--steps", "2", "--save-dir", str(tmp_path / "jumps"))
+    assert jumps.returncode == 0 and "NFE 2" in jumps.stdout, jumps.stdout + jumps.stderr
 
 
 def weights(run, step):

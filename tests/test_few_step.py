@@ -1,0 +1,204 @@
+"""One-stage few-step objectives beside MeanFlow: improved MeanFlow's v-loss, AlphaFlow and shortcut models, against
+closed forms and hand computations; their samplers, configs, resume and processes."""
+
+import math
+
+import pytest
+import torch
+from conftest import run_script
+from test_meanflow import TINY, ExactOnPath, LinearAverageVelocity, teacher, weights  # noqa: F401 (a fixture)
+
+from config import load_config
+from errors import UserError
+from flows import build_objective
+from flows.alphaflow import alpha_at
+from flows.paths import LinearPath
+from flows.solvers import generate
+
+M = torch.tensor([2.0, -1.0], dtype=torch.float64)
+
+
+def gaussian(n, g, d):
+    return torch.randn(n, 2, generator=g, device=d, dtype=torch.float64)
+
+
+def objective_of(*overrides, num_classes=0):
+    return build_objective(load_config(None, list(overrides)), gaussian, num_classes=num_classes)
+
+
+class ExactStraight(torch.nn.Module):
+    """Gaussian → Gaussian by its optimal map x1 = M + σ·x0: every path is a straight line, so the average velocity
+    over any [t, s] is the path's constant velocity M + (σ − 1)·x0, with x0 read back from z = t·M + (1 − t + tσ)·x0."""
+
+    interval_embed = True
+
+    def __init__(self, sigma: float):
+        super().__init__()
+        self.sigma = sigma
+
+    def forward(self, z, t, y=None, s=None):
+        x0 = (z - t[:, None] * M) / (1 - t + t * self.sigma)[:, None]
+        return M + (self.sigma - 1) * x0
+
+
+@pytest.mark.parametrize("loss", ["u", "v"])
+def test_the_v_loss_and_the_u_loss_have_the_same_minimiser(loss):
+    """Gaussian → Gaussian through its optimal map (conditional velocity = marginal velocity): the exact average
+    velocity gives zero loss under both losses, and so does the exact one of a curved path (all data at one point,
+    cosine path, d/dt u ≠ 0); off the minimiser the v-loss's residual is the u-loss's with the model tangent, term
+    by term."""
+    objective = objective_of("flow.objective=meanflow", "flow.meanflow_ratio=0.75", "flow.meanflow_tangent=model",
+                             f"flow.meanflow_loss={loss}")
+    draw = objective.draw(torch.zeros(256, 2, dtype=torch.float64), None, torch.Generator().manual_seed(0))
+    assert (draw.s > draw.t).float().mean() > 0.6
+    x1 = M + 0.5 * draw.x0  # the pairing of the optimal map
+    assert objective.loss(ExactStraight(0.5), x1, draw).loss.max() < 1e-10
+    curved = objective_of("flow.objective=meanflow", "flow.meanflow_ratio=0.75", "flow.meanflow_tangent=model",
+                          f"flow.meanflow_loss={loss}", "flow.path=cosine")
+    point = M.expand(256, 2).clone()
+    assert curved.loss(ExactOnPath(curved.path), point, curved.draw(point, None, torch.Generator())).loss.max() < 1e-5
+    other = objective_of("flow.objective=meanflow", "flow.meanflow_ratio=0.75", "flow.meanflow_tangent=model",
+                         f"flow.meanflow_loss={'v' if loss == 'u' else 'u'}", "flow.meanflow_p=0.5")
+    mine = objective_of("flow.objective=meanflow", "flow.meanflow_ratio=0.75", "flow.meanflow_tangent=model",
+                        f"flow.meanflow_loss={loss}", "flow.meanflow_p=0.5")
+    model, y = LinearAverageVelocity(), torch.arange(256) % 3
+    draw.y = y
+    a, b = mine.loss(model, x1, draw).loss, other.loss(model, x1, draw).loss
+    assert a.min() > 1e-3 and torch.allclose(a, b, rtol=1e-6)
+
+
+def test_the_alpha_schedule_goes_from_start_to_end_over_its_window_and_clamps():
+    at = lambda step, **kw: alpha_at(step, 1.0, 0.0, (100, 300), **kw)  # noqa: E731
+    assert at(0) == at(99) == 1.0 and at(300) == at(10_000) == 0.0
+    assert at(200) == pytest.approx(0.5) and at(200, schedule="linear") == pytest.approx(0.5)
+    assert at(150, schedule="linear") == pytest.approx(0.75)
+    sigmoid = [at(k) for k in range(100, 301)]
+    assert all(a >= b for a, b in zip(sigmoid, sigmoid[1:]))  # never back up
+    assert 0.99 < at(100) < 1 and 0 < at(299) < 0.01  # σ(∓5): 6.7e-3 from an end, not clamped
+    assert at(100, gamma=20) == 1.0 and at(299, gamma=20) == 0.0  # σ(∓10): within 5e-3 of an end, that end
+    assert 0 < at(110) < 1 and at(110) == pytest.approx(1 - 1 / (1 + math.exp(-10 * (0.05 - 0.5))))
+
+
+def alphaflow(start_step: int, *extra):
+    """An AlphaFlow objective whose curriculum runs over steps [10, 20]; draws at `start_step`."""
+    return objective_of("flow.objective=alphaflow", "flow.meanflow_ratio=0.5", "flow.meanflow_p=0",
+                        "flow.alpha_steps=[10,20]", "flow.alpha_schedule=linear", *extra, num_classes=3)
+
+
+def test_alphaflow_at_alpha_1_is_flow_matching_and_at_alpha_0_is_meanflow_term_by_term():
+    objective = alphaflow(0)
+    x1 = torch.randn(128, 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    y = torch.arange(128) % 3
+    draw = objective.draw(x1, y, torch.Generator().manual_seed(2))
+    model = LinearAverageVelocity()
+    same = draw.s == draw.t
+    assert same.any() and (~same).any()
+    # α = 1 (before the window): the target is the conditional velocity; at s = t that is flow matching.
+    draw.step = 5
+    loss = objective.loss(model, x1, draw).loss
+    sample = objective.path.sample(draw.x0, x1, draw.t)
+    with torch.no_grad():
+        expected = (model(sample.x_t, draw.t, y, s=draw.s) - sample.u_t).square().sum(1)
+    assert torch.allclose(loss.double(), expected, rtol=1e-6)
+    fm = objective_of("flow.objective=cfm", num_classes=3).loss(model, x1, draw).loss
+    assert torch.allclose(loss[same].double(), 2 * fm[same].double(), rtol=1e-6)  # the mean over 2 elements × 2
+    # α = 0 (after the window): MeanFlow's loss itself, with its JVP.
+    draw.step = 20
+    meanflow = objective_of("flow.objective=meanflow", "flow.meanflow_ratio=0.5", "flow.meanflow_p=0", num_classes=3)
+    assert torch.equal(objective.loss(model, x1, draw).loss, meanflow.loss(model, x1, draw).loss)
+    # α in between: α·v + (1 − α)·u(z + α(s − t)v, t + α(s − t), s) as the target, α·‖·‖² on the s ≠ t samples.
+    draw.step = 15
+    a = 0.5
+    with torch.no_grad():
+        gap = (draw.s - draw.t)[:, None]
+        rest = model(sample.x_t + a * gap * sample.u_t, draw.t + a * (draw.s - draw.t), y, s=draw.s)
+        target = a * sample.u_t + (1 - a) * rest
+        error = (model(sample.x_t, draw.t, y, s=draw.s) - target).square().sum(1)
+    expected = torch.where(same, error, a * error)
+    assert torch.allclose(objective.loss(model, x1, draw).loss.double(), expected, rtol=1e-6)
+
+
+def test_the_micro_steps_carry_their_optimizer_step():
+    from flows.batches import micro_steps
+    from flows.couplings import BatchShard
+
+    loader = iter([(torch.zeros(4, 2), None)] * 10)
+    steps = micro_steps(loader, objective_of(), BatchShard(), 0, 6, torch.device("cpu"), False, grad_accum=3)
+    assert [next(steps)[1].step for _ in range(4)] == [2, 2, 2, 3]
+
+
+def shortcut_objective(*extra):
+    return objective_of("flow.objective=shortcut", "flow.path=cosine", *extra)
+
+
+def test_shortcut_draws_dyadic_steps_on_their_grid():
+    objective = shortcut_objective("flow.shortcut_fraction=0.5", "flow.shortcut_steps=16")
+    draw = objective.draw(torch.zeros(4000, 2, dtype=torch.float64), None, torch.Generator().manual_seed(3))
+    d = draw.s - draw.t
+    apart = d > 0
+    assert 0.45 < apart.float().mean() < 0.55
+    assert set(d[apart].tolist()) == {1.0, 0.5, 0.25, 0.125}  # 2/M ... 1 with M = 16
+    k = draw.t[apart] / d[apart]
+    assert torch.equal(k, k.round()) and (draw.s <= 1).all()  # t a multiple of d, the jump inside [0, 1]
+
+
+def test_a_shortcut_models_two_half_steps_equal_one_full_step_for_the_exact_field():
+    """On a curved path with all data at one point, the exact average velocity's two half jumps make its whole jump:
+    the self-consistency loss is zero wherever the half step is coarser than the finest, whose target is an Euler
+    step (an error of order h²); flow matching at d = 0 is zero too. With the EMA `teacher`, the targets are the
+    teacher's."""
+    objective = shortcut_objective("flow.shortcut_fraction=0.5")
+    point = M.expand(512, 2).clone()
+    draw = objective.draw(point, None, torch.Generator().manual_seed(4))
+    exact = ExactOnPath(objective.path)
+    loss = objective.loss(exact, point, draw).loss
+    h = (draw.s - draw.t) / 2
+    coarse, finest = h > 1 / 128, h == 1 / 128
+    assert coarse.sum() > 150 and finest.any()
+    assert loss[coarse].max() < 1e-10 and loss[h == 0].max() < 1e-10  # float32 targets
+    assert 1e-8 < loss[finest].max() < 1e-3
+    objective.teacher = lambda z, t, y=None, s=None: torch.zeros_like(z)  # its jumps stand still: target 0
+    still = objective.loss(exact, point, draw).loss
+    sample = objective.path.sample(draw.x0, point, draw.t)
+    with torch.no_grad():
+        expected = exact(sample.x_t, draw.t, s=draw.s).square().mean(1)
+    assert torch.allclose(still[h > 0].double(), expected[h > 0], rtol=1e-5)
+    assert torch.equal(still[h == 0], loss[h == 0])  # flow matching does not ask the teacher
+
+
+def test_the_shortcut_sampler_jumps_with_exact_nfe():
+    path = LinearPath(0.0)
+    x0 = torch.randn(300, 2, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    exact = ExactOnPath(path)
+    for steps in (1, 4, 8):
+        out = generate(exact, x0, steps, "shortcut")
+        assert out.nfe == steps and torch.allclose(out.x, M.expand(300, 2), atol=1e-9)
+    with pytest.raises(UserError, match="--solver shortcut jumps with a shortcut model's step-size input"):
+        generate(lambda x, t, y=None: x, x0, 2, "shortcut")
+    with pytest.raises(UserError, match="give --solver shortcut without \\+LAST"):
+        generate(exact, x0, 2, "shortcut+euler")
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["flow.objective=alphaflow", "flow.alpha_end=0.5"], "AlphaFlow's curriculum must end at α = 0"),
+    (["flow.objective=alphaflow", "flow.alpha_steps=[50,10]"], "flow.alpha_steps must be two optimizer steps"),
+    (["flow.objective=meanflow", "flow.meanflow_loss=v"], "set flow.meanflow_tangent=model too"),
+    (["flow.objective=shortcut", "flow.shortcut_steps=100"], "a power of 2"),
+    (["flow.objective=meanflow", "flow.shortcut_steps=64"], "is read only with flow.objective=shortcut"),
+    (["flow.objective=cfm", "flow.alpha_start=0.5"], "is read only with flow.objective=alphaflow"),
+    (["flow.objective=shortcut", "flow.meanflow_cfg=2"], "is read only with flow.objective=meanflow or alphaflow"),
+    (["flow.objective=shortcut", "flow.path=icfm", "flow.sigma=0.1"], "trains the average velocity on an affine"),
+])
+def test_bad_few_step_settings_are_one_clear_line(overrides, message):
+    from registries import check_names
+
+    with pytest.raises(UserError, match=message):
+        check_names(load_config(None, overrides))
+
+
+def test_bad_few_step_input_exits_2_with_one_line(tmp_path, teacher):  # noqa: F811
+    out = run_script("sample.py", "--weights", str(teacher), "--n-samples", "4", "--solver", "shortcut", "--steps",
+                     "2", "--save-dir", str(tmp_path / "s"))
+    assert out.returncode == 2 and out.stderr.startswith("error: --solver shortcut jumps with a shortcut model's")
+    out = run_script("train.py", "-e", str(tmp_path / "run"), *TINY, "flow.objective=alphaflow", "flow.alpha_end=0.2")
+    assert out.returncode == 2 and "curriculum must end at α = 0" in out.stderr and len(out.stderr.splitlines()) == 1
