@@ -101,6 +101,8 @@ class FlowConfig:
     meanflow_p: float = 1.0  # MeanFlow: power p of the adaptive loss weight 1 / (‖error‖² + c)^p (0: none)
     meanflow_eps: float = 1e-3  # MeanFlow: c of that weight
     meanflow_cfg: float = 1.0  # MeanFlow: guidance scale ω baked into the target (1: none; needs label dropout)
+    meanflow_cfg_range: list[float] = field(default_factory=list)  # MeanFlow: [ω_min, ω_max]: guidance as a model
+    #                 input (improved MeanFlow): ω and an interval [a, b] drawn per sample, chosen at sampling
     meanflow_loss: str = "u"  # MeanFlow: 'u' (the paper's loss on u) or 'v' (improved MeanFlow's loss on the
     #                           instantaneous velocity V = u − (s − t)·sg(du/dt) against x1 − x0; needs tangent 'model')
     meanflow_tangent: str = "conditional"  # MeanFlow: direction of d/dt u: 'conditional' (x1 − x0) or 'model' u(z,t,t)

@@ -219,7 +219,7 @@ def evaluate(args: argparse.Namespace, stop: StopRequest | None = None) -> None:
     cfg_scales = args.cfg_scales or [s.cfg_scale]
     for scale in cfg_scales if any(guidance_of(cfg, sampler) != "auto" for sampler in samplers) else []:
         check_guidance(scale, num_classes, float(meta.get("label_dropout", cfg.flow.label_dropout)),
-                       float(meta.get("meanflow_cfg", 1)))
+                       float(meta.get("meanflow_cfg", 1)), json.loads(meta.get("meanflow_cfg_range", "[]")))
     labels = class_labels(None, args.n_samples, num_classes, args.seed)
     source = None if cfg.data.source == "gaussian" else build_source(cfg, shape)
 
@@ -298,7 +298,8 @@ def evaluate(args: argparse.Namespace, stop: StopRequest | None = None) -> None:
                                                      args.bspp, args.bpd_tol, stop)
                 metrics["bpd"] = bpd_of[(step, w)]
             row.update(nfe=nfe, **metrics)
-            row.update(forward_passes=passes_of(row, sampler, skipped(cfg, sampler, scale)), guide_cost=guide_cost,
+            row.update(forward_passes=passes_of(row, sampler, skipped(cfg, sampler, scale),
+                                                "meanflow_cfg_range" in meta), guide_cost=guide_cost,
                        bspp=args.bspp, processes=accelerator.num_processes,
                        device=str(device), checkpoint=str(path), seconds=time.perf_counter() - start,
                        versions=versions(), date=time.strftime("%Y-%m-%d %H:%M:%S"), protocol=protocol)

@@ -245,7 +245,7 @@ def sample(args: argparse.Namespace) -> None:
         check_task_guidance(s.cfg_scale, method, float(meta.get("cond_dropout", 0)))  # over the spatial condition
     elif s.guidance != "auto":  # the rules that take the model's own unconditional velocity
         check_guidance(s.cfg_scale, num_classes, float(meta.get("label_dropout", cfg.flow.label_dropout)),
-                       float(meta.get("meanflow_cfg", 1)))
+                       float(meta.get("meanflow_cfg", 1)), json.loads(meta.get("meanflow_cfg_range", "[]")))
 
     # Processes and output folder.
     accelerator = cluster.accelerator()
@@ -333,7 +333,8 @@ def sample(args: argparse.Namespace) -> None:
         if interval != (0, 1):
             info["cfg_interval"] = list(interval)
         info["forward_passes"] = None if info["nfe"] is None else \
-            sampler_passes(info["nfe"], s.cfg_scale, s.solver, steps, s.schedule, interval, skip)
+            sampler_passes(info["nfe"], 1 if "meanflow_cfg_range" in meta else s.cfg_scale, s.solver, steps,
+                           s.schedule, interval, skip)  # guidance as an input: one pass per evaluation
         if guidance is not None:
             info["guidance"] = guidance_key(cfg, sampler)
         if guide_cost is not None and info["nfe"]:  # the guide's passes, each costing guide_cost of the model's

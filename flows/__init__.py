@@ -87,7 +87,8 @@ TIME_DENSITIES = {
 def _meanflow(cfg: Config) -> dict:
     f = cfg.flow
     return dict(ratio=f.meanflow_ratio, power=f.meanflow_p, eps=f.meanflow_eps, cfg_scale=f.meanflow_cfg,
-                tangent=f.meanflow_tangent, times=f.meanflow_times, loss=f.meanflow_loss)
+                tangent=f.meanflow_tangent, times=f.meanflow_times, loss=f.meanflow_loss,
+                cfg_range=f.meanflow_cfg_range)
 
 
 def _alpha(cfg: Config) -> Callable[[int], float]:
@@ -198,6 +199,10 @@ def check_data(cfg: Config, dataset, pairs, features, task) -> None:
         raise UserError("flow.meanflow_cfg bakes classifier-free guidance into the target, which needs a "
                         "class-conditional model trained with label dropout (model.class_cond=true "
                         "flow.label_dropout=0.1)")
+    if cfg.flow.meanflow_cfg_range and not (num_classes and cfg.flow.label_dropout > 0):
+        raise UserError("flow.meanflow_cfg_range trains classifier-free guidance as an input, which needs a "
+                        "class-conditional model trained with label dropout (model.class_cond=true "
+                        "flow.label_dropout=0.1)")
     if task is not None:
         check_task(cfg, task, dataset, pairs, features)
     if t.eval_every and data_info(cfg, dataset)["kind"] == "field":
@@ -225,6 +230,8 @@ def weights_meta(cfg: Config, dataset, task, space, features) -> dict[str, str]:
     meta.update(task_info(task), cond_dropout=repr(cfg.flow.cond_dropout))
     if cfg.flow.objective in ("meanflow", "alphaflow"):  # guidance baked in at this scale: sampling needs none
         meta["meanflow_cfg"] = repr(cfg.flow.meanflow_cfg)
+        if cfg.flow.meanflow_cfg_range:  # guidance is an input: sampling chooses ω within this range
+            meta["meanflow_cfg_range"] = json.dumps(list(cfg.flow.meanflow_cfg_range))
     if cfg.latent.autoencoder:
         meta["latent_shape"] = json.dumps(list(space.shape))
     if features is not None:  # sampling draws c of this size from the prior, or from reference images
@@ -243,7 +250,7 @@ READ_ONLY_WITH = {
     "huber_c": ("loss", ("pseudo_huber",)),
     **{key: ("objective", ("meanflow", "alphaflow")) for key in ("meanflow_ratio", "meanflow_p", "meanflow_eps",
                                                                  "meanflow_cfg", "meanflow_tangent", "meanflow_times",
-                                                                 "meanflow_loss")},
+                                                                 "meanflow_loss", "meanflow_cfg_range")},
     **{key: ("objective", ("alphaflow",)) for key in ("alpha_start", "alpha_end", "alpha_steps", "alpha_schedule",
                                                       "alpha_gamma")},
     **{key: ("objective", ("shortcut",)) for key in ("shortcut_fraction", "shortcut_steps", "shortcut_ema")},
@@ -324,6 +331,14 @@ def check_config(cfg: Config) -> None:
         raise UserError("flow.meanflow_loss=v regresses V = u − (s − t)·du/dt onto x1 − x0, so the derivative follows "
                         "the model's own velocity: set flow.meanflow_tangent=model too")
     check_alphaflow(f)
+    if f.meanflow_cfg_range:
+        low_high = f.meanflow_cfg_range
+        if len(low_high) != 2 or not 0 <= low_high[0] < low_high[1]:
+            raise UserError(f"flow.meanflow_cfg_range must be [ω_min, ω_max], 0 ≤ ω_min < ω_max (e.g. [1, 4]): the "
+                            f"guidance scales the model is trained to take as input; got {low_high}")
+        if f.meanflow_cfg != 1:
+            raise UserError("flow.meanflow_cfg bakes one guidance scale in and flow.meanflow_cfg_range makes the "
+                            "scale an input; set one of them (flow.meanflow_cfg=1 with the range)")
     if f.shortcut_steps < 2 or f.shortcut_steps & (f.shortcut_steps - 1):
         raise UserError(f"flow.shortcut_steps is M of the finest step 1/M, a power of 2 ≥ 2 (the paper: 128); got "
                         f"{f.shortcut_steps}")

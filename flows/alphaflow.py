@@ -75,9 +75,11 @@ class AlphaFlowObjective(MeanFlowObjective):
             gap = expand_like(draw.s - draw.t, v).float()
             later = draw.t + alpha * (draw.s - draw.t)
             with torch.no_grad(), evaluation(unwrapped(model)) as net:
-                rest = net((sample.x_t.float() + alpha * gap * v).to(sample.x_t.dtype), later, draw.y, s=draw.s)
+                rest = net((sample.x_t.float() + alpha * gap * v).to(sample.x_t.dtype), later, draw.y, s=draw.s,
+                           **draw.cond)
             target = alpha * v + (1 - alpha) * rest.float()
-        u, hidden = forward(model, self.alignment, draw.aligning, sample.x_t, draw.t, draw.y, s=draw.s)
+        u, hidden = forward(model, self.alignment, draw.aligning, sample.x_t, draw.t, draw.y, s=draw.s,
+                            **draw.cond)
         loss = self.weighted(u.float() - target, draw)
         apart = draw.s != draw.t  # the consistency samples weigh α, the flow-matching ones 1
         return self.aligned(torch.where(apart, alpha * loss, loss), draw.t, hidden, draw, x1)

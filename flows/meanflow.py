@@ -47,6 +47,14 @@ paper's κ = 0 form; its κ > 0 mixing term is not implemented). The uncondition
 network's own velocity that tangent='model' follows, are evaluated in eval mode (dropout off), as the official
 code evaluates guidance with train=False; the JVP and the prediction run in the training mode.
 
+Guidance as an input (improved MeanFlow; cfg_range = [ω_min, ω_max]): instead of one ω baked in, each sample draws
+its own, uniform in the range, and an interval [a, b] of t to guide in ([0, 1] for half the samples; a uniform
+in [0, 1) and b uniform in [a, 1] for the others), given to the network as w = (ω, a, b)
+(models/embeddings.GuidanceEmbedder). The target's velocity is ṽ_t with that sample's ω when its t lies in [a, b],
+v_t elsewhere; samples whose label was dropped take w = (1, 0, 1), no guidance, and so does the unconditional
+velocity inside ṽ_t. Sampling then chooses ω and [a, b] (--cfg-scale, --cfg-interval) in one forward pass per step,
+without retraining.
+
 The JVP is computed on the unwrapped network without gradient (a DDP wrapper's hooks that all-reduce
 the gradients do not run under torch.func.jvp, so the gradient flows through a plain forward call of
 the wrapped model), in float32 with autocast off (weights kept in bf16 or fp16, as DeepSpeed keeps them, are
@@ -90,18 +98,19 @@ def forward_mode_safe(device: torch.device):
 
 
 def total_derivative(model: torch.nn.Module, z: torch.Tensor, t: torch.Tensor, s: torch.Tensor, v: torch.Tensor,
-                     y: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                     y: torch.Tensor | None = None, **inputs) -> tuple[torch.Tensor, torch.Tensor]:
     """u_θ(z, t, s) and its derivative along dz/dt = v with s fixed, d/dt u = v·∂_z u + ∂_t u, by one
     forward-mode JVP of the unwrapped network, without gradient, in float32 (weights in a lower precision, as
-    DeepSpeed keeps them under bf16 or fp16, are read as float32 copies)."""
+    DeepSpeed keeps them under bf16 or fp16, are read as float32 copies); `inputs`: the network's further inputs
+    (the guidance w), held fixed."""
     net = unwrapped(model)
     tensors = itertools.chain(net.named_parameters(), net.named_buffers()) if isinstance(net, torch.nn.Module) else ()
     widened = {name: p.float() for name, p in tensors if p.is_floating_point() and p.dtype != torch.float32}
 
     def u(z_, t_, s_):
         if widened:
-            return torch.func.functional_call(net, widened, (z_, t_, y), {"s": s_})
-        return net(z_, t_, y, s=s_)
+            return torch.func.functional_call(net, widened, (z_, t_, y), {"s": s_, **inputs})
+        return net(z_, t_, y, s=s_, **inputs)
 
     with torch.no_grad(), forward_mode_safe(z.device), warnings.catch_warnings():
         # torch loads its forward-mode decompositions with torch.jit.script, deprecated: once per process.
@@ -111,10 +120,10 @@ def total_derivative(model: torch.nn.Module, z: torch.Tensor, t: torch.Tensor, s
 
 
 def meanflow_target(model: torch.nn.Module, z: torch.Tensor, t: torch.Tensor, s: torch.Tensor, v: torch.Tensor,
-                    y: torch.Tensor | None = None, along: torch.Tensor | None = None) -> torch.Tensor:
+                    y: torch.Tensor | None = None, along: torch.Tensor | None = None, **inputs) -> torch.Tensor:
     """u_tgt = v + (s − t)·d/dt u_θ(z, t, s) with the derivative along dz/dt = `along` (default v): the MeanFlow
     identity, without gradient, in float32."""
-    _, dudt = total_derivative(model, z, t, s, v if along is None else along, y)
+    _, dudt = total_derivative(model, z, t, s, v if along is None else along, y, **inputs)
     return v.float() + expand_like(s - t, v).float() * dudt
 
 
@@ -122,14 +131,15 @@ class MeanFlowObjective(FlowMatchingObjective):
     """The MeanFlow loss per sample (see the module docstring); draws as flow matching does, plus s."""
 
     def __init__(self, *args, ratio: float = 0.25, power: float = 1.0, eps: float = 1e-3, cfg_scale: float = 1.0,
-                 tangent: str = "conditional", times: str = "ordered", loss: str = "u", **kwargs):
+                 tangent: str = "conditional", times: str = "ordered", loss: str = "u",
+                 cfg_range: tuple[float, float] | list[float] = (), **kwargs):
         super().__init__(*args, **kwargs)
         if self.huber_c is not None:
             raise ValueError("MeanFlow's loss is its adaptively weighted squared error, not pseudo-Huber")
         if loss == "v" and tangent != "model":
             raise ValueError("the v-loss's derivative follows the model's own velocity (tangent='model')")
         self.ratio, self.power, self.eps, self.cfg_scale, self.tangent = ratio, power, eps, cfg_scale, tangent
-        self.times, self.loss_on = times, loss
+        self.times, self.loss_on, self.cfg_range = times, loss, tuple(cfg_range)
 
     def draw(self, x1: torch.Tensor, y: torch.Tensor | None, generator: torch.Generator,
              shard: BatchShard = BatchShard(), x0: torch.Tensor | None = None,
@@ -143,17 +153,33 @@ class MeanFlowObjective(FlowMatchingObjective):
         earlier, later = torch.minimum(draw.t, other), torch.maximum(draw.t, other)
         t = earlier if self.times == "ordered" else torch.where(apart, earlier, draw.t)
         draw.t, draw.s = t, torch.where(apart, later, t)
+        if self.cfg_range:  # guidance as an input: ω and the interval [a, b] of each sample
+            low, high = self.cfg_range
+            omega, whole, a, b = (shard.local(torch.rand(n_global, generator=generator, device=device))
+                                  for _ in range(4))
+            omega, whole = low + (high - low) * omega, whole < 0.5
+            b = a + (1 - a) * b
+            w = torch.stack([omega, torch.where(whole, 0.0, a), torch.where(whole, 1.0, b)], dim=1)
+            if draw.y is not None:  # no guidance where the label was dropped
+                none = torch.tensor([1.0, 0.0, 1.0], device=device, dtype=w.dtype)
+                w = torch.where((draw.y == self.num_classes)[:, None], none, w)
+            draw.cond["w"] = w.to(draw.t.dtype)
         return draw
 
     def velocity(self, model: Callable, x_t: torch.Tensor, draw: Draw, v: torch.Tensor) -> torch.Tensor:
         """The conditional velocity v, or with guidance baked in ṽ = ω·v + (1 − ω)·u_θ(z_t, t, t | ∅) for the
-        labelled samples."""
-        if self.cfg_scale == 1 or draw.y is None:
+        labelled samples; with guidance as an input, each sample's ω where its t lies in its interval [a, b]."""
+        if (self.cfg_scale == 1 and not self.cfg_range) or draw.y is None:
             return v
-        with torch.no_grad(), evaluation(unwrapped(model)) as net:
-            unconditional = net(x_t, draw.t, torch.full_like(draw.y, self.num_classes))
+        with torch.no_grad(), evaluation(unwrapped(model)) as net:  # the unconditional velocity: no guidance input
+            unconditional = net(x_t, draw.t, torch.full_like(draw.y, self.num_classes)).to(v.dtype)
         labelled = expand_like(draw.y != self.num_classes, v)
-        return torch.where(labelled, self.cfg_scale * v + (1 - self.cfg_scale) * unconditional.to(v.dtype), v)
+        if not self.cfg_range:
+            return torch.where(labelled, self.cfg_scale * v + (1 - self.cfg_scale) * unconditional, v)
+        w = draw.cond["w"]
+        inside = expand_like((draw.t >= w[:, 1]) & (draw.t <= w[:, 2]), v)
+        omega = expand_like(w[:, 0], v).to(v.dtype)
+        return torch.where(labelled & inside, omega * v + (1 - omega) * unconditional, v)
 
     def weighted(self, residual: torch.Tensor, draw: Draw) -> torch.Tensor:
         """sg(w)·‖residual‖² per sample, w = 1 / (‖residual‖² + c)^p, times the coupling's weight of each sample
@@ -168,15 +194,16 @@ class MeanFlowObjective(FlowMatchingObjective):
         along = v
         if self.tangent == "model":  # the network's own instantaneous velocity: a tangent without the pairing's noise
             with torch.no_grad(), evaluation(unwrapped(model)) as net:
-                along = net(sample.x_t, draw.t, draw.y).to(v.dtype)
+                along = net(sample.x_t, draw.t, draw.y, **draw.cond).to(v.dtype)
         rng = _rng_state(v.device)  # the JVP and the prediction see the same dropout masks
         if self.loss_on == "v":  # V_θ = u_θ − (s − t)·sg(du/dt), regressed onto v
-            _, dudt = total_derivative(model, sample.x_t, draw.t, draw.s, along, draw.y)
+            _, dudt = total_derivative(model, sample.x_t, draw.t, draw.s, along, draw.y, **draw.cond)
             implied = expand_like(draw.s - draw.t, v).float() * dudt
         else:  # u_θ regressed onto u_tgt = v + (s − t)·sg(du/dt)
-            target = meanflow_target(model, sample.x_t, draw.t, draw.s, v, draw.y, along)
+            target = meanflow_target(model, sample.x_t, draw.t, draw.s, v, draw.y, along, **draw.cond)
         _set_rng_state(v.device, rng)
-        u, hidden = forward(model, self.alignment, draw.aligning, sample.x_t, draw.t, draw.y, s=draw.s)
+        u, hidden = forward(model, self.alignment, draw.aligning, sample.x_t, draw.t, draw.y, s=draw.s,
+                            **draw.cond)
         residual = (u.float() - implied) - v.float() if self.loss_on == "v" else u.float() - target
         return self.aligned(self.weighted(residual, draw), draw.t, hidden, draw, x1)
 

@@ -149,13 +149,13 @@ def guidance_for(cfg: Config, sampler: Sampler, scale: float, meta: dict[str, st
     return make_guidance(cfg, sampler, scale, cfg.sample.cfg_interval, guide), cost
 
 
-def passes_of(row: dict, sampler: Sampler, skip: int = 0) -> float | None:
+def passes_of(row: dict, sampler: Sampler, skip: int = 0, guidance_input: bool = False) -> float | None:
     """The network's forward passes per sample of a row (guidance doubles those inside its interval; autoguidance's
-    second pass is the guide's)."""
+    second pass is the guide's; a model that takes guidance as an input guides in one pass)."""
     if row["nfe"] is None:
         return None
-    return sampler_passes(row["nfe"], row["cfg_scale"], sampler.solver, sampler.steps, sampler.schedule,
-                          tuple(row["cfg_interval"] or (0.0, 1.0)), skip)
+    return sampler_passes(row["nfe"], 1 if guidance_input else row["cfg_scale"], sampler.solver, sampler.steps,
+                          sampler.schedule, tuple(row["cfg_interval"] or (0.0, 1.0)), skip)
 
 
 def load_guide(cfg: Config, meta: dict[str, str], device: torch.device, dtype: torch.dtype):

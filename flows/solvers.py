@@ -343,6 +343,11 @@ def guided(model: Callable, y: torch.Tensor | None, cfg_scale: float = 1.0, cond
     # A fresh state per integration: APG's momentum must not carry over from another batch.
     g = dataclasses.replace(guidance, state={}) if guidance is not None else Guidance("cfg", cfg_scale, tuple(interval))
     cfg_scale, interval, rule = g.scale, g.interval, GUIDANCE[g.name]
+    if getattr(unwrapped(model), "guidance_embed", None) is not None and cfg_scale != 1.0:
+        if g.name != "cfg":
+            raise UserError(f"--guidance {g.name}: this model takes classifier-free guidance as an input "
+                            "(flow.meanflow_cfg_range), in one pass per step; guide it with --guidance cfg")
+        return guidance_as_input(model, y, cfg_scale, interval, cond)
     if g.name == "auto" and cfg_scale != 1.0:
         def autoguided(x, t, s=None):
             mean_flow = {} if s is None else {"s": s}
@@ -381,11 +386,31 @@ def guided(model: Callable, y: torch.Tensor | None, cfg_scale: float = 1.0, cond
     return velocity
 
 
-def check_guidance(cfg_scale: float, num_classes: int, label_dropout: float, baked: float = 1.0) -> None:
+def guidance_as_input(model: Callable, y: torch.Tensor | None, cfg_scale: float, interval: tuple[float, float],
+                      cond: dict) -> Velocity:
+    """The velocity of a model trained with guidance as an input (improved MeanFlow): ω and [a, b] given to the
+    network, one forward pass per evaluation."""
+    if y is None:
+        raise UserError("classifier-free guidance needs class labels; give --class-labels or leave --cfg-scale 1")
+
+    def velocity(x, t, s=None):
+        w = torch.tensor([cfg_scale, *interval], dtype=x.dtype, device=x.device).expand(x.shape[0], 3)
+        return model(x, t, y, **({} if s is None else {"s": s}), w=w, **cond)
+
+    return velocity
+
+
+def check_guidance(cfg_scale: float, num_classes: int, label_dropout: float, baked: float = 1.0,
+                   trained: list[float] | None = None) -> None:
     """Guidance scale w that the model can honour, or one clear sentence: w ≠ 1 needs the unconditional velocity,
     which only a class-conditional model trained with label dropout has learned (its null class is otherwise
-    never trained), and a MeanFlow model with guidance ω ≠ 1 baked in (flow.meanflow_cfg, `baked`) is guided
-    already: a second guidance on top of it would sample neither scale."""
+    never trained), a MeanFlow model with guidance ω ≠ 1 baked in (flow.meanflow_cfg, `baked`) is guided
+    already: a second guidance on top of it would sample neither scale; a model that takes the scale as an input
+    (flow.meanflow_cfg_range, `trained`) knows the scales of its range only."""
+    if trained and not trained[0] <= cfg_scale <= trained[1]:
+        raise UserError(f"--cfg-scale {cfg_scale:g} (or sample.cfg_scale) is outside [{trained[0]:g}, "
+                        f"{trained[1]:g}], the guidance scales this model was trained to take as input "
+                        "(flow.meanflow_cfg_range); choose a scale in that range")
     if cfg_scale == 1:
         return
     if baked != 1:

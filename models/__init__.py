@@ -81,6 +81,8 @@ def build_model(cfg: Config, data_shape: tuple[int, ...], num_classes: int = 0, 
     if cfg.flow.objective in ("meanflow", "alphaflow", "shortcut"):  # the average velocity over [t, s]: a second
         #                                                              time input (shortcut models: the step size)
         kwargs.update(mean_flow=True)
+    if cfg.flow.meanflow_cfg_range:  # guidance (ω, a, b) as an input (improved MeanFlow)
+        kwargs.update(guidance_input=True)
     if cfg.model.time_scale != 1000.0:
         kwargs.update(time_scale=cfg.model.time_scale)
     if feature_dim:

@@ -192,17 +192,17 @@ def load_checkpoint(accelerator, path: Path, ema) -> None:
 
 def init_weights(model: nn.Module, path: str, time_scale: float) -> str:
     """train.init_from: a new run starts from another's weights (a checkpoint folder's EMA, or a weight file), which
-    read the time through their own embedding's scale; a MeanFlow interval embedding the weights lack starts adding
-    zero. Returns what was done, for the log."""
+    read the time through their own embedding's scale; a MeanFlow interval (or guidance) embedding the weights lack
+    starts adding zero. Returns what was done, for the log."""
     init = Path(path) / "ema.safetensors" if Path(path).is_dir() else Path(path)
     if (init.parent / "config.yaml").is_file():
         scale = load_config(init.parent / "config.yaml").model.time_scale
         if scale != time_scale:
             raise UserError(f"train.init_from {init.parent} was trained with model.time_scale={scale:g}; set "
                             f"model.time_scale={scale:g} (its time embedding reads {scale:g}·t)")
-    new = load_weights(model, init, missing_ok=("interval_embed.",))
-    return f"initialized from {init}" + (f"; the MeanFlow interval embedding ({len(new)} tensors) starts adding zero"
-                                         if new else "")
+    new = load_weights(model, init, missing_ok=("interval_embed.", "guidance_embed."))
+    return f"initialized from {init}" + (f"; the MeanFlow interval and guidance embeddings the weights lack "
+                                         f"({len(new)} tensors) start adding zero" if new else "")
 
 
 def select_checkpoints(run: Path, spec: str) -> list[tuple[int, Path]]:

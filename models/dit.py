@@ -18,7 +18,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from models import embeddings
-from models.embeddings import FeatureCondition, ImageCondition, IntervalEmbedder, LabelEmbedder, TimestepEmbedder
+from models.embeddings import (
+    FeatureCondition,
+    GuidanceEmbedder,
+    ImageCondition,
+    IntervalEmbedder,
+    LabelEmbedder,
+    TimestepEmbedder,
+)
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -101,7 +108,7 @@ class DiT(nn.Module):
     def __init__(self, in_channels: int, resolution: int | tuple[int, int], patch: int = 2, width: int = 384,
                  depth: int = 12, heads: int = 6, mlp_ratio: float = 4.0, num_classes: int = 0, feature_dim: int = 0,
                  cond_dim: int = 0, mean_flow: bool = False, time_scale: float = 1000.0, cond_channels: int = 0,
-                 cond_classes: int = 0):
+                 cond_classes: int = 0, guidance_input: bool = False):
         super().__init__()
         self.align_depth, self.align_head = 0, None  # flow.align (flows/align.py): the block read, its head
         self.image_cond = ImageCondition(cond_channels, cond_classes) if cond_channels else None
@@ -114,6 +121,7 @@ class DiT(nn.Module):
         self.register_buffer("pos_embed", sincos_positions(width, *self.grid)[None], persistent=False)
         self.time_embed = TimestepEmbedder(width, scale=time_scale)
         self.interval_embed = IntervalEmbedder(width, scale=time_scale) if mean_flow else None
+        self.guidance_embed = GuidanceEmbedder(width) if guidance_input else None
         self.label_embed = LabelEmbedder(num_classes, width) if num_classes > 0 else None
         self.feature_cond = FeatureCondition(feature_dim, cond_dim, width) if cond_dim > 0 else None
         self.blocks = nn.ModuleList([DiTBlock(width, heads, mlp_ratio) for _ in range(depth)])
@@ -136,6 +144,9 @@ class DiT(nn.Module):
         if self.interval_embed is not None:  # its output layer stays zero: it starts adding nothing
             nn.init.normal_(self.interval_embed.embed.mlp[0].weight, std=0.02)
             nn.init.zeros_(self.interval_embed.embed.mlp[2].weight)
+        for embed in self.guidance_embed.embeds if self.guidance_embed is not None else ():  # zero output too
+            nn.init.normal_(embed.mlp[0].weight, std=0.02)
+            nn.init.zeros_(embed.mlp[2].weight)
         for block in self.blocks:  # adaLN-Zero: every residual branch starts closed
             nn.init.zeros_(block.adaLN[-1].weight)
             nn.init.zeros_(block.adaLN[-1].bias)
@@ -162,8 +173,9 @@ class DiT(nn.Module):
         return self.grid
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None, s=None, features=None,
-                eps=None, c=None, image_cond=None, hidden_at: int = 0, hidden_only: bool = False):
-        """The velocity (MeanFlow models: the average velocity over [t, s], s None for s = t); a Latent-CFM model
+                eps=None, c=None, image_cond=None, w=None, hidden_at: int = 0, hidden_only: bool = False):
+        """The velocity (MeanFlow models: the average velocity over [t, s], s None for s = t; w: guidance (ω, a, b)
+        per sample for a model trained with it as input, None for none); a Latent-CFM model
         trained from encoder features returns (velocity, KL per sample); image_cond: a task's spatial condition.
         hidden_at = k: (velocity, tokens after block k as a map (N, D, h, w), through the alignment head if the model
         has one); with hidden_only, those tokens alone (no head), the later blocks skipped."""
@@ -173,6 +185,8 @@ class DiT(nn.Module):
         emb = self.time_embed(t)
         if self.interval_embed is not None:
             emb = emb + self.interval_embed(t, s)
+        if self.guidance_embed is not None:
+            emb = emb + self.guidance_embed(w, x.shape[0], x.device)
         if self.label_embed is not None:  # y None: the null class
             emb = emb + self.label_embed(y, x.shape[0])
         kl = None

@@ -49,6 +49,28 @@ class IntervalEmbedder(nn.Module):
         return self.embed(torch.zeros_like(t) if s is None else s - t)
 
 
+class GuidanceEmbedder(nn.Module):
+    """Classifier-free guidance as a model input (improved MeanFlow, Geng et al. 2025b): w (N, 3) holds the scale ω
+    and the interval [a, b] of t it guides in; each is embedded like t (sines of the value, then an MLP) and the
+    three are added to the time embedding (iMF feeds them to a DiT as in-context tokens; here they join the
+    embedding every model already has). None is no guidance, (1, 0, 1). The output layers start at zero: a model
+    given this input starts as the same model (train.init_from)."""
+
+    NONE = (1.0, 0.0, 1.0)  # ω = 1 on [0, 1]: no guidance
+
+    def __init__(self, dim: int, freq_dim: int = 256):
+        super().__init__()
+        self.embeds = nn.ModuleList(TimestepEmbedder(dim, freq_dim, scale=1.0) for _ in range(3))
+        for embed in self.embeds:
+            nn.init.zeros_(embed.mlp[2].weight)
+            nn.init.zeros_(embed.mlp[2].bias)
+
+    def forward(self, w: torch.Tensor | None, batch: int, device: torch.device) -> torch.Tensor:
+        if w is None:
+            w = torch.tensor(self.NONE, device=device).expand(batch, 3)
+        return sum(embed(w[:, k]) for k, embed in enumerate(self.embeds))
+
+
 class LabelEmbedder(nn.Module):
     """Class labels (N,) in [0, num_classes] -> (N, dim). Label `num_classes` is the null class,
     the 'no label' that classifier-free guidance needs; the objective decides when to use it."""

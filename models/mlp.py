@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from models.embeddings import IntervalEmbedder, LabelEmbedder, TimestepEmbedder
+from models.embeddings import GuidanceEmbedder, IntervalEmbedder, LabelEmbedder, TimestepEmbedder
 
 ACTIVATIONS = {"silu": nn.SiLU, "selu": nn.SELU, "gelu": nn.GELU}
 TIME_INPUTS = ("sines", "raw")  # the sinusoidal embedding of time_scale·t, or t itself as one more input
@@ -21,7 +21,7 @@ TIME_INPUTS = ("sines", "raw")  # the sinusoidal embedding of time_scale·t, or 
 class MLP(nn.Module):
     def __init__(self, dim: int, width: int = 256, depth: int = 3, time_dim: int = 64, num_classes: int = 0,
                  mean_flow: bool = False, time_scale: float = 1000.0, activation: str = "silu",
-                 time_input: str = "sines"):
+                 time_input: str = "sines", guidance_input: bool = False):
         super().__init__()
         if time_input == "raw":
             if mean_flow:
@@ -33,6 +33,9 @@ class MLP(nn.Module):
             self.interval_embed = (IntervalEmbedder(time_dim, freq_dim=time_dim, scale=time_scale) if mean_flow
                                    else None)
             d_time = time_dim
+        if guidance_input and time_input == "raw":
+            raise ValueError("time_input='raw' has no embedding to add the guidance input to")
+        self.guidance_embed = GuidanceEmbedder(time_dim, freq_dim=time_dim) if guidance_input else None
         self.label_embed = LabelEmbedder(num_classes, time_dim) if num_classes > 0 else None
         layers, d_in = [], dim + d_time
         for _ in range(depth):
@@ -44,9 +47,10 @@ class MLP(nn.Module):
         nn.init.zeros_(self.out.bias)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None,
-                s: torch.Tensor | None = None) -> torch.Tensor:
+                s: torch.Tensor | None = None, w: torch.Tensor | None = None) -> torch.Tensor:
         """x (N, D), t (N,) in [0, 1], y (N,) labels or None -> velocity (N, D); MeanFlow models: the average
-        velocity over [t, s] (s (N,) ≥ t, None for s = t)."""
+        velocity over [t, s] (s (N,) ≥ t, None for s = t); w: guidance (ω, a, b) per sample for a model trained
+        with it as input (None: none)."""
         label = None if self.label_embed is None else self.label_embed(y, x.shape[0])  # y None: the null class
         if self.time_embed is None:  # t itself, the label's embedding beside it
             c = torch.cat([t.to(x.dtype)[:, None], *([] if label is None else [label.to(x.dtype)])], dim=-1)
@@ -54,6 +58,8 @@ class MLP(nn.Module):
             c = self.time_embed(t)
             if self.interval_embed is not None:
                 c = c + self.interval_embed(t, s)
+            if self.guidance_embed is not None:
+                c = c + self.guidance_embed(w, x.shape[0], x.device)
             if label is not None:
                 c = c + label
         return self.out(self.body(torch.cat([x, c.to(x.dtype)], dim=-1)))

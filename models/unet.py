@@ -17,7 +17,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from models import embeddings
-from models.embeddings import FeatureCondition, ImageCondition, IntervalEmbedder, LabelEmbedder, TimestepEmbedder
+from models.embeddings import (
+    FeatureCondition,
+    GuidanceEmbedder,
+    ImageCondition,
+    IntervalEmbedder,
+    LabelEmbedder,
+    TimestepEmbedder,
+)
 
 
 def norm(channels: int) -> nn.GroupNorm:
@@ -127,7 +134,8 @@ class UNet(nn.Module):
                  num_res_blocks: int = 2, attention_resolutions=(16,), head_channels: int = 64,
                  dropout: float = 0.0, num_classes: int = 0, scale_shift: bool = False,
                  resblock_updown: bool = False, feature_dim: int = 0, cond_dim: int = 0, mean_flow: bool = False,
-                 time_scale: float = 1000.0, cond_channels: int = 0, cond_classes: int = 0):
+                 time_scale: float = 1000.0, cond_channels: int = 0, cond_classes: int = 0,
+                 guidance_input: bool = False):
         super().__init__()
         self.align_depth, self.align_head = 0, None  # flow.align (flows/align.py): the block read, its head
         self.resolution = resolution
@@ -135,6 +143,7 @@ class UNet(nn.Module):
         emb_dim = 4 * channels
         self.time_embed = TimestepEmbedder(emb_dim, freq_dim=channels, scale=time_scale)
         self.interval_embed = IntervalEmbedder(emb_dim, freq_dim=channels, scale=time_scale) if mean_flow else None
+        self.guidance_embed = GuidanceEmbedder(emb_dim, freq_dim=channels) if guidance_input else None
         self.label_embed = LabelEmbedder(num_classes, emb_dim) if num_classes > 0 else None
         self.feature_cond = FeatureCondition(feature_dim, cond_dim, emb_dim) if cond_dim > 0 else None
 
@@ -199,8 +208,9 @@ class UNet(nn.Module):
         return h, w
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None, s=None, features=None,
-                eps=None, c=None, image_cond=None, hidden_at: int = 0, hidden_only: bool = False):
-        """The velocity (MeanFlow models: the average velocity over [t, s], s None for s = t); a Latent-CFM model
+                eps=None, c=None, image_cond=None, w=None, hidden_at: int = 0, hidden_only: bool = False):
+        """The velocity (MeanFlow models: the average velocity over [t, s], s None for s = t; w: guidance (ω, a, b)
+        per sample for a model trained with it as input, None for none); a Latent-CFM model
         trained from encoder features returns (velocity, KL per sample); image_cond: a task's spatial condition.
         hidden_at = k: (velocity, the hidden state after down-path module k (len(down) + 1: the middle), a map
         (N, C, h, w), through the alignment head if the model has one); with hidden_only, that map alone (no head),
@@ -210,6 +220,8 @@ class UNet(nn.Module):
         emb = self.time_embed(t)
         if self.interval_embed is not None:
             emb = emb + self.interval_embed(t, s)
+        if self.guidance_embed is not None:
+            emb = emb + self.guidance_embed(w, x.shape[0], x.device)
         if self.label_embed is not None:  # y None: the null class
             emb = emb + self.label_embed(y, x.shape[0])
         kl = None

@@ -1,6 +1,7 @@
 """One-stage few-step objectives beside MeanFlow: improved MeanFlow's v-loss, AlphaFlow and shortcut models, against
 closed forms and hand computations; their samplers, configs, resume and processes."""
 
+import json
 import math
 
 import pytest
@@ -188,6 +189,9 @@ def test_the_shortcut_sampler_jumps_with_exact_nfe():
     (["flow.objective=cfm", "flow.alpha_start=0.5"], "is read only with flow.objective=alphaflow"),
     (["flow.objective=shortcut", "flow.meanflow_cfg=2"], "is read only with flow.objective=meanflow or alphaflow"),
     (["flow.objective=shortcut", "flow.path=icfm", "flow.sigma=0.1"], "trains the average velocity on an affine"),
+    (["flow.objective=meanflow", "flow.meanflow_cfg_range=[4,1]"], "must be \\[ω_min, ω_max\\], 0 ≤ ω_min < ω_max"),
+    (["flow.objective=meanflow", "flow.meanflow_cfg_range=[1,4]", "flow.meanflow_cfg=2"], "set one of them"),
+    (["flow.objective=cfm", "flow.meanflow_cfg_range=[1,4]"], "is read only with flow.objective=meanflow"),
 ])
 def test_bad_few_step_settings_are_one_clear_line(overrides, message):
     from registries import check_names
@@ -202,3 +206,105 @@ def test_bad_few_step_input_exits_2_with_one_line(tmp_path, teacher):  # noqa: F
     assert out.returncode == 2 and out.stderr.startswith("error: --solver shortcut jumps with a shortcut model's")
     out = run_script("train.py", "-e", str(tmp_path / "run"), *TINY, "flow.objective=alphaflow", "flow.alpha_end=0.2")
     assert out.returncode == 2 and "curriculum must end at α = 0" in out.stderr and len(out.stderr.splitlines()) == 1
+
+
+# Guidance as an input (improved MeanFlow): ω and its interval drawn at training, chosen at sampling.
+
+
+class GuidedLinear(LinearAverageVelocity):
+    """LinearAverageVelocity that also reads the guidance input w (N, 3): + e·ω."""
+
+    guidance_embed = True
+
+    def forward(self, z, t, y=None, s=None, w=None):
+        out = super().forward(z, t, y, s=s)
+        return out if w is None else out + w[:, :1] * torch.tensor([0.1, -0.2], dtype=z.dtype)
+
+
+def guided_objective(*extra):
+    return objective_of("flow.objective=meanflow", "flow.meanflow_cfg_range=[1,4]", "flow.meanflow_p=0",
+                        "model.class_cond=true", "flow.label_dropout=0.2", *extra, num_classes=3)
+
+
+def test_guidance_as_an_input_draws_its_scales_and_intervals_and_guides_the_target_where_asked():
+    objective = guided_objective()
+    x1 = torch.randn(4000, 2, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    y = torch.arange(4000) % 3
+    draw = objective.draw(x1, y, torch.Generator().manual_seed(7))
+    w, dropped = draw.cond["w"], draw.y == 3
+    assert dropped.any() and torch.equal(w[dropped], torch.tensor([[1.0, 0.0, 1.0]], dtype=w.dtype).expand(
+        int(dropped.sum()), 3))  # no guidance where the label was dropped
+    kept = w[~dropped]
+    assert 1 <= kept[:, 0].min() and kept[:, 0].max() <= 4 and abs(kept[:, 0].mean() - 2.5) < 0.1
+    whole = (kept[:, 1] == 0) & (kept[:, 2] == 1)
+    assert 0.45 < whole.float().mean() < 0.55 and (kept[:, 1] <= kept[:, 2]).all()
+    # The target: ṽ = ω·v + (1 − ω)·u(z, t, t | ∅) where t ∈ [a, b] for labelled samples, v elsewhere.
+    model = GuidedLinear()
+    sample = objective.path.sample(draw.x0, x1, draw.t)
+    with torch.no_grad():
+        unconditional = model(sample.x_t, draw.t, torch.full_like(y, 3))  # its guidance input: none
+        omega = w[:, :1]
+        inside = ((draw.t >= w[:, 1]) & (draw.t <= w[:, 2]) & ~dropped)[:, None]
+        expected = torch.where(inside, omega * sample.u_t + (1 - omega) * unconditional, sample.u_t)
+        assert inside.any() and (~inside).any()
+        assert torch.allclose(objective.velocity(model, sample.x_t, draw, sample.u_t), expected)
+        # ω = 1 is no guidance: the conditional velocity itself.
+        draw.cond["w"] = torch.cat([torch.ones_like(w[:, :1]), w[:, 1:]], dim=1)
+        assert torch.equal(objective.velocity(model, sample.x_t, draw, sample.u_t), sample.u_t)
+    # The prediction and the JVP see each sample's w.
+    loss = objective.loss(model, x1, draw).loss
+    draw.cond["w"] = w
+    assert not torch.allclose(objective.loss(model, x1, draw).loss, loss)
+
+
+def test_sampling_gives_the_scale_and_interval_to_the_model_in_one_pass():
+    from flows.solvers import check_guidance
+
+    model, x0 = GuidedLinear(), torch.randn(6, 2, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
+    y = torch.arange(6) % 3
+    seen = []
+    real = model.forward
+    model.forward = lambda z, t, y=None, s=None, w=None: seen.append(w) or real(z, t, y, s=s, w=w)
+    out = generate(model, x0, 2, "meanflow", y=y, cfg_scale=2.5, cfg_interval=(0.2, 0.9))
+    assert out.nfe == 2 and len(seen) == 2 and all(len(v) == 6 for v in seen)  # one pass of the batch per jump
+    assert torch.equal(seen[0][0], torch.tensor([2.5, 0.2, 0.9], dtype=torch.float64))
+    seen.clear()
+    plain = generate(model, x0, 2, "meanflow", y=y)
+    assert seen == [None, None]  # --cfg-scale 1: no guidance input, the model's unguided jumps
+    assert not torch.equal(plain.x, out.x)
+    check_guidance(4.0, 3, 0.2, trained=[1, 4])
+    with pytest.raises(UserError, match="outside \\[1, 4\\], the guidance scales this model was trained"):
+        check_guidance(4.5, 3, 0.2, trained=[1, 4])
+    with pytest.raises(UserError, match="takes classifier-free guidance as an input"):
+        from flows.guidance import Guidance
+
+        generate(model, x0, 2, "meanflow", y=y, guidance=Guidance("apg", 2.0, (0.0, 1.0)))
+
+
+def test_a_model_with_guidance_as_input_samples_any_scale_of_its_range_in_one_pass(tmp_path):
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(0)
+    y = torch.randint(0, 4, (512,), generator=g)
+    centers = torch.tensor([[2.0, 0.0], [0.0, 2.0], [-2.0, 0.0], [0.0, -2.0]])
+    save_file({"x": centers[y] + 0.3 * torch.randn(512, 2, generator=g), "y": y}, str(tmp_path / "data.safetensors"))
+    out = run_script("train.py", "-e", str(tmp_path / "run"), *TINY, "data.name=tensor_file",
+                     f"data.path={tmp_path / 'data.safetensors'}", "model.class_cond=true", "flow.label_dropout=0.2",
+                     "flow.objective=meanflow", "model.time_scale=1", "flow.meanflow_cfg_range=[1,3]",
+                     "train.steps=10")
+    assert out.returncode == 0, out.stderr
+    weights = tmp_path / "run" / "checkpoints" / "step_0000010"
+
+    def sample(*args):
+        return run_script("sample.py", "--weights", str(weights), "--n-samples", "8", "--solver", "meanflow",
+                          "--steps", "2", "--save-dir", str(tmp_path / "_".join(args)), *args)
+
+    for scale in ("1.5", "3"):
+        done = sample("--cfg-scale", scale)
+        assert done.returncode == 0, done.stderr
+        info = json.loads((tmp_path / f"--cfg-scale_{scale}" / "info.json").read_text())
+        assert info["nfe"] == info["forward_passes"] == 2  # guided in one pass per jump
+    for args, message in ((["--cfg-scale", "3.5"], "is outside [1, 3], the guidance scales this model was trained"),
+                          (["--cfg-scale", "2", "--guidance", "apg"], "takes classifier-free guidance as an input")):
+        bad = sample(*args)
+        assert bad.returncode == 2 and message in bad.stderr and len(bad.stderr.strip().splitlines()) == 1

@@ -305,7 +305,7 @@ def test_few_step_training_resumes_bitwise_and_two_processes_train_as_one(tmp_pa
 
     common = [*TINY, *objective, f"train.init_from={teacher}", "train.steps=20", "train.checkpoint_every=10"]
     once = run_script("train.py", "-e", str(tmp_path / "once"), *common)
-    assert once.returncode == 0 and "initialized from" in once.stdout and "interval embedding" in once.stdout
+    assert once.returncode == 0 and "initialized from" in once.stdout and "start adding zero" in once.stdout
     half = run_script("-c", KILL_AFTER_CHECKPOINT, "-e", str(tmp_path / "twice"), *common)
     assert half.returncode == -9
     again = run_script("train.py", "-e", str(tmp_path / "twice"), *common)

@@ -1,0 +1,167 @@
+"""One-stage few-step models on MNIST, CPU, real FID: MeanFlow (u-loss, v-loss), AlphaFlow and shortcut models,
+each fine-tuned from the I-CFM teacher for --minutes and trained from scratch for the teacher's time + --minutes,
+at 1, 2 and 4 network calls, beside the teacher's solvers at those NFE (issue 34).
+
+    ../shared/tools/inception-offline .venv/bin/python        # once per machine: clean-fid's network, offline
+    python bench/few_step_mnist.py [--minutes 15] [--methods meanflow_u,meanflow_v,alphaflow,shortcut]
+        [--scratch] [--out bench/out/few_step_mnist]
+
+Teacher: configs/mnist_icfm_unet.yaml on the 10,000 test digits with model.time_scale=1 (MeanFlow's time input;
+the JVP of sines of 1000·t is a thousand times larger), its 1,000 steps. Fine-tuning: train.init_from the teacher,
+the method's config, a constant learning rate 5e-4 without warmup, stopped by SIGTERM after --minutes (train.py
+saves a checkpoint and exits), checkpoints every 100 steps for the curve of FID against minutes. From scratch
+(--scratch): the same without init_from, at the recipe's 2e-3, for the teacher's wall time + --minutes. Every run
+is alone on the machine, one after the other. FID: evaluate.py, 1,000 samples (seed 0), EMA weights, clean-fid
+against ../shared/data/mnist/t10k-fid-stats-clean.npz; the jumps over the uniform grid at 1, 2 and 4 NFE
+(meanflow, or shortcut for shortcut models); the curve at 1 NFE at about every third of the run's checkpoints.
+Reruns reuse finished runs and report rows. Prints a table and writes OUT/results.md and OUT/fid_vs_minutes.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "data" / "mnist"
+STATS = SHARED / "t10k-fid-stats-clean.npz"
+DATA = [f"data.path={SHARED}", "data.split=test", "train.trackers=[]", "train.preview_every=0"]
+MEANFLOW = ["-c", "configs/mnist_meanflow_unet.yaml"]
+RESET = ["flow.meanflow_times=ordered", "flow.meanflow_ratio=0.25", "flow.meanflow_p=1.0"]  # keys shortcut lacks
+METHODS = {  # name: (train.py arguments, jump solver)
+    "meanflow_u": ([*MEANFLOW], "meanflow"),
+    "meanflow_v": ([*MEANFLOW, "flow.meanflow_loss=v", "flow.meanflow_tangent=model"], "meanflow"),
+    "alphaflow": ([*MEANFLOW, "flow.objective=alphaflow", "flow.alpha_steps=[0,600]"], "meanflow"),
+    "shortcut": ([*MEANFLOW, "flow.objective=shortcut", *RESET], "shortcut"),
+}
+TEACHER_SAMPLERS = ("euler:1,euler:2,euler:4,euler:100,midpoint:1,midpoint:2:cosine,midpoint:2:inverse_exp,"
+                    "heun:2:cosine")
+
+
+def run(args: list[str], log: Path, seconds: float | None = None) -> float:
+    """A toolkit command (stopped by SIGTERM after `seconds`, if given); its wall time."""
+    command = [sys.executable, *args]
+    if seconds is not None:
+        command = ["timeout", "-s", "TERM", str(int(seconds)), *command]
+    start = time.perf_counter()
+    with open(log, "a") as f:
+        code = subprocess.run(command, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT).returncode
+    if code not in (0, 75, 124):  # 75: train.py stopped by the signal with a checkpoint; 124: timeout's own
+        sys.exit(f"{' '.join(args[:3])} failed ({code}); see {log}")
+    return time.perf_counter() - start
+
+
+def checkpoints(run_dir: Path) -> list[int]:
+    return sorted(int(p.name.split("_")[1]) for p in (run_dir / "checkpoints").glob("step_*"))
+
+
+def fid_rows(run_dir: Path, samplers: str, steps: list[int], log: Path) -> dict[tuple[int, str], float]:
+    """FID of the run's checkpoints `steps` with each sampler: {(step, label): FID}."""
+    run(["evaluate.py", "-e", str(run_dir), "--checkpoints", ",".join(map(str, steps)), "--samplers", samplers,
+         "--n-samples", "1000", "--ref", str(STATS), "--bspp", "250"], log)
+    rows = json.loads((run_dir / "eval" / "report.json").read_text())["rows"]
+    return {(r["step"], f"{r['solver']}:{r['steps']}" + (f":{r['schedule']}" if r["schedule"] != "linear" else "")):
+            r["fid"] for r in rows if r["n_samples"] == 1000}
+
+
+def minutes_of(run_dir: Path) -> dict[int, float]:
+    """Minutes from the run's first log line to each checkpoint line of its log (start-up counted)."""
+    lines = (run_dir / "log.txt").read_text().splitlines()
+    start = datetime.strptime(lines[0][1:20], "%Y-%m-%d %H:%M:%S").timestamp()
+    return {int(line.rsplit("step_", 1)[1]): (datetime.strptime(line[1:20], "%Y-%m-%d %H:%M:%S").timestamp() - start)
+            / 60 for line in lines if "] checkpoint: " in line}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--minutes", type=float, default=15)
+    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--scratch", action="store_true", help="also train each method from scratch")
+    p.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "few_step_mnist")
+    args = p.parse_args()
+    out, log = args.out, args.out / "log.txt"
+    out.mkdir(parents=True, exist_ok=True)
+    teacher = out / "teacher"
+    print("teacher ...", flush=True)
+    walls = json.loads((out / "walls.json").read_text()) if (out / "walls.json").is_file() else {}
+    if "teacher" not in walls:
+        walls["teacher"] = run(["train.py", "-c", "configs/mnist_icfm_unet.yaml", "-e", str(teacher), *DATA,
+                                "model.time_scale=1"], log)
+    last = checkpoints(teacher)[-1]
+    table = {"teacher": fid_rows(teacher, TEACHER_SAMPLERS, [last], log)}
+    init = teacher / "checkpoints" / f"step_{last:07d}"
+    curves = {}
+    for name in args.methods.split(","):
+        extra, solver = METHODS[name]
+        kinds = [("fine-tuned", [f"train.init_from={init}", "train.lr=5e-4", "train.warmup_steps=0"],
+                  args.minutes * 60)]
+        if args.scratch:
+            kinds.append(("scratch", [], walls["teacher"] + args.minutes * 60))
+        for kind, how, seconds in kinds:
+            key = f"{name} {kind}"
+            run_dir = out / f"{name}_{kind}"
+            print(f"{key}: {seconds / 60:.1f} min ...", flush=True)
+            if key not in walls:
+                walls[key] = run(["train.py", *extra, "-e", str(run_dir), *DATA, *how, "train.steps=100000",
+                                  "train.lr_schedule=constant", "train.checkpoint_every=100",
+                                  "train.keep_every=100"], log, seconds)
+                (out / "walls.json").write_text(json.dumps(walls, indent=1))
+            steps = checkpoints(run_dir)
+            table[key] = fid_rows(run_dir, f"{solver}:1,{solver}:2,{solver}:4", [steps[-1]], log)
+            if kind == "fine-tuned":  # the curve: FID at 1 NFE against minutes
+                picked = sorted({steps[len(steps) * k // 4] for k in range(1, 4)} | {steps[-1]})
+                fids = fid_rows(run_dir, f"{solver}:1", picked, log)
+                when = minutes_of(run_dir)
+                curves[name] = [(when.get(s, float("nan")), fids[(s, f"{solver}:1")]) for s in picked]
+    (out / "walls.json").write_text(json.dumps(walls, indent=1))
+    report(out, table, curves, walls, args)
+
+
+def report(out: Path, table: dict, curves: dict, walls: dict, args) -> None:
+    teacher = {label: fid for (_, label), fid in table["teacher"].items()}
+    best = {n: min((fid, label) for label, fid in teacher.items()
+                   if label.split(":")[0] in ("euler", "heun", "midpoint")
+                   and int(label.split(":")[1]) * (2 if label.startswith(("midpoint", "heun")) else 1) == n)
+            for n in (1, 2, 4)}
+    lines = ["| model | minutes | NFE 1 | NFE 2 | NFE 4 | NFE 1 / teacher Euler-100 | NFE 2 / teacher Euler-100 |",
+             "|---|---:|---:|---:|---:|---:|---:|",
+             f"| I-CFM teacher, Euler | {walls['teacher'] / 60:.1f} | {teacher['euler:1']:.1f} | "
+             f"{teacher['euler:2']:.1f} | {teacher['euler:4']:.1f} | | |",
+             "| teacher's best solver at that NFE | | "
+             + " | ".join(f"{best[n][0]:.1f} ({best[n][1]})" for n in (1, 2, 4)) + " | | |"]
+    e100 = teacher["euler:100"]
+    for key, rows in table.items():
+        if key == "teacher":
+            continue
+        fids = {label.split(":")[1]: fid for (_, label), fid in rows.items()}
+        lines.append(f"| {key} | {walls[key] / 60:.1f} | {fids['1']:.1f} | {fids['2']:.1f} | {fids['4']:.1f} | "
+                     f"{fids['1'] / e100:.2f}× | {fids['2'] / e100:.2f}× |")
+    lines.append(f"\nTeacher Euler-100: {e100:.2f}; goal: 1 NFE ≤ {1.5 * e100:.1f} (1.5×), 2 NFE ≤ {1.25 * e100:.1f} "
+                 "(1.25×).")
+    text = "\n".join(lines)
+    print(text)
+    (out / "results.md").write_text(text + "\n")
+    (out / "results.json").write_text(json.dumps({"curves": curves, "walls": walls}, indent=1))
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for name, points in curves.items():
+        ax.plot([m for m, _ in points], [f for _, f in points], "o-", label=name)
+    ax.axhline(1.5 * e100, ls="--", c="gray", label="goal at 1 NFE (1.5× teacher Euler-100)")
+    ax.set(xlabel="fine-tuning minutes", ylabel="FID at 1 NFE (1,000 samples)", title="MNIST one-stage few-step")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "fid_vs_minutes.png", dpi=110)
+
+
+if __name__ == "__main__":
+    main()
