@@ -71,14 +71,15 @@ class ShortcutObjective(FlowMatchingObjective):
     def loss(self, model: Callable, x1: torch.Tensor, draw: Draw) -> ObjectiveOutput:
         sample = self.path.sample(draw.x0, x1.to(draw.x0.dtype), draw.t)
         target = sample.u_t.float()
+        # Self-consistency: two half jumps of the teacher, on those samples only, taken even when this process has
+        # none of them (a sharded model gathers its weights in every forward pass, on every process at once).
         apart = (draw.s != draw.t).nonzero().squeeze(1)
-        if len(apart):  # self-consistency: two half jumps of the teacher, on those samples only
-            z, t, h = sample.x_t[apart], draw.t[apart], (draw.s - draw.t)[apart] / 2
-            y = None if draw.y is None else draw.y[apart]
-            with torch.no_grad(), evaluation(self.teacher or unwrapped(model)) as net:
-                first = self.half_jump(net, z, t, h, y)
-                second = self.half_jump(net, (z.float() + expand_like(h, first) * first).to(z.dtype), t + h, h, y)
-            target = target.index_copy(0, apart, (first + second) / 2)
+        z, t, h = sample.x_t[apart], draw.t[apart], (draw.s - draw.t)[apart] / 2
+        y = None if draw.y is None else draw.y[apart]
+        with torch.no_grad(), evaluation(self.teacher or unwrapped(model)) as net:
+            first = self.half_jump(net, z, t, h, y)
+            second = self.half_jump(net, (z.float() + expand_like(h, first) * first).to(z.dtype), t + h, h, y)
+        target = target.index_copy(0, apart, (first + second) / 2)
         u, hidden = forward(model, self.alignment, draw.aligning, sample.x_t, draw.t, draw.y, s=draw.s)
         loss = self.distance(u, target)
         if draw.weight is not None:

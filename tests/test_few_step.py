@@ -308,3 +308,35 @@ def test_a_model_with_guidance_as_input_samples_any_scale_of_its_range_in_one_pa
                           (["--cfg-scale", "2", "--guidance", "apg"], "takes classifier-free guidance as an input")):
         bad = sample(*args)
         assert bad.returncode == 2 and message in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("name", ["unet-mnist", "DiT-S/4"])
+@pytest.mark.parametrize("objective", [
+    ["flow.objective=alphaflow", "flow.alpha_steps=[0,2]"],
+    ["flow.objective=shortcut"],
+    ["flow.objective=meanflow", "flow.meanflow_loss=v", "flow.meanflow_tangent=model",
+     "flow.meanflow_cfg_range=[1,3]", "model.class_cond=true", "flow.label_dropout=0.5"],
+], ids=["alphaflow", "shortcut", "imf"])
+def test_every_new_objective_trains_an_image_model_under_bf16(name, objective):
+    """One step of each objective on the UNet and a DiT under bf16 autocast: finite loss, gradients reach the
+    interval (and guidance) embedding."""
+    from models import build_model
+
+    cfg = load_config(None, [f"model.name={name}", "model.width=32", "model.time_scale=1", *objective]
+                      + (["model.depth=1", "model.heads=2"] if "DiT" in name else []))
+    classes = 3 if cfg.model.class_cond else 0
+    model = build_model(cfg, (1, 8, 8), classes)
+    for p in model.parameters():  # out of the zero start, so that every input reaches the output
+        p.data.add_(0.01 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    objective = build_objective(cfg, lambda n, g, d: torch.randn(n, 1, 8, 8, generator=g, device=d),
+                                num_classes=classes)
+    x1 = torch.randn(8, 1, 8, 8, generator=torch.Generator().manual_seed(9))
+    draw = objective.draw(x1, torch.arange(8) % 3 if classes else None, torch.Generator().manual_seed(10))
+    draw.step = 1
+    with torch.autocast("cpu", torch.bfloat16):
+        loss = objective.loss(model, x1, draw).loss.mean()
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert model.interval_embed.embed.mlp[2].weight.grad.abs().sum() > 0
+    if classes:
+        assert sum(e.mlp[2].weight.grad.abs().sum() for e in model.guidance_embed.embeds) > 0
