@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 from conftest import run_script
-from test_meanflow import TINY, ExactOnPath, LinearAverageVelocity, teacher, weights  # noqa: F401 (a fixture)
+from test_meanflow import TINY, ExactOnPath, LinearAverageVelocity, teacher  # noqa: F401 (a fixture)
 
 from config import load_config
 from errors import UserError
