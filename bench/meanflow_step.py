@@ -9,8 +9,8 @@ Each step is the toolkit's own: the objective's draw and per-sample loss, backwa
 the unwrapped network without gradient, then the forward and backward of the prediction; its v-loss costs the
 same); AlphaFlow mid-curriculum (α = 0.5: one more forward pass without gradient and no JVP; at α = 0 it is
 MeanFlow's step, at α = 1 flow matching's); a shortcut model (two forward passes without gradient on its
-self-consistency quarter of the batch, taken by the EMA model). unet-cifar10 runs on CIFAR-shaped pixels
-(3×32×32), unet-mnist on MNIST's (1×28×28), DiTs on SD-VAE-shaped latents (4×32×32). The objectives take turns,
+self-consistency quarter of the batch, taken by the EMA model). UNets run on CIFAR-shaped pixels (3×32×32),
+DiTs on SD-VAE-shaped latents (4×32×32). The objectives take turns,
 in reverse order every other repeat, --repeats times; the best seconds per step of each and its ratio to flow
 matching are printed.
 """
@@ -48,7 +48,7 @@ class _Accelerator:
 
 def step_time(name: str, objective_name: str, args, device: torch.device) -> float:
     """Best seconds per training step over --steps steps after --warmup, for one objective."""
-    shape = (1, 28, 28) if name == "unet-mnist" else (3, 32, 32) if name.startswith("unet") else (4, 32, 32)
+    shape = (3, 32, 32) if name.startswith("unet") else (4, 32, 32)
     cfg = load_config(None, [f"model.name={name}", f"flow.objective={objective_name}",
                              *(["model.time_scale=1", "flow.meanflow_ratio=0.75"]
                                if objective_name in ("meanflow", "alphaflow") else []),
