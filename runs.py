@@ -118,7 +118,8 @@ def _flat(tree: dict, prefix: str = "") -> dict:
 class TrainingMeter:
     """The training metrics between two log steps, kept on the device (no host sync per step) and read out, reduced
     over the processes, at log steps: the loss, the flow and alignment losses of aligned micro-steps, the loss per
-    t-bin, whether any loss or gradient was not finite, and samples/s of the training steps alone."""
+    t-bin, whether any loss or gradient was not finite, samples/s of the training steps alone, and the objective's
+    settings of the last micro-step (AlphaFlow's α)."""
 
     def __init__(self, accelerator, bins: int):
         self.accelerator, device = accelerator, accelerator.device
@@ -127,6 +128,7 @@ class TrainingMeter:
         self.align_sums = torch.zeros(3, device=device)  # flow loss, alignment loss, aligned micro-steps
         # With an fp16 loss scaler an infinite gradient only skips the step; otherwise it would corrupt the weights.
         self.check_gradients = accelerator.scaler is None
+        self.settings = {}  # the objective's settings of the last micro-step (AlphaFlow's α)
         self.restart()
 
     def restart(self) -> None:
@@ -141,6 +143,7 @@ class TrainingMeter:
             self.align_sums += torch.stack([out.loss.detach().mean(), out.align.detach().mean(),
                                             torch.ones((), device=self.loss_sum.device)])
         self.nonfinite |= ~torch.isfinite(loss.detach())
+        self.settings = out.settings
 
     def step(self, grad_norm: torch.Tensor) -> None:
         """An optimizer step and the gradient norm before clipping (a finite loss can still have an infinite
@@ -161,7 +164,7 @@ class TrainingMeter:
                    "samples_per_s": self.steps * batch_size / (time.perf_counter() - self.timer),
                    **({"max_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30}
                       if device.type == "cuda" else {}),
-                   **(_aligned_losses(reduce(self.align_sums, "sum")) if aligned else {}),
+                   **(_aligned_losses(reduce(self.align_sums, "sum")) if aligned else {}), **self.settings,
                    **self.loss_by_time.read(lambda x: reduce(x, "sum"))}
         self.align_sums.zero_()
         self.loss_sum.zero_()

@@ -45,6 +45,7 @@ class ObjectiveOutput:
     t: torch.Tensor | None
     align: torch.Tensor | None = None
     align_weight: float = 0.0
+    settings: dict = field(default_factory=dict)  # what the objective set for this micro-step (AlphaFlow's α), logged
 
     def total(self) -> torch.Tensor:
         """What is minimized, per sample: the loss, plus λ·the alignment loss."""

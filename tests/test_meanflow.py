@@ -319,6 +319,10 @@ def test_few_step_training_resumes_bitwise_and_two_processes_train_as_one(tmp_pa
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
     moved = weights(tmp_path / "once", 20)["interval_embed.embed.mlp.2.weight"]
     assert moved.abs().max() > 0  # the new input learned something
+    if "alphaflow" in objective[0]:  # α logged, from 1 before the curriculum to 0 after it
+        logged = [json.loads(line) for line in (tmp_path / "once" / "metrics.jsonl").read_text().splitlines()]
+        alphas = [m["alpha"] for m in logged if "alpha" in m]
+        assert alphas[0] == 1.0 and alphas[-1] == 0.0 and 0 < alphas[1] < 1
     solver = "shortcut" if "shortcut" in objective[0] else "meanflow"
     jumps = run_script("sample.py", "--weights", str(tmp_path / "once" / "checkpoints" / "step_0000020"),
                        "--n-samples", "8", "--solver", solver, "--steps", "2", "--save-dir", str(tmp_path / "jumps"))
