@@ -47,6 +47,7 @@ from errors import UserError, exit_on, on_main_process
 from flows.latent import build_space
 from flows.likelihood import bits_per_dim
 from flows.sampling import (
+    check_model_guidance,
     guidance_flags,
     guidance_for,
     guidance_of,
@@ -58,7 +59,7 @@ from flows.sampling import (
     settle,
     skipped,
 )
-from flows.solvers import ADAPTIVE, check_guidance, class_labels
+from flows.solvers import ADAPTIVE, class_labels
 from metrics import build_features, fid, mmd, w2
 from metrics.fid import CLEANFID_NAMES, MODES, image_metrics
 from metrics.report import Report, key_of, metric_of, sampling_protocol, versions
@@ -218,8 +219,7 @@ def evaluate(args: argparse.Namespace, stop: StopRequest | None = None) -> None:
                         "reference; use sample.py and compare the fields directly")
     cfg_scales = args.cfg_scales or [s.cfg_scale]
     for scale in cfg_scales if any(guidance_of(cfg, sampler) != "auto" for sampler in samplers) else []:
-        check_guidance(scale, num_classes, float(meta.get("label_dropout", cfg.flow.label_dropout)),
-                       float(meta.get("meanflow_cfg", 1)), json.loads(meta.get("meanflow_cfg_range", "[]")))
+        check_model_guidance(cfg, meta, scale)
     labels = class_labels(None, args.n_samples, num_classes, args.seed)
     source = None if cfg.data.source == "gaussian" else build_source(cfg, shape)
 

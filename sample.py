@@ -41,6 +41,7 @@ from flows import PATHS, SDE_SOLVERS
 from flows.inverse import check_task_guidance
 from flows.latent import build_space, reference_features
 from flows.sampling import (
+    check_model_guidance,
     describe,
     draw,
     evaluations,
@@ -51,7 +52,7 @@ from flows.sampling import (
     settle,
     skipped,
 )
-from flows.solvers import ADAPTIVE, check_guidance, class_labels, fixed_grid_nfe, sampler_passes
+from flows.solvers import ADAPTIVE, class_labels, fixed_grid_nfe, sampler_passes
 from registries import check_names
 
 
@@ -244,8 +245,7 @@ def sample(args: argparse.Namespace) -> None:
     if task is not None:
         check_task_guidance(s.cfg_scale, method, float(meta.get("cond_dropout", 0)))  # over the spatial condition
     elif s.guidance != "auto":  # the rules that take the model's own unconditional velocity
-        check_guidance(s.cfg_scale, num_classes, float(meta.get("label_dropout", cfg.flow.label_dropout)),
-                       float(meta.get("meanflow_cfg", 1)), json.loads(meta.get("meanflow_cfg_range", "[]")))
+        check_model_guidance(cfg, meta, s.cfg_scale)
 
     # Processes and output folder.
     accelerator = cluster.accelerator()

@@ -66,10 +66,12 @@ class AlphaFlowObjective(MeanFlowObjective):
 
     def loss(self, model: Callable, x1: torch.Tensor, draw: Draw) -> ObjectiveOutput:
         alpha = self.alpha(draw.step)
-        if alpha == 0:  # MeanFlow, with its JVP
-            out = super().loss(model, x1, draw)
-            out.settings["alpha"] = 0.0
-            return out
+        out = super().loss(model, x1, draw) if alpha == 0 else self.alpha_loss(model, x1, draw, alpha)  # 0: MeanFlow
+        out.settings["alpha"] = alpha
+        return out
+
+    def alpha_loss(self, model: Callable, x1: torch.Tensor, draw: Draw, alpha: float) -> ObjectiveOutput:
+        """The loss at α > 0: one forward pass without gradient for the rest of the interval, no JVP."""
         sample = self.path.sample(draw.x0, x1.to(draw.x0.dtype), draw.t)
         v = self.velocity(model, sample.x_t, draw, sample.u_t).float()
         target = v
@@ -84,7 +86,5 @@ class AlphaFlowObjective(MeanFlowObjective):
                             **draw.cond)
         loss = self.weighted(u.float() - target, draw)
         apart = draw.s != draw.t  # the consistency samples weigh α, the flow-matching ones 1
-        out = self.aligned(torch.where(apart, alpha * loss, loss), draw.t, hidden, draw, x1)
-        out.settings["alpha"] = alpha
-        return out
+        return self.aligned(torch.where(apart, alpha * loss, loss), draw.t, hidden, draw, x1)
 

@@ -26,6 +26,7 @@ from flows.schedules import parse_schedule
 from flows.solvers import (
     ADAPTIVE,
     SolverResult,
+    check_guidance,
     check_solver,
     check_tolerances,
     condition,
@@ -147,6 +148,13 @@ def guidance_for(cfg: Config, sampler: Sampler, scale: float, meta: dict[str, st
     shape = tuple(json.loads(meta.get("latent_shape", meta["data_shape"])))
     cost = relative_cost(guide, model, shape, int(meta["num_classes"]), device, dtype)
     return make_guidance(cfg, sampler, scale, cfg.sample.cfg_interval, guide), cost
+
+
+def check_model_guidance(cfg: Config, meta: dict[str, str], scale: float) -> None:
+    """check_guidance for the model of weight-file metadata `meta`: its classes, label dropout, the guidance baked in
+    (MeanFlow's ω) and the range it takes as input."""
+    check_guidance(scale, int(meta["num_classes"]), float(meta.get("label_dropout", cfg.flow.label_dropout)),
+                   float(meta.get("meanflow_cfg", 1)), json.loads(meta.get("meanflow_cfg_range", "[]")))
 
 
 def passes_of(row: dict, sampler: Sampler, skip: int = 0, guidance_input: bool = False) -> float | None:

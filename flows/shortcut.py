@@ -61,7 +61,6 @@ class ShortcutObjective(FlowMatchingObjective):
         draw.s = torch.where(consistent, on_grid + d, draw.t)
         return draw
 
-    @torch.no_grad()
     def half_jump(self, net: Callable, z: torch.Tensor, t: torch.Tensor, h: torch.Tensor,
                   y: torch.Tensor | None) -> torch.Tensor:
         """u(z, t, t + h), or at the finest half step h = 1/M the flow-matching velocity u(z, t, t)."""

@@ -18,14 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models import embeddings
-from models.embeddings import (
-    FeatureCondition,
-    GuidanceEmbedder,
-    ImageCondition,
-    IntervalEmbedder,
-    LabelEmbedder,
-    TimestepEmbedder,
-)
+from models.embeddings import FeatureCondition, ImageCondition, IntervalEmbedder, LabelEmbedder, TimestepEmbedder
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -121,7 +114,7 @@ class DiT(nn.Module):
         self.register_buffer("pos_embed", sincos_positions(width, *self.grid)[None], persistent=False)
         self.time_embed = TimestepEmbedder(width, scale=time_scale)
         self.interval_embed = IntervalEmbedder(width, scale=time_scale) if mean_flow else None
-        self.guidance_embed = GuidanceEmbedder(width) if guidance_input else None
+        self.guidance_embed = embeddings.GuidanceEmbedder(width) if guidance_input else None
         self.label_embed = LabelEmbedder(num_classes, width) if num_classes > 0 else None
         self.feature_cond = FeatureCondition(feature_dim, cond_dim, width) if cond_dim > 0 else None
         self.blocks = nn.ModuleList([DiTBlock(width, heads, mlp_ratio) for _ in range(depth)])
@@ -186,7 +179,7 @@ class DiT(nn.Module):
         if self.interval_embed is not None:
             emb = emb + self.interval_embed(t, s)
         if self.guidance_embed is not None:
-            emb = emb + self.guidance_embed(w, x.shape[0], x.device)
+            emb = emb + self.guidance_embed(w, x.shape[0])
         if self.label_embed is not None:  # y None: the null class
             emb = emb + self.label_embed(y, x.shape[0])
         kl = None

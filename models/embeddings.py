@@ -64,10 +64,11 @@ class GuidanceEmbedder(nn.Module):
         for embed in self.embeds:
             nn.init.zeros_(embed.mlp[2].weight)
             nn.init.zeros_(embed.mlp[2].bias)
+        self.register_buffer("none", torch.tensor(self.NONE), persistent=False)  # not in the weight files
 
-    def forward(self, w: torch.Tensor | None, batch: int, device: torch.device) -> torch.Tensor:
+    def forward(self, w: torch.Tensor | None, batch: int) -> torch.Tensor:
         if w is None:
-            w = torch.tensor(self.NONE, device=device).expand(batch, 3)
+            w = self.none.expand(batch, 3)
         return sum(embed(w[:, k]) for k, embed in enumerate(self.embeds))
 
 

@@ -59,7 +59,7 @@ class MLP(nn.Module):
             if self.interval_embed is not None:
                 c = c + self.interval_embed(t, s)
             if self.guidance_embed is not None:
-                c = c + self.guidance_embed(w, x.shape[0], x.device)
+                c = c + self.guidance_embed(w, x.shape[0])
             if label is not None:
                 c = c + label
         return self.out(self.body(torch.cat([x, c.to(x.dtype)], dim=-1)))

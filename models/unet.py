@@ -17,14 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models import embeddings
-from models.embeddings import (
-    FeatureCondition,
-    GuidanceEmbedder,
-    ImageCondition,
-    IntervalEmbedder,
-    LabelEmbedder,
-    TimestepEmbedder,
-)
+from models.embeddings import FeatureCondition, ImageCondition, IntervalEmbedder, LabelEmbedder, TimestepEmbedder
 
 
 def norm(channels: int) -> nn.GroupNorm:
@@ -143,7 +136,7 @@ class UNet(nn.Module):
         emb_dim = 4 * channels
         self.time_embed = TimestepEmbedder(emb_dim, freq_dim=channels, scale=time_scale)
         self.interval_embed = IntervalEmbedder(emb_dim, freq_dim=channels, scale=time_scale) if mean_flow else None
-        self.guidance_embed = GuidanceEmbedder(emb_dim, freq_dim=channels) if guidance_input else None
+        self.guidance_embed = embeddings.GuidanceEmbedder(emb_dim, freq_dim=channels) if guidance_input else None
         self.label_embed = LabelEmbedder(num_classes, emb_dim) if num_classes > 0 else None
         self.feature_cond = FeatureCondition(feature_dim, cond_dim, emb_dim) if cond_dim > 0 else None
 
@@ -221,7 +214,7 @@ class UNet(nn.Module):
         if self.interval_embed is not None:
             emb = emb + self.interval_embed(t, s)
         if self.guidance_embed is not None:
-            emb = emb + self.guidance_embed(w, x.shape[0], x.device)
+            emb = emb + self.guidance_embed(w, x.shape[0])
         if self.label_embed is not None:  # y None: the null class
             emb = emb + self.label_embed(y, x.shape[0])
         kl = None
