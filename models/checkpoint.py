@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -30,8 +31,30 @@ def unwrapped_state(model: nn.Module | dict[str, torch.Tensor]) -> dict[str, tor
 def save_weights(model: nn.Module | dict[str, torch.Tensor], path: str | Path,
                  metadata: dict[str, str] | None = None) -> None:
     """Write the model's weights (or a state dict) to `path` atomically, with string `metadata` in the file's
-    header."""
-    atomic_write(path, lambda tmp: save_file(unwrapped_state(model), str(tmp), metadata=metadata))
+    header. The same weights and metadata give the same bytes in every process (sort_metadata)."""
+
+    def write(tmp: Path) -> None:
+        save_file(unwrapped_state(model), str(tmp), metadata=metadata)
+        sort_metadata(tmp)
+
+    atomic_write(path, write)
+
+
+def sort_metadata(path: Path) -> None:
+    """Rewrite a safetensors file's metadata in place with its keys sorted. safetensors writes them in the order of
+    a hash map seeded per process, so without this the bytes of one checkpoint differ from run to run. The header
+    keeps its length (the same entries in another order); the tensors' entries and data are untouched."""
+    with open(path, "r+b") as f:
+        size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(size))
+        if "__metadata__" not in header:
+            return
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+        text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(text) > size:  # escaped otherwise than safetensors' own writer: its header stays
+            return
+        f.seek(8)
+        f.write(text.ljust(size))
 
 
 def read_metadata(path: str | Path) -> dict[str, str]:

@@ -1,13 +1,17 @@
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
 from config import Config
 from errors import UserError
 from models import MODELS, build_model
-from models.checkpoint import load_weights, save_weights, unwrapped_state
+from models.checkpoint import load_weights, read_metadata, save_weights, unwrapped_state
 from models.ema import EMA
 
 
@@ -165,6 +169,26 @@ def test_weights_round_trip_with_unwrapped_keys(tmp_path):
     (tmp_path / "cut.safetensors").write_bytes((tmp_path / "w.safetensors").read_bytes()[:50])
     with pytest.raises(UserError, match="unreadable or truncated"):
         load_weights(other, tmp_path / "cut.safetensors")
+
+
+def test_the_same_weights_and_metadata_give_the_same_bytes_in_every_process(tmp_path):
+    # safetensors orders the metadata by a hash map seeded per process: without sorting, 8 keys come out in the
+    # same order in two processes about once in 40,320.
+    script = (
+        "import sys, torch\n"
+        "from models.checkpoint import save_weights\n"
+        "torch.manual_seed(0)\n"
+        "meta = {k: f'é{k}\\n' for k in 'abcdefgh'}\n"
+        "save_weights({'w': torch.randn(3, 5), 'b': torch.randn(5)}, sys.argv[1], meta)\n")
+    root = Path(__file__).resolve().parents[1]
+    for name in ("one", "two"):
+        subprocess.run([sys.executable, "-c", script, str(tmp_path / f"{name}.safetensors")], cwd=root, check=True)
+    assert (tmp_path / "one.safetensors").read_bytes() == (tmp_path / "two.safetensors").read_bytes()
+    assert read_metadata(tmp_path / "one.safetensors") == {k: f"é{k}\n" for k in "abcdefgh"}
+    torch.manual_seed(0)
+    w, b = torch.randn(3, 5), torch.randn(5)
+    loaded = load_file(str(tmp_path / "one.safetensors"))
+    assert torch.equal(loaded["w"], w) and torch.equal(loaded["b"], b)
 
 
 def test_pruning_keeps_the_last_k_and_every_mth_checkpoint(tmp_path):
