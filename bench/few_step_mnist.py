@@ -3,7 +3,7 @@ each fine-tuned from the I-CFM teacher for --minutes and trained from scratch fo
 at 1, 2 and 4 network calls, beside the teacher's solvers at those NFE (issue 34).
 
     ../shared/tools/inception-offline .venv/bin/python        # once per machine: clean-fid's network, offline
-    python bench/few_step_mnist.py [--minutes 15] [--methods meanflow_u,meanflow_v,alphaflow,shortcut]
+    python bench/few_step_mnist.py [--minutes 15] [--methods meanflow_u,meanflow_v,alphaflow,alphaflow_short,shortcut]
         [--scratch] [--out bench/out/few_step_mnist]
 
 Teacher: configs/mnist_icfm_unet.yaml on the 10,000 test digits with model.time_scale=1 (MeanFlow's time input;
@@ -37,6 +37,8 @@ METHODS = {  # name: (train.py arguments, jump solver)
     "meanflow_u": ([*MEANFLOW], "meanflow"),
     "meanflow_v": ([*MEANFLOW, "flow.meanflow_loss=v", "flow.meanflow_tangent=model"], "meanflow"),
     "alphaflow": ([*MEANFLOW, "flow.objective=alphaflow", "flow.alpha_steps=[0,600]"], "meanflow"),
+    # the curriculum shortened for fine-tuning: the teacher already is the α = 1 end
+    "alphaflow_short": ([*MEANFLOW, "flow.objective=alphaflow", "flow.alpha_steps=[0,200]"], "meanflow"),
     "shortcut": ([*MEANFLOW, "flow.objective=shortcut", *RESET], "shortcut"),
 }
 TEACHER_SAMPLERS = ("euler:1,euler:2,euler:4,euler:100,midpoint:1,midpoint:2:cosine,midpoint:2:inverse_exp,"
