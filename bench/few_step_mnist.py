@@ -32,13 +32,14 @@ SHARED = ROOT.parent / "shared" / "data" / "mnist"
 STATS = SHARED / "t10k-fid-stats-clean.npz"
 DATA = [f"data.path={SHARED}", "data.split=test", "train.trackers=[]", "train.preview_every=0"]
 MEANFLOW = ["-c", "configs/mnist_meanflow_unet.yaml"]
+ALPHAFLOW = [*MEANFLOW, "flow.objective=alphaflow"]
 RESET = ["flow.meanflow_times=ordered", "flow.meanflow_ratio=0.25", "flow.meanflow_p=1.0"]  # keys shortcut lacks
 METHODS = {  # name: (train.py arguments, jump solver)
     "meanflow_u": ([*MEANFLOW], "meanflow"),
     "meanflow_v": ([*MEANFLOW, "flow.meanflow_loss=v", "flow.meanflow_tangent=model"], "meanflow"),
-    "alphaflow": ([*MEANFLOW, "flow.objective=alphaflow", "flow.alpha_steps=[0,600]"], "meanflow"),
+    "alphaflow": ([*ALPHAFLOW, "flow.alpha_steps=[0,600]"], "meanflow"),
     # the curriculum shortened for fine-tuning: the teacher already is the α = 1 end
-    "alphaflow_short": ([*MEANFLOW, "flow.objective=alphaflow", "flow.alpha_steps=[0,200]"], "meanflow"),
+    "alphaflow_short": ([*ALPHAFLOW, "flow.alpha_steps=[0,200]"], "meanflow"),
     "shortcut": ([*MEANFLOW, "flow.objective=shortcut", *RESET], "shortcut"),
 }
 TEACHER_SAMPLERS = ("euler:1,euler:2,euler:4,euler:100,midpoint:1,midpoint:2:cosine,midpoint:2:inverse_exp,"
