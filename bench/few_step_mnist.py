@@ -98,7 +98,8 @@ def main() -> None:
     last = checkpoints(teacher)[-1]
     table = {"teacher": fid_rows(teacher, TEACHER_SAMPLERS, [last], log)}
     init = teacher / "checkpoints" / f"step_{last:07d}"
-    curves = {}
+    results = out / "results.json"  # curves of earlier runs of other --methods stay in the report and plot
+    curves = json.loads(results.read_text())["curves"] if results.is_file() else {}
     for name in args.methods.split(","):
         extra, solver = METHODS[name]
         kinds = [("fine-tuned", [f"train.init_from={init}", "train.lr=5e-4", "train.warmup_steps=0"],
