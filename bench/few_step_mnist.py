@@ -69,7 +69,12 @@ def fid_rows(run_dir: Path, samplers: str, steps: list[int], log: Path) -> dict[
          "--n-samples", "1000", "--ref", str(STATS), "--bspp", "250"], log)
     rows = json.loads((run_dir / "eval" / "report.json").read_text())["rows"]
     return {(r["step"], f"{r['solver']}:{r['steps']}" + (f":{r['schedule']}" if r["schedule"] != "linear" else "")):
-            r["fid"] for r in rows if r["n_samples"] == 1000}
+            r["fid"] for r in rows if r["n_samples"] == 1000 and r["step"] in steps}
+
+
+def last_rows(rows: dict[tuple[int, str], float]) -> dict[str, float]:
+    """fid_rows of one checkpoint as {label: FID}, the form results.json keeps."""
+    return {label: fid for (_, label), fid in rows.items()}
 
 
 def minutes_of(run_dir: Path) -> dict[int, float]:
@@ -96,10 +101,11 @@ def main() -> None:
         walls["teacher"] = run(["train.py", "-c", "configs/mnist_icfm_unet.yaml", "-e", str(teacher), *DATA,
                                 "model.time_scale=1"], log)
     last = checkpoints(teacher)[-1]
-    table = {"teacher": fid_rows(teacher, TEACHER_SAMPLERS, [last], log)}
+    results = out / "results.json"  # rows and curves of earlier runs of other --methods stay in the report and plot
+    saved = json.loads(results.read_text()) if results.is_file() else {}
+    table = {**saved.get("table", {}), "teacher": last_rows(fid_rows(teacher, TEACHER_SAMPLERS, [last], log))}
+    curves = saved.get("curves", {})
     init = teacher / "checkpoints" / f"step_{last:07d}"
-    results = out / "results.json"  # curves of earlier runs of other --methods stay in the report and plot
-    curves = json.loads(results.read_text())["curves"] if results.is_file() else {}
     for name in args.methods.split(","):
         extra, solver = METHODS[name]
         kinds = [("fine-tuned", [f"train.init_from={init}", "train.lr=5e-4", "train.warmup_steps=0"],
@@ -116,7 +122,7 @@ def main() -> None:
                                   "train.keep_every=100"], log, seconds)
                 (out / "walls.json").write_text(json.dumps(walls, indent=1))
             steps = checkpoints(run_dir)
-            table[key] = fid_rows(run_dir, f"{solver}:1,{solver}:2,{solver}:4", [steps[-1]], log)
+            table[key] = last_rows(fid_rows(run_dir, f"{solver}:1,{solver}:2,{solver}:4", [steps[-1]], log))
             if kind == "fine-tuned":  # the curve: FID at 1 NFE against minutes
                 picked = sorted({steps[len(steps) * k // 3] for k in range(1, 3)} | {steps[-1]})
                 fids = fid_rows(run_dir, f"{solver}:1", picked, log)
@@ -127,7 +133,7 @@ def main() -> None:
 
 
 def report(out: Path, table: dict, curves: dict, walls: dict, args) -> None:
-    teacher = {label: fid for (_, label), fid in table["teacher"].items()}
+    teacher = table["teacher"]
     best = {n: min((fid, label) for label, fid in teacher.items()
                    if label.split(":")[0] in ("euler", "heun", "midpoint")
                    and int(label.split(":")[1]) * (2 if label.startswith(("midpoint", "heun")) else 1) == n)
@@ -142,7 +148,7 @@ def report(out: Path, table: dict, curves: dict, walls: dict, args) -> None:
     for key, rows in table.items():
         if key == "teacher":
             continue
-        fids = {label.split(":")[1]: fid for (_, label), fid in rows.items()}
+        fids = {label.split(":")[1]: fid for label, fid in rows.items()}
         lines.append(f"| {key} | {walls[key] / 60:.1f} | {fids['1']:.1f} | {fids['2']:.1f} | {fids['4']:.1f} | "
                      f"{fids['1'] / e100:.2f}× | {fids['2'] / e100:.2f}× |")
     lines.append(f"\nTeacher Euler-100: {e100:.2f}; goal: 1 NFE ≤ {1.5 * e100:.1f} (1.5×), 2 NFE ≤ {1.25 * e100:.1f} "
@@ -150,7 +156,7 @@ def report(out: Path, table: dict, curves: dict, walls: dict, args) -> None:
     text = "\n".join(lines)
     print(text)
     (out / "results.md").write_text(text + "\n")
-    (out / "results.json").write_text(json.dumps({"curves": curves, "walls": walls}, indent=1))
+    (out / "results.json").write_text(json.dumps({"table": table, "curves": curves}, indent=1))
     import matplotlib
 
     matplotlib.use("Agg")
