@@ -11,7 +11,8 @@ Trains (once; reruns reuse the runs and the rows already in their reports):
   checkpoint the one at about 10 minutes).
 Then evaluate.py rows, FID of --n samples against the 10,000 test digits (midpoint on the cosine grid: 16 NFE is
 midpoint:8:cosine, the toolkit's best sampler at ≤ 16 NFE): no guidance, CFG at three scales, CFG with an interval,
-APG, CFG-Zero*, autoguidance with the early and the small guide, and autoguidance of the unconditional model.
+APG (three caps r), CFG-Zero* (K = 1 and 0), autoguidance with the early guide (with and without the interval) and
+the small guide, and autoguidance of the unconditional model.
 Prints one table (FID, NFE, forward passes, main-pass equivalents; with --pr precision and recall against the
 test digits' features) and writes OUT/table.md and OUT/fid_vs_passes.png (the best w of each row at each cost).
 """
@@ -72,11 +73,16 @@ def main() -> None:
     rows = {  # name: (run, sampler suffix, cfg scales, extra flags)
         "none": (out / "cond", "", ["1"], []),
         "cfg": (out / "cond", "", ["1.5", "2", "3"], []),
-        "cfg_interval": (out / "cond", "", ["3"], ["--cfg-interval", "0.2,0.8"]),
+        "cfg_interval": (out / "cond", "", ["2.5", "3", "4"], ["--cfg-interval", "0.2,0.8"]),
         "apg": (out / "cond", "@apg", ["3"], ["--apg-momentum", "-0.5", "--apg-r", "20"]),
+        # r caps the update's norm: the cond model's is about 6 at t < 0.1, 2.8 at t = 0.23, 1.2 at t = 0.4
+        "apg_r2": (out / "cond", "@apg", ["3", "5"], ["--apg-momentum", "-0.5", "--apg-r", "2"]),
+        "apg_r1": (out / "cond", "@apg", ["3", "5"], ["--apg-momentum", "-0.5", "--apg-r", "1"]),
         "cfg_zero": (out / "cond", "@cfg_zero", ["2"], ["--zero-steps", "1"]),
         "cfg_zero_k0": (out / "cond", "@cfg_zero", ["2"], ["--zero-steps", "0"]),
-        "auto_early": (out / "cond", "@auto", ["1.5", "2", "2.5", "3"], ["--guide-weights", str(early)]),
+        "auto_early": (out / "cond", "@auto", ["1.5", "2", "2.5", "3", "4", "5"], ["--guide-weights", str(early)]),
+        "auto_early_interval": (out / "cond", "@auto", ["3", "4", "5"],
+                                ["--guide-weights", str(early), "--cfg-interval", "0.2,0.8"]),
         "auto_small": (out / "cond", "@auto", ["2"], ["--guide-weights", str(small)]),
         "uncond_none": (args.uncond, "", ["1"], []),
         "uncond_auto_early": (args.uncond, "@auto", ["2"], ["--guide-weights", str(u_early)]),
