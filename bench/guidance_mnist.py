@@ -74,6 +74,8 @@ def main() -> None:
         "none": (out / "cond", "", ["1"], []),
         "cfg": (out / "cond", "", ["1.5", "2", "3"], []),
         "cfg_interval": (out / "cond", "", ["2.5", "3", "4"], ["--cfg-interval", "0.2,0.8"]),
+        "cfg_interval_01": (out / "cond", "", ["3"], ["--cfg-interval", "0.1,0.8"]),  # where CFG's interval starts
+        "cfg_interval_03": (out / "cond", "", ["3"], ["--cfg-interval", "0.3,0.8"]),
         "apg": (out / "cond", "@apg", ["3"], ["--apg-momentum", "-0.5", "--apg-r", "20"]),
         # r caps the update's norm: the cond model's is about 6 at t < 0.1, 2.8 at t = 0.23, 1.2 at t = 0.4
         "apg_r2": (out / "cond", "@apg", ["3", "5"], ["--apg-momentum", "-0.5", "--apg-r", "2"]),
@@ -81,7 +83,7 @@ def main() -> None:
         "cfg_zero": (out / "cond", "@cfg_zero", ["2"], ["--zero-steps", "1"]),
         "cfg_zero_k0": (out / "cond", "@cfg_zero", ["2"], ["--zero-steps", "0"]),
         "auto_early": (out / "cond", "@auto", ["1.5", "2", "2.5", "3", "4", "5"], ["--guide-weights", str(early)]),
-        "auto_early_interval": (out / "cond", "@auto", ["3", "4", "5"],
+        "auto_early_interval": (out / "cond", "@auto", ["3", "4", "5", "6", "7"],
                                 ["--guide-weights", str(early), "--cfg-interval", "0.2,0.8"]),
         "auto_small": (out / "cond", "@auto", ["2"], ["--guide-weights", str(small)]),
         "uncond_none": (args.uncond, "", ["1"], []),
