@@ -49,6 +49,8 @@ def main() -> None:
     p.add_argument("--pr", action="store_true", help="also precision and recall; the reference is then the test "
                                                      "digits themselves (their features, computed once and cached), "
                                                      "not their statistics file: the same FID")
+    p.add_argument("--table-only", action="store_true",
+                   help="train and evaluate nothing: the table and plot of the --rows already in OUT's reports")
     args = p.parse_args()
     out = args.out
     ref = ["--pr"] if args.pr else ["--ref", str(SHARED / "t10k-fid-stats-clean.npz")]
@@ -60,12 +62,14 @@ def main() -> None:
     trainings = {"cond": [*cond, f"train.steps={args.steps}", f"train.checkpoint_every={half}"],
                  "cond_small": [*cond, "model.width=8", f"train.steps={args.steps // 4}"],
                  "uncond_small": ["model.width=8", f"train.steps={args.steps // 4}"]}
-    for name, overrides in trainings.items():
+    for name, overrides in ({} if args.table_only else trainings).items():
         print(f"training {name} ...", flush=True)
         run([*base, "-e", str(out / name), *overrides], log)
 
     def last(run_dir: Path, first: bool = False) -> Path:
         steps = sorted((run_dir / "checkpoints").glob("step_*"))
+        if not steps:
+            sys.exit(f"{run_dir} has no checkpoints: train it first (the bench without --table-only, or --uncond RUN)")
         return steps[0] if first else steps[-1]
 
     early, small = last(out / "cond", first=True), last(out / "cond_small")
@@ -91,7 +95,7 @@ def main() -> None:
         "uncond_auto_small": (args.uncond, "@auto", ["2"], ["--guide-weights", str(u_small)]),
     }
     wanted = rows if args.rows == "all" else {k: rows[k] for k in args.rows.split(",")}
-    for name, (run_dir, suffix, scales, extra) in wanted.items():
+    for name, (run_dir, suffix, scales, extra) in ({} if args.table_only else wanted).items():
         for nfe in args.nfe:
             print(f"row {name} at {nfe} NFE ...", flush=True)
             run(["evaluate.py", "-e", str(run_dir), "--checkpoints", "last", "--samplers",
