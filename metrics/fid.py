@@ -321,7 +321,7 @@ def file_reference(spec: str, extractor, resolution: tuple[int, int], stats_dir:
                             "and sigma, or arr_0 images") from None
         if has_stats:
             reference = Reference.load(path)
-            reference.name = str(path)
+            reference.name = str(path.resolve())  # one name however the path is spelled: reports match rows by it
             return reference
     cache = stats_dir / f"{path.name}_{extractor.key}_{_fingerprint(path)}.npz"
     if cache.is_file():
@@ -331,7 +331,7 @@ def file_reference(spec: str, extractor, resolution: tuple[int, int], stats_dir:
     if size != tuple(resolution):
         raise UserError(f"reference {spec} holds {size[0]}x{size[1]} images but the samples are "
                         f"{resolution[0]}x{resolution[1]}; give a reference at the samples' resolution")
-    reference = Reference.of(extractor(images), str(path), size, extractor.key)
+    reference = Reference.of(extractor(images), str(path.resolve()), size, extractor.key)
     reference.save(cache)
     return reference
 

@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import run_ranks, run_script
+from conftest import ROOT, run_ranks, run_script
 from PIL import Image
 from scipy import linalg
 from test_images import make_folder
@@ -328,6 +328,27 @@ def test_folder_of_images_is_scored_against_a_reference(image_run, tmp_path):
                      "--features", "pixels", "--stats-dir", str(tmp_path / "stats"))
     assert out.returncode == 0, out.stderr
     assert "5 images, FID 0.000" in out.stdout or "5 images, FID -0.000" in out.stdout, out.stdout
+
+
+@pytest.mark.parametrize("kind", ["statistics", "folder"])
+def test_a_reference_spelled_another_way_is_the_same_and_its_rows_are_not_scored_again(image_run, tmp_path, kind):
+    """`--ref ../data/stats.npz` from one folder and `--ref /abs/data/stats.npz` from another name one reference:
+    the report keys rows by it, so a second spelling must find the rows the first one scored."""
+    make_folder(tmp_path / "ref", {"": [(8, 8)] * 5})
+    if kind == "statistics":
+        Reference.of(np.random.default_rng(0).normal(size=(10, 192)), "made here", (8, 8), "pixels").save(
+            tmp_path / "ref.npz")
+    name = "ref.npz" if kind == "statistics" else "ref"
+    common = ["-e", str(image_run), "--checkpoints", "last", "--samplers", "euler:1", "--n-samples", "4",
+              "--features", "pixels", "--out", str(tmp_path / "eval")]
+    first = run_script(str(ROOT / "evaluate.py"), *common, "--ref", name, "--stats-dir", str(tmp_path / "s1"),
+                       cwd=tmp_path)
+    again = run_script("evaluate.py", *common, "--ref", str(tmp_path / "ref" / ".." / name),
+                       "--stats-dir", str(tmp_path / "s2"))
+    assert first.returncode == 0 and again.returncode == 0, first.stderr + again.stderr
+    assert again.stdout.count("already in the report") == 1, again.stdout
+    (row,) = json.loads((tmp_path / "eval" / "report.json").read_text())["rows"]
+    assert row["reference"] == str(tmp_path.resolve() / name)
 
 
 @pytest.mark.parametrize(("args", "message"), [
