@@ -41,7 +41,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "guidance_mnist")
     p.add_argument("--uncond", type=Path, default=ROOT / "bench" / "out" / "align_mnist" / "plain",
-                   help="the unconditional main run (its last checkpoint; the early guide: its first kept one)")
+                   help="the unconditional main run (its last checkpoint; the early guide: the one kept before it)")
     p.add_argument("--steps", type=int, default=1600, help="steps of the class-conditional main run")
     p.add_argument("--n", type=int, default=1000)
     p.add_argument("--nfe", type=int, nargs="+", default=[16], help="midpoint on the cosine grid: NFE / 2 steps")
@@ -66,14 +66,16 @@ def main() -> None:
         print(f"training {name} ...", flush=True)
         run([*base, "-e", str(out / name), *overrides], log)
 
-    def last(run_dir: Path, first: bool = False) -> Path:
+    def last(run_dir: Path, early: bool = False) -> Path:
+        """The run's last checkpoint, or with early=True the one kept before it (the early-checkpoint guide)."""
         steps = sorted((run_dir / "checkpoints").glob("step_*"))
-        if not steps:
-            sys.exit(f"{run_dir} has no checkpoints: train it first (the bench without --table-only, or --uncond RUN)")
-        return steps[0] if first else steps[-1]
+        if len(steps) < 1 + early:
+            sys.exit(f"{run_dir} has {len(steps)} checkpoints, {1 + early} needed: train it first (the bench without "
+                     f"--table-only, or --uncond RUN with checkpoints kept along the way)")
+        return steps[-2] if early else steps[-1]
 
-    early, small = last(out / "cond", first=True), last(out / "cond_small")
-    u_early, u_small = last(args.uncond, first=True), last(out / "uncond_small")
+    early, small = last(out / "cond", early=True), last(out / "cond_small")
+    u_early, u_small = last(args.uncond, early=True), last(out / "uncond_small")
     rows = {  # name: (run, sampler suffix, cfg scales, extra flags)
         "none": (out / "cond", "", ["1"], []),
         "cfg": (out / "cond", "", ["1.5", "2", "3"], []),
