@@ -93,8 +93,10 @@ def main() -> None:
                                 ["--guide-weights", str(early), "--cfg-interval", "0.2,0.8"]),
         "auto_small": (out / "cond", "@auto", ["2"], ["--guide-weights", str(small)]),
         "uncond_none": (args.uncond, "", ["1"], []),
-        "uncond_auto_early": (args.uncond, "@auto", ["2"], ["--guide-weights", str(u_early)]),
-        "uncond_auto_small": (args.uncond, "@auto", ["2"], ["--guide-weights", str(u_small)]),
+        "uncond_auto_early": (args.uncond, "@auto", ["2", "3"], ["--guide-weights", str(u_early)]),
+        "uncond_auto_early_interval": (args.uncond, "@auto", ["5"],
+                                       ["--guide-weights", str(u_early), "--cfg-interval", "0.2,0.8"]),
+        "uncond_auto_small": (args.uncond, "@auto", ["2", "3"], ["--guide-weights", str(u_small)]),
     }
     wanted = rows if args.rows == "all" else {k: rows[k] for k in args.rows.split(",")}
     for name, (run_dir, suffix, scales, extra) in ({} if args.table_only else wanted).items():
