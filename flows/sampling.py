@@ -115,7 +115,8 @@ def guidance_of(cfg: Config, sampler: Sampler) -> str:
 def guidance_key(cfg: Config, sampler: Sampler) -> str | None:
     """The guidance rule and its knobs in a few words (None for CFG), as rows and info.json record them."""
     s, name = cfg.sample, guidance_of(cfg, sampler)
-    return {"cfg": None, "auto": f"auto:{s.guide_weights}", "cfg_zero": f"cfg_zero:zero_steps={s.zero_steps}",
+    guide = Path(s.guide_weights).resolve() if s.guide_weights else ""  # one key however the path is spelled
+    return {"cfg": None, "auto": f"auto:{guide}", "cfg_zero": f"cfg_zero:zero_steps={s.zero_steps}",
             "apg": f"apg:eta={s.apg_eta:g},r={s.apg_r:g},momentum={s.apg_momentum:g}"}[name]
 
 

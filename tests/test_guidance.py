@@ -8,8 +8,10 @@ import torch
 from conftest import TINY, run_script
 from safetensors.torch import save_file
 
+from config import load_config
 from flows.guidance import Guidance, apg, cfg, cfg_zero
 from flows.paths import LinearPath
+from flows.sampling import Sampler, guidance_key
 from flows.schedules import time_grid
 from flows.solvers import generate, guided, integrate
 
@@ -197,3 +199,15 @@ def test_evaluate_rows_name_their_guidance_and_count_the_guides_passes(runs, tmp
     assert auto["nfe"] == 4 and auto["forward_passes"] == 8 and 0 < auto["guide_cost"] < 0.5
     assert rows["cfg_zero:zero_steps=1"]["nfe"] == 3 and rows[None]["guide_cost"] is None
     assert "auto:" in (tmp_path / "report.md").read_text()
+
+
+def test_a_guide_spelled_another_way_is_the_same_row(tmp_path, monkeypatch):
+    """Reports find a row again by its guidance key: `--guide-weights run/checkpoints/step_10` from the repository
+    and the same folder by its absolute path (or through `..`) must give one key, not two rows scored twice."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "run" / "checkpoints" / "step_10").mkdir(parents=True)
+    keys = {guidance_key(load_config(None, ["sample.guidance=auto", f"sample.guide_weights={spelling}"]),
+                         Sampler("euler", 4, "linear", None))
+            for spelling in ("run/checkpoints/step_10", tmp_path / "run/checkpoints/step_10",
+                             "run/../run/checkpoints/step_10")}
+    assert keys == {f"auto:{(tmp_path / 'run/checkpoints/step_10').resolve()}"}
