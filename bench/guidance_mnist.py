@@ -112,7 +112,7 @@ def table(out: Path, rows: dict, args) -> None:
     pr = " precision | recall |" if args.pr else ""
     lines = [f"| row | model | guidance | w | NFE | forward passes | main-pass equivalents | FID |{pr}",
              "|---|---|---|---:|---:|---:|---:|---:|" + "---:|" * pr.count("|")]
-    best = {}  # name -> {cost: best FID over the row's scales}
+    best, seen = {}, set()  # name -> {cost: best FID over the row's scales}; rows listed once
     for name in rows:
         report = out / f"eval_{name}" / "report.json"
         if not report.is_file():
@@ -120,6 +120,10 @@ def table(out: Path, rows: dict, args) -> None:
         for r in json.loads(report.read_text())["rows"]:
             if (r.get("precision") is None) == args.pr:  # one reference per table: the statistics, or the digits
                 continue
+            key = (name, r.get("guidance"), r["cfg_scale"], r["nfe"], r["forward_passes"])
+            if key in seen:  # scored twice: the same statistics file spelled two ways before evaluate.py resolved it
+                continue
+            seen.add(key)
             cost = r["forward_passes"] if r.get("guide_cost") is None else \
                 r["nfe"] + (r["forward_passes"] - r["nfe"]) * r["guide_cost"]
             model = "unconditional" if name.startswith("uncond") else "class-conditional"
