@@ -218,8 +218,9 @@ def evaluate(args: argparse.Namespace, stop: StopRequest | None = None) -> None:
         raise UserError("FID needs images; this run's data are fields (data.name=fields), which have no Inception "
                         "reference; use sample.py and compare the fields directly")
     cfg_scales = args.cfg_scales or [s.cfg_scale]
-    for scale in cfg_scales if any(guidance_of(cfg, sampler) != "auto" for sampler in samplers) else []:
-        check_model_guidance(cfg, meta, scale)
+    rules = sorted({guidance_of(cfg, sampler) for sampler in samplers} - {"auto"})  # those that take v(x, t, ∅)
+    for scale in cfg_scales if rules else []:
+        check_model_guidance(cfg, meta, scale, "cfg" if "cfg" in rules else ", ".join(rules))
     labels = class_labels(None, args.n_samples, num_classes, args.seed)
     source = None if cfg.data.source == "gaussian" else build_source(cfg, shape)
 

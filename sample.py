@@ -245,7 +245,7 @@ def sample(args: argparse.Namespace) -> None:
     if task is not None:
         check_task_guidance(s.cfg_scale, method, float(meta.get("cond_dropout", 0)))  # over the spatial condition
     elif s.guidance != "auto":  # the rules that take the model's own unconditional velocity
-        check_model_guidance(cfg, meta, s.cfg_scale)
+        check_model_guidance(cfg, meta, s.cfg_scale, s.guidance)
 
     # Processes and output folder.
     accelerator = cluster.accelerator()

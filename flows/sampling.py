@@ -151,11 +151,11 @@ def guidance_for(cfg: Config, sampler: Sampler, scale: float, meta: dict[str, st
     return make_guidance(cfg, sampler, scale, cfg.sample.cfg_interval, guide), cost
 
 
-def check_model_guidance(cfg: Config, meta: dict[str, str], scale: float) -> None:
+def check_model_guidance(cfg: Config, meta: dict[str, str], scale: float, rule: str = "cfg") -> None:
     """check_guidance for the model of weight-file metadata `meta`: its classes, label dropout, the guidance baked in
-    (MeanFlow's ω) and the range it takes as input."""
+    (MeanFlow's ω) and the range it takes as input; `rule` names the guidance in the message."""
     check_guidance(scale, int(meta["num_classes"]), float(meta.get("label_dropout", cfg.flow.label_dropout)),
-                   float(meta.get("meanflow_cfg", 1)), json.loads(meta.get("meanflow_cfg_range", "[]")))
+                   float(meta.get("meanflow_cfg", 1)), json.loads(meta.get("meanflow_cfg_range", "[]")), rule)
 
 
 def passes_of(row: dict, sampler: Sampler, skip: int = 0, guidance_input: bool = False) -> float | None:

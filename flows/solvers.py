@@ -401,7 +401,7 @@ def guidance_as_input(model: Callable, y: torch.Tensor | None, cfg_scale: float,
 
 
 def check_guidance(cfg_scale: float, num_classes: int, label_dropout: float, baked: float = 1.0,
-                   trained: list[float] | None = None) -> None:
+                   trained: list[float] | None = None, rule: str = "cfg") -> None:
     """Guidance scale w that the model can honour, or one clear sentence: w ≠ 1 needs the unconditional velocity,
     which only a class-conditional model trained with label dropout has learned (its null class is otherwise
     never trained), a MeanFlow model with guidance ω ≠ 1 baked in (flow.meanflow_cfg, `baked`) is guided
@@ -418,8 +418,11 @@ def check_guidance(cfg_scale: float, num_classes: int, label_dropout: float, bak
                         f"are guided already (trained with flow.meanflow_cfg={baked:g}, the scale baked into its "
                         "average velocity); leave --cfg-scale 1")
     if not num_classes:
-        raise UserError(f"--cfg-scale {cfg_scale} asks for classifier-free guidance but the model is unconditional "
-                        "(trained without model.class_cond); leave --cfg-scale 1")
+        asks = "asks for classifier-free guidance" if rule == "cfg" else \
+            f"with --guidance {rule} needs the unconditional velocity of a class-conditional model,"
+        raise UserError(f"--cfg-scale {cfg_scale} {asks} but the model is unconditional (trained without "
+                        "model.class_cond); leave --cfg-scale 1, or guide it with a weaker model of itself: "
+                        "--guidance auto --guide-weights CKPT")
     if label_dropout <= 0:
         raise UserError(f"--cfg-scale {cfg_scale} needs the unconditional velocity, which this model never learned "
                         "(trained with flow.label_dropout=0, its null class is untrained); leave --cfg-scale 1 or "

@@ -154,6 +154,12 @@ def test_autoguidance_guides_an_unconditional_model(tmp_path):
     plain = run_script("sample.py", "--weights", str(weights / "step_0000020"), "--save-dir", str(tmp_path / "p"),
                        "--n-samples", "8", "--steps", "3", "--cfg-scale", "2")
     assert plain.returncode == 2 and "the model is unconditional" in plain.stderr  # CFG cannot; autoguidance can
+    apg = run_script("sample.py", "--weights", str(weights / "step_0000020"), "--save-dir", str(tmp_path / "a"),
+                     "--n-samples", "8", "--steps", "3", "--cfg-scale", "2", "--guidance", "apg")
+    assert apg.returncode == 2 and apg.stderr.strip() == (  # APG and CFG-Zero* rework CFG's update: they cannot
+        "error: --cfg-scale 2.0 with --guidance apg needs the unconditional velocity of a class-conditional model, "
+        "but the model is unconditional (trained without model.class_cond); leave --cfg-scale 1, or guide it with a "
+        "weaker model of itself: --guidance auto --guide-weights CKPT"), apg.stderr
 
 
 @pytest.mark.parametrize("args, message", [
