@@ -140,15 +140,17 @@ def table(out: Path, rows: dict, args) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for name, points in best.items():
+    fig, ax = plt.subplots(figsize=(9, 4.8))
+    colors = plt.get_cmap("tab20").colors  # one colour per row: the default cycle repeats after 10
+    for i, (name, points) in enumerate(best.items()):
         costs = sorted(points)
-        ax.plot(costs, [points[c] for c in costs], "o" + ("--" if name.startswith("uncond") else "-"), label=name)
+        ax.plot(costs, [points[c] for c in costs], "o" + ("--" if name.startswith("uncond") else "-"), label=name,
+                color=colors[i % len(colors)])
     nfe = "/".join(str(n) for n in args.nfe)
     ax.set(xlabel="forward passes per sample (main-model equivalents)", ylabel=f"FID ({args.n} samples)",
            title=f"MNIST, guidance rules at {nfe} NFE (midpoint, cosine grid; best w per row)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))  # beside the axes, not over the points
     fig.tight_layout()
     fig.savefig(out / "fid_vs_passes.png", dpi=110)
 
