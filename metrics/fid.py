@@ -23,7 +23,7 @@ import functools
 import hashlib
 import os
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -306,6 +306,7 @@ def cleanfid_reference(name: str, resolution: tuple[int, int], mode: str, need_f
 def file_reference(spec: str, extractor, resolution: tuple[int, int], stats_dir: Path) -> Reference:
     """A folder of images or an .npz (statistics, or images) given as --ref; image features are cached."""
     path = Path(spec)
+    name = str(path.resolve())  # one name however the path is spelled: reports find their rows by it
     if not path.exists():
         raise UserError(f"reference {spec} does not exist; give a folder of images, an .npz, a clean-fid dataset "
                         f"name ({', '.join(CLEANFID_NAMES)}[:split]) or leave --ref out to use the run's dataset")
@@ -320,18 +321,16 @@ def file_reference(spec: str, extractor, resolution: tuple[int, int], stats_dir:
             raise UserError(f"reference {spec} is not a readable .npz ({type(e).__name__}); give an .npz with mu "
                             "and sigma, or arr_0 images") from None
         if has_stats:
-            reference = Reference.load(path)
-            reference.name = str(path.resolve())  # one name however the path is spelled: reports match rows by it
-            return reference
+            return replace(Reference.load(path), name=name)
     cache = stats_dir / f"{path.name}_{extractor.key}_{_fingerprint(path)}.npz"
-    if cache.is_file():
-        return Reference.load(cache)
+    if cache.is_file():  # the cache is shared by every spelling (the fingerprint resolves the path); so is the name
+        return replace(Reference.load(cache), name=name)
     images = read_image_folder(path) if path.is_dir() else read_npz_images(path)
     size = tuple(images.shape[-2:])
     if size != tuple(resolution):
         raise UserError(f"reference {spec} holds {size[0]}x{size[1]} images but the samples are "
                         f"{resolution[0]}x{resolution[1]}; give a reference at the samples' resolution")
-    reference = Reference.of(extractor(images), str(path.resolve()), size, extractor.key)
+    reference = Reference.of(extractor(images), name, size, extractor.key)
     reference.save(cache)
     return reference
 
