@@ -66,7 +66,7 @@ def main() -> None:
         print(f"training {name} ...", flush=True)
         run([*base, "-e", str(out / name), *overrides], log)
 
-    def last(run_dir: Path, early: bool = False) -> Path:
+    def checkpoint(run_dir: Path, early: bool = False) -> Path:
         """The run's last checkpoint, or with early=True the one kept before it (the early-checkpoint guide)."""
         steps = sorted((run_dir / "checkpoints").glob("step_*"))
         if len(steps) < 1 + early:
@@ -74,8 +74,8 @@ def main() -> None:
                      f"--table-only, or --uncond RUN with checkpoints kept along the way)")
         return steps[-2] if early else steps[-1]
 
-    early, small = last(out / "cond", early=True), last(out / "cond_small")
-    u_early, u_small = last(args.uncond, early=True), last(out / "uncond_small")
+    early, small = checkpoint(out / "cond", early=True), checkpoint(out / "cond_small")
+    u_early, u_small = checkpoint(args.uncond, early=True), checkpoint(out / "uncond_small")
     rows = {  # name: (run, sampler suffix, cfg scales, extra flags)
         "none": (out / "cond", "", ["1"], []),
         "cfg": (out / "cond", "", ["1.5", "2", "3"], []),
