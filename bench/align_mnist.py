@@ -98,7 +98,12 @@ def main() -> None:
     p.add_argument("--model", nargs="*", default=[], metavar="key=value", help="model overrides (default: the "
                    "config's unet-mnist)")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "align_mnist")
+    p.add_argument("--compare", nargs="+", metavar="DIR[:METHODS]",
+                   help="train nothing: plot these --out folders' runs (all, or the comma-separated METHODS) in one "
+                        "figure, OUT/fid_vs_time_compare.png")
     args = p.parse_args()
+    if args.compare:
+        return compare(args.compare, args.out)
     try:  # checked before training, not when evaluate.py reads it after the runs
         parse_samplers([args.sampler])
     except UserError as e:
@@ -146,22 +151,47 @@ def main() -> None:
                                                                for r in results[m]))
     (args.out / "results.json").write_text(json.dumps({"cost_s": cost, "cache_s": cache_s, "plan": plan,
                                                        "results": results}, indent=1))
+    title = "MNIST, " + next((o.split("=", 1)[1] for o in args.model if o.startswith("model.name=")), "unet-mnist")
+    plot({m: results[m] for m in methods}, args.out / "fid_vs_time.png", title,
+         f"FID ({args.n} samples, {args.sampler})")
+
+
+def plot(lines: dict[str, list[dict]], path: Path, title: str, ylabel: str, plain: dict | None = None) -> None:
+    """FID against wall clock, one line per entry of `lines` ({label: [{minutes, fid}, ...]}); with `plain` (the
+    plain run's last checkpoint), its FID, 0.85 of it and half its minutes as the goal's lines."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    for m in methods:
-        ax.plot([r["minutes"] for r in results[m]], [r["fid"] for r in results[m]], "o-", label=m)
-    ax.set(xlabel="training wall clock (minutes, CPU)", ylabel=f"FID ({args.n} samples, {args.sampler})",
-           title="MNIST, " + next((o.split("=", 1)[1] for o in args.model if o.startswith("model.name=")),
-                                  "unet-mnist"))
-    ax.legend()
+    fig, ax = plt.subplots(figsize=(6.5, 3.8) if plain else (5, 3.5))
+    for label, rows in lines.items():
+        ax.plot([r["minutes"] for r in rows], [r["fid"] for r in rows], "o-", label=label)
+    if plain:
+        fid, minutes = plain["fid"], plain["minutes"]
+        ax.axhline(fid, ls="--", c="gray", lw=0.8, label=f"plain at {minutes:.1f} min ({fid:.2f})")
+        ax.axhline(0.85 * fid, ls=":", c="gray", lw=0.8, label=f"goal: −15% ({0.85 * fid:.2f})")
+        ax.axvline(minutes / 2, ls="-.", c="gray", lw=0.8, label=f"goal: plain's FID by {minutes / 2:.1f} min")
+    ax.set(xlabel="training wall clock (minutes, CPU)", ylabel=ylabel, title=title)
+    ax.legend(fontsize=7 if plain else None)
     fig.tight_layout()
-    fig.savefig(args.out / "fid_vs_time.png", dpi=120)
-    print(f"plot: {args.out / 'fid_vs_time.png'}")
+    fig.savefig(path, dpi=120)
+    print(f"plot: {path}")
 
+
+def compare(folders: list[str], out: Path) -> None:
+    """One plot of the runs of several --out folders (their results.json, each 'DIR' or 'DIR:METHOD,...'), with the
+    plain run's 15-minute FID and the goal as lines when a plain run is among them."""
+    lines = {}
+    for spec in folders:
+        folder, _, pick = spec.partition(":")
+        results = json.loads((Path(folder) / "results.json").read_text())["results"]
+        for m in pick.split(",") if pick else results:
+            lines[f"{Path(folder).name}: {m}"] = results[m]
+    plain = next((rows for label, rows in lines.items() if label.endswith(": plain")), None)
+    out.mkdir(parents=True, exist_ok=True)
+    plot(lines, out / "fid_vs_time_compare.png", "MNIST, unet-mnist", "FID (1000 samples, midpoint:8:cosine)",
+         plain[-1] if plain else None)
 
 if __name__ == "__main__":
     main()
