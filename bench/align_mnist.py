@@ -4,8 +4,10 @@
     python bench/align_mnist.py [--minutes 15] [--methods plain,repa,dispersive,sra] [--parallel 2]
     python bench/align_mnist.py --model model.name=DiT-S/4 model.width=128 model.depth=6 model.heads=4 \
         --out bench/out/align_mnist_dit       # a small DiT in place of the UNet (at patch 2 a step costs 6× more)
-    python bench/align_mnist.py --methods repa --model align.resolution=75 align.projector=conv \
-        --out bench/out/align_mnist_irepa75   # iREPA on Inception's 7×7 grid at 75 px (the best here, 2026-12-05)
+    python bench/align_mnist.py --methods repa --model align.resolution=75 align.projector=conv align.weight=1 \
+        --out bench/out/align_mnist_irepa75_w1   # iREPA on Inception's 7×7 grid at 75 px, λ 1 (the best here)
+    python bench/align_mnist.py --compare bench/out/align_mnist:plain bench/out/align_mnist_irepa75_w1 \
+        --out bench/out/align_mnist_compare   # runs of several --out folders in one plot, with the goal's lines
 
 Every method trains configs/mnist_icfm_unet.yaml (unet-mnist, batch 64, AdamW 2e-3, warmup 100, cosine decay, EMA
 0.999) on the 10,000 MNIST test digits of ../shared/data/mnist, plus its flow.align and the ALIGN overrides below.
