@@ -105,6 +105,13 @@ def main() -> None:
                         "figure, OUT/fid_vs_time_compare.png")
     args = p.parse_args()
     if args.compare:
+        for spec in args.compare:
+            folder, _, pick = spec.partition(":")
+            if not (Path(folder) / "results.json").is_file():
+                p.error(f"--compare {spec}: {folder} has no results.json; name an --out folder of a finished run")
+            known = json.loads((Path(folder) / "results.json").read_text())["results"]
+            if pick and not set(pick.split(",")) <= set(known):
+                p.error(f"--compare {spec}: {folder} has runs of {', '.join(known)} only")
         return compare(args.compare, args.out)
     try:  # checked before training, not when evaluate.py reads it after the runs
         parse_samplers([args.sampler])
@@ -194,6 +201,7 @@ def compare(folders: list[str], out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     plot(lines, out / "fid_vs_time_compare.png", "MNIST, unet-mnist", "FID (1000 samples, midpoint:8:cosine)",
          plain[-1] if plain else None)
+
 
 if __name__ == "__main__":
     main()

@@ -92,7 +92,8 @@ def minutes_of(run_dir: Path) -> dict[int, float]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--minutes", type=float, default=15)
-    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--methods", default="meanflow_u,meanflow_v,alphaflow,alphaflow_short,shortcut",
+                   help=f"comma-separated, of {', '.join(METHODS)}")
     p.add_argument("--scratch", action="store_true", help="also train each method from scratch")
     p.add_argument("--scratch-only", action="store_true", help="train each method from scratch only")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "few_step_mnist")
