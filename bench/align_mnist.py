@@ -105,14 +105,7 @@ def main() -> None:
                         "figure, OUT/fid_vs_time_compare.png")
     args = p.parse_args()
     if args.compare:
-        for spec in args.compare:
-            folder, _, pick = spec.partition(":")
-            if not (Path(folder) / "results.json").is_file():
-                p.error(f"--compare {spec}: {folder} has no results.json; name an --out folder of a finished run")
-            known = json.loads((Path(folder) / "results.json").read_text())["results"]
-            if pick and not set(pick.split(",")) <= set(known):
-                p.error(f"--compare {spec}: {folder} has runs of {', '.join(known)} only")
-        return compare(args.compare, args.out)
+        return compare(args.compare, args.out, f"FID ({args.n} samples, {args.sampler})", p.error)
     try:  # checked before training, not when evaluate.py reads it after the runs
         parse_samplers([args.sampler])
     except UserError as e:
@@ -188,19 +181,22 @@ def plot(lines: dict[str, list[dict]], path: Path, title: str, ylabel: str, plai
     print(f"plot: {path}")
 
 
-def compare(folders: list[str], out: Path) -> None:
+def compare(folders: list[str], out: Path, ylabel: str, error) -> None:
     """One plot of the runs of several --out folders (their results.json, each 'DIR' or 'DIR:METHOD,...'), with the
-    plain run's 15-minute FID and the goal as lines when a plain run is among them."""
-    lines = {}
+    plain run's FID and the goal as lines when a plain run is among them; `error` says what is wrong and exits."""
+    lines, plain = {}, None
     for spec in folders:
         folder, _, pick = spec.partition(":")
+        if not (Path(folder) / "results.json").is_file():
+            error(f"--compare {spec}: {folder} has no results.json; name an --out folder of a finished run")
         results = json.loads((Path(folder) / "results.json").read_text())["results"]
         for m in pick.split(",") if pick else results:
+            if m not in results:
+                error(f"--compare {spec}: {folder} has runs of {', '.join(results)} only")
             lines[f"{Path(folder).name}: {m}"] = results[m]
-    plain = next((rows for label, rows in lines.items() if label.endswith(": plain")), None)
+            plain = results[m][-1] if m == "plain" and plain is None else plain
     out.mkdir(parents=True, exist_ok=True)
-    plot(lines, out / "fid_vs_time_compare.png", "MNIST, unet-mnist", "FID (1000 samples, midpoint:8:cosine)",
-         plain[-1] if plain else None)
+    plot(lines, out / "fid_vs_time_compare.png", "MNIST, unet-mnist", ylabel, plain)
 
 
 if __name__ == "__main__":
