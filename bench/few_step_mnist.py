@@ -5,6 +5,7 @@ at 1, 2 and 4 network calls, beside the teacher's solvers at those NFE (issue 34
     ../shared/tools/inception-offline .venv/bin/python        # once per machine: clean-fid's network, offline
     python bench/few_step_mnist.py [--minutes 15] [--methods meanflow_u,meanflow_v,alphaflow,alphaflow_short,shortcut]
         [--scratch | --scratch-only] [--out bench/out/few_step_mnist]
+    python bench/few_step_mnist.py --methods alphaflow_cosine --scratch-only   # AlphaFlow with a cosine decay
 
 Teacher: configs/mnist_icfm_unet.yaml on the 10,000 test digits with model.time_scale=1 (MeanFlow's time input;
 the JVP of sines of 1000·t is a thousand times larger), its 1,000 steps. Fine-tuning: train.init_from the teacher,
@@ -45,7 +46,12 @@ METHODS = {  # name: (train.py arguments, jump solver)
     # 1/8 of the batch in place of 1/28 (half the batch by self-consistency)
     "shortcut_coarse": ([*MEANFLOW, "flow.objective=shortcut", *RESET, "flow.shortcut_steps=16",
                          "flow.shortcut_fraction=0.5"], "shortcut"),
+    "alphaflow_cosine": ([*ALPHAFLOW, "flow.alpha_steps=[0,600]"], "meanflow"),  # its schedule: SCHEDULE below
 }
+# A method's own learning-rate schedule in place of the bench's constant rate stopped by SIGTERM. alphaflow_cosine
+# (with --scratch-only): AlphaFlow decayed to lr_min over the 2,202 steps that AlphaFlow from scratch took in its
+# 20.2 minutes on this project's 2-core machine (2026-12-05); on a slower machine the run ends before the decay does.
+SCHEDULE = {"alphaflow_cosine": ["train.steps=2200", "train.lr_schedule=cosine"]}
 TEACHER_SAMPLERS = ("euler:1,euler:2,euler:4,euler:100,midpoint:1,midpoint:2:cosine,midpoint:2:inverse_exp,"
                     "heun:2:cosine")
 
@@ -123,9 +129,9 @@ def main() -> None:
             run_dir = out / f"{name}_{kind}"
             print(f"{key}: {seconds / 60:.1f} min ...", flush=True)
             if key not in walls:
-                walls[key] = run(["train.py", *extra, "-e", str(run_dir), *DATA, *how, "train.steps=100000",
-                                  "train.lr_schedule=constant", "train.checkpoint_every=100",
-                                  "train.keep_every=100"], log, seconds)
+                walls[key] = run(["train.py", *extra, "-e", str(run_dir), *DATA, *how,
+                                  *SCHEDULE.get(name, ["train.steps=100000", "train.lr_schedule=constant"]),
+                                  "train.checkpoint_every=100", "train.keep_every=100"], log, seconds)
                 (out / "walls.json").write_text(json.dumps(walls, indent=1))
             steps = checkpoints(run_dir)
             table[key] = last_rows(fid_rows(run_dir, f"{solver}:1,{solver}:2,{solver}:4", [steps[-1]], log))
