@@ -35,7 +35,7 @@ DATA = [f"data.path={SHARED}", "data.split=test", "train.trackers=[]", "train.pr
 MEANFLOW = ["-c", "configs/mnist_meanflow_unet.yaml"]
 ALPHAFLOW = [*MEANFLOW, "flow.objective=alphaflow"]
 RESET = ["flow.meanflow_times=ordered", "flow.meanflow_ratio=0.25", "flow.meanflow_p=1.0"]  # keys shortcut lacks
-METHODS = {  # name: (train.py arguments, jump solver)
+METHODS = {  # name: (train.py arguments, after the bench's own so that they win; jump solver)
     "meanflow_u": ([*MEANFLOW], "meanflow"),
     "meanflow_v": ([*MEANFLOW, "flow.meanflow_loss=v", "flow.meanflow_tangent=model"], "meanflow"),
     "alphaflow": ([*ALPHAFLOW, "flow.alpha_steps=[0,600]"], "meanflow"),
@@ -46,12 +46,11 @@ METHODS = {  # name: (train.py arguments, jump solver)
     # 1/8 of the batch in place of 1/28 (half the batch by self-consistency)
     "shortcut_coarse": ([*MEANFLOW, "flow.objective=shortcut", *RESET, "flow.shortcut_steps=16",
                          "flow.shortcut_fraction=0.5"], "shortcut"),
-    "alphaflow_cosine": ([*ALPHAFLOW, "flow.alpha_steps=[0,600]"], "meanflow"),  # its schedule: SCHEDULE below
+    # with --scratch-only: a cosine decay to lr_min in place of the constant rate, over the 2,202 steps that AlphaFlow
+    # from scratch took in its 20.2 minutes here (2026-12-05); on a slower machine the run ends before the decay does
+    "alphaflow_cosine": ([*ALPHAFLOW, "flow.alpha_steps=[0,600]", "train.steps=2200", "train.lr_schedule=cosine"],
+                         "meanflow"),
 }
-# A method's own learning-rate schedule in place of the bench's constant rate stopped by SIGTERM. alphaflow_cosine
-# (with --scratch-only): AlphaFlow decayed to lr_min over the 2,202 steps that AlphaFlow from scratch took in its
-# 20.2 minutes on this project's 2-core machine (2026-12-05); on a slower machine the run ends before the decay does.
-SCHEDULE = {"alphaflow_cosine": ["train.steps=2200", "train.lr_schedule=cosine"]}
 TEACHER_SAMPLERS = ("euler:1,euler:2,euler:4,euler:100,midpoint:1,midpoint:2:cosine,midpoint:2:inverse_exp,"
                     "heun:2:cosine")
 
@@ -129,9 +128,9 @@ def main() -> None:
             run_dir = out / f"{name}_{kind}"
             print(f"{key}: {seconds / 60:.1f} min ...", flush=True)
             if key not in walls:
-                walls[key] = run(["train.py", *extra, "-e", str(run_dir), *DATA, *how,
-                                  *SCHEDULE.get(name, ["train.steps=100000", "train.lr_schedule=constant"]),
-                                  "train.checkpoint_every=100", "train.keep_every=100"], log, seconds)
+                walls[key] = run(["train.py", "-e", str(run_dir), *DATA, *how, "train.steps=100000",
+                                  "train.lr_schedule=constant", "train.checkpoint_every=100",
+                                  "train.keep_every=100", *extra], log, seconds)
                 (out / "walls.json").write_text(json.dumps(walls, indent=1))
             steps = checkpoints(run_dir)
             table[key] = last_rows(fid_rows(run_dir, f"{solver}:1,{solver}:2,{solver}:4", [steps[-1]], log))
