@@ -6,6 +6,7 @@ at 1, 2 and 4 network calls, beside the teacher's solvers at those NFE (issue 34
     python bench/few_step_mnist.py [--minutes 15] [--methods meanflow_u,meanflow_v,alphaflow,alphaflow_short,shortcut]
         [--scratch | --scratch-only] [--out bench/out/few_step_mnist]
     python bench/few_step_mnist.py --methods alphaflow_cosine --scratch-only   # AlphaFlow with a cosine decay
+    python bench/few_step_mnist.py --methods alphaflow_uniform --scratch-only  # AlphaFlow, (t, s) uniform
 
 Teacher: configs/mnist_icfm_unet.yaml on the 10,000 test digits with model.time_scale=1 (MeanFlow's time input;
 the JVP of sines of 1000·t is a thousand times larger), its 1,000 steps. Fine-tuning: train.init_from the teacher,
@@ -34,6 +35,7 @@ STATS = SHARED / "t10k-fid-stats-clean.npz"
 DATA = [f"data.path={SHARED}", "data.split=test", "train.trackers=[]", "train.preview_every=0"]
 MEANFLOW = ["-c", "configs/mnist_meanflow_unet.yaml"]
 ALPHAFLOW = [*MEANFLOW, "flow.objective=alphaflow"]
+UNIFORM = ["flow.time_density=uniform", "flow.time_mean=0", "flow.time_std=1"]  # logit-normal keys reset
 RESET = ["flow.meanflow_times=ordered", "flow.meanflow_ratio=0.25", "flow.meanflow_p=1.0"]  # keys shortcut lacks
 METHODS = {  # name: (train.py arguments, after the bench's own so that they win; jump solver)
     "meanflow_u": ([*MEANFLOW], "meanflow"),
@@ -50,6 +52,17 @@ METHODS = {  # name: (train.py arguments, after the bench's own so that they win
     # from scratch took in its 20.2 minutes here (2026-12-05); on a slower machine the run ends before the decay does
     "alphaflow_cosine": ([*ALPHAFLOW, "flow.alpha_steps=[0,600]", "train.steps=2200", "train.lr_schedule=cosine"],
                          "meanflow"),
+    # with --scratch-only: (t, s) from the uniform density in place of the recipe's logit-normal(2, 2), which puts
+    # few jumps near the noise end (the first jump of every sample); the 2-D recipe's density
+    "alphaflow_uniform": ([*ALPHAFLOW, "flow.alpha_steps=[0,600]", *UNIFORM], "meanflow"),
+    # and a quarter of the samples with s ≠ t in place of three quarters (the paper's ImageNet ablation's best)
+    "alphaflow_uniform_r25": ([*ALPHAFLOW, "flow.alpha_steps=[0,600]", *UNIFORM, "flow.meanflow_ratio=0.25"],
+                              "meanflow"),
+    # and every sample with s ≠ t (the trend of the quarter against three quarters at one jump, carried on)
+    "alphaflow_uniform_r100": ([*ALPHAFLOW, "flow.alpha_steps=[0,600]", *UNIFORM, "flow.meanflow_ratio=1.0"],
+                               "meanflow"),
+    # the logit-normal(0, 2) density: more of (t, s) near both ends than uniform, so more long jumps like 0 → 1
+    "alphaflow_ends": ([*ALPHAFLOW, "flow.alpha_steps=[0,600]", "flow.time_mean=0", "flow.time_std=2"], "meanflow"),
 }
 TEACHER_SAMPLERS = ("euler:1,euler:2,euler:4,euler:100,midpoint:1,midpoint:2:cosine,midpoint:2:inverse_exp,"
                     "heun:2:cosine")
