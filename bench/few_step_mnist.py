@@ -35,12 +35,13 @@ STATS = SHARED / "t10k-fid-stats-clean.npz"
 DATA = [f"data.path={SHARED}", "data.split=test", "train.trackers=[]", "train.preview_every=0"]
 MEANFLOW = ["-c", "configs/mnist_meanflow_unet.yaml"]
 ALPHAFLOW = [*MEANFLOW, "flow.objective=alphaflow"]
+CURRICULUM = [*ALPHAFLOW, "flow.alpha_steps=[0,600]"]  # α from 1 to 0 over the first 600 steps
 UNIFORM = ["flow.time_density=uniform", "flow.time_mean=0", "flow.time_std=1"]  # logit-normal keys reset
 RESET = ["flow.meanflow_times=ordered", "flow.meanflow_ratio=0.25", "flow.meanflow_p=1.0"]  # keys shortcut lacks
 METHODS = {  # name: (train.py arguments, after the bench's own so that they win; jump solver)
     "meanflow_u": ([*MEANFLOW], "meanflow"),
     "meanflow_v": ([*MEANFLOW, "flow.meanflow_loss=v", "flow.meanflow_tangent=model"], "meanflow"),
-    "alphaflow": ([*ALPHAFLOW, "flow.alpha_steps=[0,600]"], "meanflow"),
+    "alphaflow": (CURRICULUM, "meanflow"),
     # the curriculum shortened for fine-tuning: the teacher already is the α = 1 end
     "alphaflow_short": ([*ALPHAFLOW, "flow.alpha_steps=[0,200]"], "meanflow"),
     "shortcut": ([*MEANFLOW, "flow.objective=shortcut", *RESET], "shortcut"),
@@ -50,19 +51,16 @@ METHODS = {  # name: (train.py arguments, after the bench's own so that they win
                          "flow.shortcut_fraction=0.5"], "shortcut"),
     # with --scratch-only: a cosine decay to lr_min in place of the constant rate, over the 2,202 steps that AlphaFlow
     # from scratch took in its 20.2 minutes here (2026-12-05); on a slower machine the run ends before the decay does
-    "alphaflow_cosine": ([*ALPHAFLOW, "flow.alpha_steps=[0,600]", "train.steps=2200", "train.lr_schedule=cosine"],
-                         "meanflow"),
+    "alphaflow_cosine": ([*CURRICULUM, "train.steps=2200", "train.lr_schedule=cosine"], "meanflow"),
     # with --scratch-only: (t, s) from the uniform density in place of the recipe's logit-normal(2, 2), which puts
     # few jumps near the noise end (the first jump of every sample); the 2-D recipe's density
-    "alphaflow_uniform": ([*ALPHAFLOW, "flow.alpha_steps=[0,600]", *UNIFORM], "meanflow"),
+    "alphaflow_uniform": ([*CURRICULUM, *UNIFORM], "meanflow"),
     # and a quarter of the samples with s ≠ t in place of three quarters (the paper's ImageNet ablation's best)
-    "alphaflow_uniform_r25": ([*ALPHAFLOW, "flow.alpha_steps=[0,600]", *UNIFORM, "flow.meanflow_ratio=0.25"],
-                              "meanflow"),
+    "alphaflow_uniform_r25": ([*CURRICULUM, *UNIFORM, "flow.meanflow_ratio=0.25"], "meanflow"),
     # and every sample with s ≠ t (the trend of the quarter against three quarters at one jump, carried on)
-    "alphaflow_uniform_r100": ([*ALPHAFLOW, "flow.alpha_steps=[0,600]", *UNIFORM, "flow.meanflow_ratio=1.0"],
-                               "meanflow"),
+    "alphaflow_uniform_r100": ([*CURRICULUM, *UNIFORM, "flow.meanflow_ratio=1.0"], "meanflow"),
     # the logit-normal(0, 2) density: more of (t, s) near both ends than uniform, so more long jumps like 0 → 1
-    "alphaflow_ends": ([*ALPHAFLOW, "flow.alpha_steps=[0,600]", "flow.time_mean=0", "flow.time_std=2"], "meanflow"),
+    "alphaflow_ends": ([*CURRICULUM, "flow.time_mean=0", "flow.time_std=2"], "meanflow"),
 }
 TEACHER_SAMPLERS = ("euler:1,euler:2,euler:4,euler:100,midpoint:1,midpoint:2:cosine,midpoint:2:inverse_exp,"
                     "heun:2:cosine")
