@@ -7,6 +7,7 @@ at 1, 2 and 4 network calls, beside the teacher's solvers at those NFE (issue 34
         [--scratch | --scratch-only] [--out bench/out/few_step_mnist]
     python bench/few_step_mnist.py --methods alphaflow_cosine --scratch-only   # AlphaFlow with a cosine decay
     python bench/few_step_mnist.py --methods alphaflow_uniform --scratch-only  # AlphaFlow, (t, s) uniform
+    python bench/few_step_mnist.py --methods meanflow_u_uniform                # MeanFlow fine-tuned, (t, s) uniform
 
 Teacher: configs/mnist_icfm_unet.yaml on the 10,000 test digits with model.time_scale=1 (MeanFlow's time input;
 the JVP of sines of 1000·t is a thousand times larger), its 1,000 steps. Fine-tuning: train.init_from the teacher,
@@ -61,6 +62,10 @@ METHODS = {  # name: (train.py arguments, after the bench's own so that they win
     "alphaflow_uniform_r100": ([*CURRICULUM, *UNIFORM, "flow.meanflow_ratio=1.0"], "meanflow"),
     # the logit-normal(0, 2) density: more of (t, s) near both ends than uniform, so more long jumps like 0 → 1
     "alphaflow_ends": ([*CURRICULUM, "flow.time_mean=0", "flow.time_std=2"], "meanflow"),
+    # configs/mnist_alphaflow_unet.yaml's recipe (alphaflow_uniform_r25) with another training seed: its spread
+    "alphaflow_uniform_r25_seed1": ([*CURRICULUM, *UNIFORM, "flow.meanflow_ratio=0.25", "train.seed=1"], "meanflow"),
+    # fine-tuning (no --scratch-only): MeanFlow's u-loss from the teacher with (t, s) uniform
+    "meanflow_u_uniform": ([*MEANFLOW, *UNIFORM], "meanflow"),
 }
 TEACHER_SAMPLERS = ("euler:1,euler:2,euler:4,euler:100,midpoint:1,midpoint:2:cosine,midpoint:2:inverse_exp,"
                     "heun:2:cosine")
