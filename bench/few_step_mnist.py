@@ -62,8 +62,10 @@ METHODS = {  # name: (train.py arguments, after the bench's own so that they win
     "alphaflow_uniform_r100": ([*CURRICULUM, *UNIFORM, "flow.meanflow_ratio=1.0"], "meanflow"),
     # the logit-normal(0, 2) density: more of (t, s) near both ends than uniform, so more long jumps like 0 → 1
     "alphaflow_ends": ([*CURRICULUM, "flow.time_mean=0", "flow.time_std=2"], "meanflow"),
-    # configs/mnist_alphaflow_unet.yaml's recipe (alphaflow_uniform_r25) with another training seed: its spread
+    # configs/mnist_alphaflow_unet.yaml's recipe (alphaflow_uniform_r25) and the best one jump (alphaflow_uniform)
+    # with another training seed: their spread
     "alphaflow_uniform_r25_seed1": ([*CURRICULUM, *UNIFORM, "flow.meanflow_ratio=0.25", "train.seed=1"], "meanflow"),
+    "alphaflow_uniform_seed1": ([*CURRICULUM, *UNIFORM, "train.seed=1"], "meanflow"),
     # fine-tuning (no --scratch-only): MeanFlow's u-loss from the teacher with (t, s) uniform
     "meanflow_u_uniform": ([*MEANFLOW, *UNIFORM], "meanflow"),
 }
