@@ -38,6 +38,7 @@ MEANFLOW = ["-c", "configs/mnist_meanflow_unet.yaml"]
 ALPHAFLOW = [*MEANFLOW, "flow.objective=alphaflow"]
 CURRICULUM = [*ALPHAFLOW, "flow.alpha_steps=[0,600]"]  # α from 1 to 0 over the first 600 steps
 UNIFORM = ["flow.time_density=uniform", "flow.time_mean=0", "flow.time_std=1"]  # logit-normal keys reset
+RECIPE = [*CURRICULUM, *UNIFORM, "flow.meanflow_ratio=0.25"]  # configs/mnist_alphaflow_unet.yaml's training keys
 RESET = ["flow.meanflow_times=ordered", "flow.meanflow_ratio=0.25", "flow.meanflow_p=1.0"]  # keys shortcut lacks
 METHODS = {  # name: (train.py arguments, after the bench's own so that they win; jump solver)
     "meanflow_u": ([*MEANFLOW], "meanflow"),
@@ -57,14 +58,14 @@ METHODS = {  # name: (train.py arguments, after the bench's own so that they win
     # few jumps near the noise end (the first jump of every sample); the 2-D recipe's density
     "alphaflow_uniform": ([*CURRICULUM, *UNIFORM], "meanflow"),
     # and a quarter of the samples with s ≠ t in place of three quarters (the paper's ImageNet ablation's best)
-    "alphaflow_uniform_r25": ([*CURRICULUM, *UNIFORM, "flow.meanflow_ratio=0.25"], "meanflow"),
+    "alphaflow_uniform_r25": (RECIPE, "meanflow"),
     # and every sample with s ≠ t (the trend of the quarter against three quarters at one jump, carried on)
     "alphaflow_uniform_r100": ([*CURRICULUM, *UNIFORM, "flow.meanflow_ratio=1.0"], "meanflow"),
     # the logit-normal(0, 2) density: more of (t, s) near both ends than uniform, so more long jumps like 0 → 1
     "alphaflow_ends": ([*CURRICULUM, "flow.time_mean=0", "flow.time_std=2"], "meanflow"),
     # configs/mnist_alphaflow_unet.yaml's recipe (alphaflow_uniform_r25) and the best one jump (alphaflow_uniform)
     # with another training seed: their spread
-    "alphaflow_uniform_r25_seed1": ([*CURRICULUM, *UNIFORM, "flow.meanflow_ratio=0.25", "train.seed=1"], "meanflow"),
+    "alphaflow_uniform_r25_seed1": ([*RECIPE, "train.seed=1"], "meanflow"),
     "alphaflow_uniform_seed1": ([*CURRICULUM, *UNIFORM, "train.seed=1"], "meanflow"),
     # fine-tuning (no --scratch-only): MeanFlow's u-loss from the teacher with (t, s) uniform
     "meanflow_u_uniform": ([*MEANFLOW, *UNIFORM], "meanflow"),
