@@ -98,6 +98,9 @@ class FlowConfig:
     loss: str = "l2"  # 'l2' (mean squared error) or 'pseudo_huber' (√(‖·‖² + c²) − c, Lee et al. 2024)
     huber_c: float = 0.0  # pseudo-Huber c (0: 0.00054·√D, D the data's dimension)
     meanflow_ratio: float = 0.25  # MeanFlow: fraction of samples with s ≠ t (the others train plain flow matching)
+    meanflow_split: float = 0.0  # MeanFlow: fraction of the s ≠ t samples whose target is two jumps of the network
+    #                              (interval splitting, SplitMeanFlow) in place of the JVP's; u-loss only
+    meanflow_split_ema: bool = True  # MeanFlow: the split targets' jumps by the EMA weights (false: the online model)
     meanflow_p: float = 1.0  # MeanFlow: power p of the adaptive loss weight 1 / (‖error‖² + c)^p (0: none)
     meanflow_eps: float = 1e-3  # MeanFlow: c of that weight
     meanflow_cfg: float = 1.0  # MeanFlow: guidance scale ω baked into the target (1: none; needs label dropout)
@@ -107,7 +110,8 @@ class FlowConfig:
     #                           instantaneous velocity V = u − (s − t)·sg(du/dt) against x1 − x0; needs tangent 'model')
     meanflow_tangent: str = "conditional"  # MeanFlow: direction of d/dt u: 'conditional' (x1 − x0) or 'model' u(z,t,t)
     meanflow_times: str = "ordered"  # MeanFlow's (t, s): 'ordered' (the paper's: s = t samples take the earlier of two
-    #                                  draws) or 'single' (py-meanflow's v1: they keep one draw); flows/meanflow.py
+    #                                  draws), 'single' (py-meanflow's v1: they keep one draw) or 'length' (s − t
+    #                                  drawn, t spread over [0, 1 − (s − t)]: long jumps as common as short ones)
     alpha_start: float = 1.0  # AlphaFlow: α before the curriculum (1: trajectory flow matching)
     alpha_end: float = 0.0  # AlphaFlow: α after it; must be 0 (MeanFlow), what the curriculum anneals to
     alpha_steps: list[int] = field(default_factory=lambda: [0, 1000])  # AlphaFlow: optimizer steps [first, last] over
@@ -374,6 +378,7 @@ RANGES = {
     "flow.mode_scale": (-1, 2 / (math.pi - 2), True, True),
     "flow.label_dropout": (0, 1, True, False), "flow.grid_steps": (0, None, False, True),
     "flow.huber_c": (0, None, True, True), "flow.meanflow_ratio": (0, 1, True, True),
+    "flow.meanflow_split": (0, 1, True, True),
     "flow.meanflow_p": (0, None, True, True), "flow.meanflow_eps": (0, None, False, True),
     "flow.alpha_start": (0, 1, True, True), "flow.alpha_end": (0, 1, True, True),
     "flow.alpha_gamma": (0, None, False, True), "flow.shortcut_fraction": (0, 1, True, True),

@@ -72,6 +72,12 @@ def lr_at(step: int, t) -> float:
     return t.lr
 
 
+def split_by_ema(cfg: Config) -> bool:
+    """MeanFlow's interval splitting takes its targets' jumps with the EMA model."""
+    f = cfg.flow
+    return f.objective in ("meanflow", "alphaflow") and f.meanflow_split > 0 and f.meanflow_split_ema
+
+
 def train(cfg: Config, run_dir: Path, accept_changes: bool = False) -> None:
     torch.backends.cuda.matmul.allow_tf32 = True  # set once, here: TF32 matmuls on Ampere and newer
     torch.backends.cudnn.allow_tf32 = True
@@ -139,6 +145,9 @@ def run(cfg: Config, run_dir: Path, accelerator, stop: StopRequest, accept_chang
             accelerator.distributed_type == DistributedType.FSDP:
         raise UserError("flow.objective=shortcut takes its targets' half jumps with the EMA model on every process, "
                         "which FSDP keeps in shards; use DDP (no FSDP config) or flow.shortcut_ema=false")
+    if split_by_ema(cfg) and accelerator.distributed_type == DistributedType.FSDP:
+        raise UserError("flow.meanflow_split takes its targets' jumps with the EMA model on every process, which FSDP "
+                        "keeps in shards; use DDP (no FSDP config) or flow.meanflow_split_ema=false")
     encoder, alignment = None, None
     if cfg.flow.align:
         if cfg.flow.align == "sra" and accelerator.distributed_type == DistributedType.FSDP:
@@ -167,7 +176,7 @@ def run(cfg: Config, run_dir: Path, accelerator, stop: StopRequest, accept_chang
     # Objective.
     objective = build_objective(cfg, source, num_classes, latent_shape, features, task)
     objective.alignment = alignment
-    if cfg.flow.objective == "shortcut" and cfg.flow.shortcut_ema:  # the targets' half jumps: the EMA model's
+    if (cfg.flow.objective == "shortcut" and cfg.flow.shortcut_ema) or split_by_ema(cfg):  # the targets' jumps
         objective.teacher = p.ema.model
 
     # Resume from the newest complete checkpoint.

@@ -67,6 +67,14 @@ METHODS = {  # name: (train.py arguments, after the bench's own so that they win
     # with another training seed: their spread
     "alphaflow_uniform_r25_seed1": ([*RECIPE, "train.seed=1"], "meanflow"),
     "alphaflow_uniform_seed1": ([*CURRICULUM, *UNIFORM, "train.seed=1"], "meanflow"),
+    # the best one jump (alphaflow_uniform) with the jump's length drawn (flow.meanflow_times=length): a tenth of
+    # the jumps longer than 0.9 in place of a hundredth, so the one jump (0, 1) is trained about ten times as often
+    "alphaflow_length": ([*CURRICULUM, *UNIFORM, "flow.meanflow_times=length"], "meanflow"),
+    # the best one jump (alphaflow_uniform) with half of its s ≠ t samples trained by interval splitting (two jumps
+    # of the EMA weights as the target, no pairing noise in it) once α reaches 0; and with the online network's jumps
+    "alphaflow_split": ([*CURRICULUM, *UNIFORM, "flow.meanflow_split=0.5"], "meanflow"),
+    "alphaflow_split_online": ([*CURRICULUM, *UNIFORM, "flow.meanflow_split=0.5", "flow.meanflow_split_ema=false"],
+                               "meanflow"),
     # fine-tuning (no --scratch-only): MeanFlow's u-loss from the teacher with (t, s) uniform
     "meanflow_u_uniform": ([*MEANFLOW, *UNIFORM], "meanflow"),
 }

@@ -88,7 +88,7 @@ def _meanflow(cfg: Config) -> dict:
     f = cfg.flow
     return dict(ratio=f.meanflow_ratio, power=f.meanflow_p, eps=f.meanflow_eps, cfg_scale=f.meanflow_cfg,
                 tangent=f.meanflow_tangent, times=f.meanflow_times, loss=f.meanflow_loss,
-                cfg_range=f.meanflow_cfg_range)
+                cfg_range=f.meanflow_cfg_range, split=f.meanflow_split)
 
 
 def _alpha(cfg: Config) -> Callable[[int], float]:
@@ -248,9 +248,9 @@ READ_ONLY_WITH = {
     "time_mean": ("time_density", ("logit_normal",)), "time_std": ("time_density", ("logit_normal",)),
     "mode_scale": ("time_density", ("mode",)), "grid_steps": ("time_density", ("grid",)),
     "huber_c": ("loss", ("pseudo_huber",)),
-    **{key: ("objective", ("meanflow", "alphaflow")) for key in ("meanflow_ratio", "meanflow_p", "meanflow_eps",
-                                                                 "meanflow_cfg", "meanflow_tangent", "meanflow_times",
-                                                                 "meanflow_loss", "meanflow_cfg_range")},
+    **{key: ("objective", ("meanflow", "alphaflow")) for key in (
+        "meanflow_ratio", "meanflow_split", "meanflow_split_ema", "meanflow_p", "meanflow_eps", "meanflow_cfg",
+        "meanflow_tangent", "meanflow_times", "meanflow_loss", "meanflow_cfg_range")},
     **{key: ("objective", ("alphaflow",)) for key in ("alpha_start", "alpha_end", "alpha_steps", "alpha_schedule",
                                                       "alpha_gamma")},
     **{key: ("objective", ("shortcut",)) for key in ("shortcut_fraction", "shortcut_steps", "shortcut_ema")},
@@ -318,7 +318,7 @@ def check_config(cfg: Config) -> None:
         raise UserError("flow.coupling=class_ot pairs noise and data within a class, for class-conditional models; "
                         "set model.class_cond=true or use flow.coupling=ot")
     check_name(("conditional", "model"), f.meanflow_tangent, "flow.meanflow_tangent")
-    check_name(("ordered", "single"), f.meanflow_times, "flow.meanflow_times")
+    check_name(("ordered", "single", "length"), f.meanflow_times, "flow.meanflow_times")
     check_name(("u", "v"), f.meanflow_loss, "flow.meanflow_loss")
     if f.objective in AVERAGE_VELOCITY and (bridge or f.prediction != "velocity" or f.loss_weight != "none"):
         raise UserError(f"flow.objective={f.objective} trains the average velocity on an affine path: use "
@@ -327,6 +327,9 @@ def check_config(cfg: Config) -> None:
         raise UserError(f"flow.loss={f.loss} does not apply to flow.objective={f.objective}, whose loss is the squared "
                         "error under its adaptive weight (at flow.meanflow_p=0.5 its gradient is the pseudo-Huber "
                         "loss's); use flow.loss=l2 and set flow.meanflow_p")
+    if f.meanflow_loss == "v" and f.meanflow_split:
+        raise UserError("flow.meanflow_split replaces the u-loss's target by two jumps of the network; it has no "
+                        "v-loss form: use flow.meanflow_loss=u or flow.meanflow_split=0")
     if f.meanflow_loss == "v" and f.meanflow_tangent != "model":
         raise UserError("flow.meanflow_loss=v regresses V = u − (s − t)·du/dt onto x1 − x0, so the derivative follows "
                         "the model's own velocity: set flow.meanflow_tangent=model too")

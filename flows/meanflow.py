@@ -30,8 +30,11 @@ where the target is plain flow matching's. times='ordered' is the paper's sample
 sample_tr; py-meanflow's tr_sampler v0, "used in paper"): the two draws are ordered first, t the earlier (noisier)
 and s the later, then s = t for the others, whose t is therefore the earlier of two draws. times='single' is
 py-meanflow's v1: the s = t samples keep a single draw as t (with the ImageNet recipe's logit-normal(0.4, 1), their
-mean t is 0.58 against 0.465). Which samples have s ≠ t is drawn per sample with probability `ratio`, as
-py-meanflow does (the JAX code takes an exact fraction of each batch).
+mean t is 0.58 against 0.465). times='length' draws the jump instead: its length s − t is the second draw of the
+density and its start t = t₀·(1 − (s − t)), t₀ the first, so that with the uniform density lengths are uniform and
+long jumps as common as short ones (two uniform draws give s − t > 0.9 to 1% of the pairs, this to 10%; the one
+jump from noise to data is (0, 1)); its s = t samples keep one draw, as 'single'. Which samples have s ≠ t is drawn
+per sample with probability `ratio`, as py-meanflow does (the JAX code takes an exact fraction of each batch).
 
 The v-loss (improved MeanFlow, Geng et al. 2025b, loss='v'): the network still predicts u, but the loss is on the
 instantaneous velocity it implies through the identity, V_θ = u_θ(z_t, t, s) − (s − t)·sg(d/dt u), regressed onto
@@ -40,6 +43,15 @@ network; the derivative's tangent is the network's own instantaneous velocity u_
 since v_t, the regression target, cannot also be the direction. With the stop-gradient its residual, and so its
 gradient, equal the u-loss's with tangent='model' term by term: what the v-form states is the regression, not a
 different step.
+
+Interval splitting (SplitMeanFlow, Guo et al. 2025; split > 0): for a fraction `split` of the s ≠ t samples the
+target is not the JVP's but the jump over [t, s] made of two jumps of the network, split at m uniform in (t, s):
+u_tgt = ((m − t)·u(z_t, t, m) + (s − m)·u(z_m, m, s)) / (s − t), z_m = z_t + (m − t)·u(z_t, t, m), without gradient
+and in eval mode, which the exact average velocity satisfies (∫ v dτ is additive). The target has no pairing noise
+(no x1 − x0 in it): a long jump learns what the network's shorter jumps do. The two jumps are the EMA weights'
+(`teacher`, as for the shortcut model; set by the training loop) or, without them, the online network's, whose
+targets chase its own updates (on MNIST its loss swung between 5 and 17 from step 1,400 on, against 3.3 with the
+EMA's). AlphaFlow's steps at α > 0 keep their own target; its α = 0 steps are MeanFlow's and split.
 
 With guidance baked in (the paper's ω, class-conditional models trained with label dropout), v_t is replaced by
 ṽ_t = ω·v_t + (1 − ω)·u_θ(z_t, t, t | ∅) for labelled samples, so that one jump samples the guided model (the
@@ -132,14 +144,17 @@ class MeanFlowObjective(FlowMatchingObjective):
 
     def __init__(self, *args, ratio: float = 0.25, power: float = 1.0, eps: float = 1e-3, cfg_scale: float = 1.0,
                  tangent: str = "conditional", times: str = "ordered", loss: str = "u",
-                 cfg_range: tuple[float, float] | list[float] = (), **kwargs):
+                 cfg_range: tuple[float, float] | list[float] = (), split: float = 0.0, **kwargs):
         super().__init__(*args, **kwargs)
         if self.huber_c is not None:
             raise ValueError("MeanFlow's loss is its adaptively weighted squared error, not pseudo-Huber")
         if loss == "v" and tangent != "model":
             raise ValueError("the v-loss's derivative follows the model's own velocity (tangent='model')")
         self.ratio, self.power, self.eps, self.cfg_scale, self.tangent = ratio, power, eps, cfg_scale, tangent
-        self.times, self.loss_on, self.cfg_range = times, loss, tuple(cfg_range)
+        if split and loss != "u":
+            raise ValueError("interval splitting replaces the u-loss's target; it has no v-loss form here")
+        self.times, self.loss_on, self.cfg_range, self.split = times, loss, tuple(cfg_range), split
+        self.teacher = None  # the EMA model that takes the split targets' jumps (set by the training loop), or None
 
     def draw(self, x1: torch.Tensor, y: torch.Tensor | None, generator: torch.Generator,
              shard: BatchShard = BatchShard(), x0: torch.Tensor | None = None,
@@ -150,9 +165,16 @@ class MeanFlowObjective(FlowMatchingObjective):
         n_global, device = x1.shape[0] * shard.world, x1.device
         other = shard.local(self.time_density(n_global, generator, device))
         apart = shard.local(torch.rand(n_global, generator=generator, device=device) < self.ratio)
-        earlier, later = torch.minimum(draw.t, other), torch.maximum(draw.t, other)
+        if self.times == "length":  # the jump's length from the density, its start spread over [0, 1 − length]
+            earlier, later = draw.t * (1 - other), draw.t * (1 - other) + other
+        else:
+            earlier, later = torch.minimum(draw.t, other), torch.maximum(draw.t, other)
         t = earlier if self.times == "ordered" else torch.where(apart, earlier, draw.t)
         draw.t, draw.s = t, torch.where(apart, later, t)
+        if self.split:  # a fraction of the s ≠ t samples split [t, s] at a uniform point
+            chosen = shard.local(torch.rand(n_global, generator=generator, device=device) < self.split)
+            where = shard.local(torch.rand(n_global, generator=generator, device=device, dtype=t.dtype))
+            draw.mid = torch.where(apart & chosen, t + where * (draw.s - t), draw.s)
         if self.cfg_range:  # guidance as an input: ω and the interval [a, b] of each sample
             low, high = self.cfg_range
             omega, whole, a, b = (shard.local(torch.rand(n_global, generator=generator, device=device))
@@ -202,10 +224,29 @@ class MeanFlowObjective(FlowMatchingObjective):
         else:  # u_θ regressed onto u_tgt = v + (s − t)·sg(du/dt)
             target = meanflow_target(model, sample.x_t, draw.t, draw.s, v, draw.y, along, **draw.cond)
         _set_rng_state(v.device, rng)
+        if draw.mid is not None:
+            target = self.split_target(model, sample.x_t, draw, target)
         u, hidden = forward(model, self.alignment, draw.aligning, sample.x_t, draw.t, draw.y, s=draw.s,
                             **draw.cond)
         residual = (u.float() - implied) - v.float() if self.loss_on == "v" else u.float() - target
         return self.aligned(self.weighted(residual, draw), draw.t, hidden, draw, x1)
+
+
+    def split_target(self, model: Callable, z: torch.Tensor, draw: Draw, target: torch.Tensor) -> torch.Tensor:
+        """Interval splitting (SplitMeanFlow) for the samples split at t < m < s: the jump over [t, s] as two jumps
+        of the network without gradient, u_tgt = ((m − t)·u(z, t, m) + (s − m)·u(z_m, m, s)) / (s − t) with
+        z_m = z + (m − t)·u(z, t, m); `target` (the JVP's) elsewhere. Taken even when this process has no split
+        sample (a sharded model gathers its weights in every forward pass, on every process at once)."""
+        index = (draw.mid < draw.s).nonzero().squeeze(1)
+        t, m, s, z = draw.t[index], draw.mid[index], draw.s[index], z[index]
+        y = None if draw.y is None else draw.y[index]
+        cond = {key: value[index] for key, value in draw.cond.items()}
+        with torch.no_grad(), evaluation(self.teacher or unwrapped(model)) as net:
+            first = net(z, t, y, s=m, **cond).float()
+            z_m = (z.float() + expand_like(m - t, first).float() * first).to(z.dtype)
+            second = net(z_m, m, y, s=s, **cond).float()
+        split = (expand_like(m - t, first) * first + expand_like(s - m, second) * second) / expand_like(s - t, first)
+        return target.index_copy(0, index, split.to(target.dtype))
 
 
 @contextlib.contextmanager

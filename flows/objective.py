@@ -29,6 +29,7 @@ class Draw:
     y: torch.Tensor | None
     cond: dict = field(default_factory=dict)  # Latent-CFM: encoder features and the noise ε of c; data.task: image_cond
     s: torch.Tensor | None = None  # MeanFlow: the end of the interval [t, s] (N,)
+    mid: torch.Tensor | None = None  # MeanFlow's interval splitting: where [t, s] is split (N,); s: not split
     weight: torch.Tensor | None = None  # the coupling's loss weight of each sample (N,) (unbalanced, partial OT)
     eps: torch.Tensor | None = None  # a bridge path's noise ε (N, ...)
     aligning: bool = False  # flow.align: this micro-step adds the alignment term (HASTE stops it)

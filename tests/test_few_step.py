@@ -68,6 +68,38 @@ def test_the_v_loss_and_the_u_loss_have_the_same_minimiser(loss):
     assert a.min() > 1e-3 and torch.allclose(a, b, rtol=1e-6)
 
 
+def test_interval_splitting_is_zero_for_the_exact_field_and_two_jumps_of_the_network_otherwise():
+    """flow.meanflow_split: a fraction of the s ≠ t samples split [t, s] at a uniform m; for the exact average
+    velocity (curved path, all data at one point) the two jumps make the whole one, loss zero; for a hand model their
+    target is ((m − t)·u(z, t, m) + (s − m)·u(z_m, m, s)) / (s − t), z_m = z + (m − t)·u(z, t, m), and the other
+    samples keep the JVP's target, as without splitting. With the EMA `teacher`, its jumps make the target."""
+    keys = ("flow.objective=meanflow", "flow.meanflow_ratio=0.75", "flow.meanflow_p=0", "flow.path=cosine")
+    objective = objective_of(*keys, "flow.meanflow_split=0.5")
+    point = M.expand(512, 2).clone()
+    draw = objective.draw(point, None, torch.Generator().manual_seed(3))
+    split = draw.mid < draw.s
+    assert 0.3 < split.float().mean() < 0.45 and (draw.mid > draw.t)[split].all() and (draw.s > draw.t)[split].all()
+    assert objective.loss(ExactOnPath(objective.path), point, draw).loss.max() < 1e-8  # float32 targets
+    model, x1 = LinearAverageVelocity(), M + 0.5 * draw.x0
+    draw.y = torch.arange(512) % 3
+    loss = objective.loss(model, x1, draw).loss
+    z = objective.path.sample(draw.x0, x1, draw.t).x_t
+    with torch.no_grad():
+        first = model(z, draw.t, draw.y, s=draw.mid)
+        second = model(z + (draw.mid - draw.t)[:, None] * first, draw.mid, draw.y, s=draw.s)
+        before, after = (draw.mid - draw.t)[:, None], (draw.s - draw.mid)[:, None]
+        target = (before * first + after * second) / (before + after)
+        expected = (model(z, draw.t, draw.y, s=draw.s) - target).square().sum(1)
+    assert torch.allclose(loss[split].double(), expected[split], rtol=1e-5)
+    objective.teacher = lambda z, t, y=None, s=None: torch.zeros_like(z)  # the EMA model's jumps stand still
+    still = objective.loss(model, x1, draw).loss
+    with torch.no_grad():
+        assert torch.allclose(still[split].double(), model(z, draw.t, draw.y, s=draw.s).square().sum(1)[split])
+    assert torch.equal(still[~split], loss[~split])
+    draw.mid = None  # the draw without splitting
+    unsplit = objective_of(*keys).loss(model, x1, draw).loss
+    assert not torch.allclose(loss[split], unsplit[split]) and torch.equal(loss[~split], unsplit[~split])
+
 def test_the_alpha_schedule_goes_from_start_to_end_over_its_window_and_clamps():
     at = lambda step, **kw: alpha_at(step, 1.0, 0.0, (100, 300), **kw)  # noqa: E731
     assert at(0) == at(99) == 1.0 and at(300) == at(10_000) == 0.0
@@ -192,6 +224,8 @@ def test_the_shortcut_sampler_jumps_with_exact_nfe():
     (["flow.objective=meanflow", "flow.meanflow_cfg_range=[4,1]"], "must be \\[ω_min, ω_max\\], 0 ≤ ω_min < ω_max"),
     (["flow.objective=meanflow", "flow.meanflow_cfg_range=[1,4]", "flow.meanflow_cfg=2"], "set one of them"),
     (["flow.objective=cfm", "flow.meanflow_cfg_range=[1,4]"], "is read only with flow.objective=meanflow"),
+    (["flow.objective=meanflow", "flow.meanflow_loss=v", "flow.meanflow_tangent=model", "flow.meanflow_split=0.5"],
+     "flow.meanflow_split replaces the u-loss's target"),
 ])
 def test_bad_few_step_settings_are_one_clear_line(overrides, message):
     from registries import check_names
@@ -316,7 +350,9 @@ def test_a_model_with_guidance_as_input_samples_any_scale_of_its_range_in_one_pa
     ["flow.objective=shortcut"],
     ["flow.objective=meanflow", "flow.meanflow_loss=v", "flow.meanflow_tangent=model",
      "flow.meanflow_cfg_range=[1,3]", "model.class_cond=true", "flow.label_dropout=0.5"],
-], ids=["alphaflow", "shortcut", "imf"])
+    ["flow.objective=meanflow", "flow.meanflow_ratio=1", "flow.meanflow_split=0.5", "flow.meanflow_cfg_range=[1,3]",
+     "model.class_cond=true", "flow.label_dropout=0.5"],
+], ids=["alphaflow", "shortcut", "imf", "split"])
 def test_every_new_objective_trains_an_image_model_under_bf16(name, objective):
     """One step of each objective on the UNet and a DiT under bf16 autocast: finite loss, gradients reach the
     interval (and guidance) embedding."""

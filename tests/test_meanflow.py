@@ -132,6 +132,21 @@ def test_the_time_samplers_of_the_paper_and_of_py_meanflow_v1(times, mean_t):
     assert abs(draw.t[apart].mean() - 1 / 3) < 0.005 and abs(draw.s[apart].mean() - 2 / 3) < 0.005
 
 
+
+def test_the_length_sampler_makes_long_jumps_as_common_as_short_ones():
+    """times='length' with uniform draws: s − t uniform on [0, 1] (a tenth of the jumps longer than 0.9, against a
+    hundredth for two ordered draws), t uniform on [0, 1 − (s − t)] so that s stays in [t, 1]; s = t keeps one draw."""
+    cfg = load_config(None, ["flow.objective=meanflow", "flow.meanflow_ratio=0.75", "flow.meanflow_times=length",
+                             "flow.time_density=uniform"])
+    objective = build_objective(cfg, lambda n, g, d: torch.randn(n, 2, generator=g, device=d, dtype=torch.float64))
+    draw = objective.draw(torch.zeros(200_000, 2), None, torch.Generator().manual_seed(0))
+    apart = draw.s != draw.t
+    length = (draw.s - draw.t)[apart]
+    assert abs(apart.float().mean() - 0.75) < 0.005 and (draw.s >= draw.t).all() and (draw.s <= 1).all()
+    assert abs(length.mean() - 1 / 2) < 0.005 and abs((length > 0.9).float().mean() - 0.1) < 0.005
+    assert abs((draw.t[apart] / (1 - length)).mean() - 1 / 2) < 0.005  # the start spread evenly over its room
+    assert abs(draw.t[~apart].mean() - 1 / 2) < 0.005
+
 class LinearAverageVelocity(nn.Module):
     """u(z, t, s | y) = A·z + b·t + c·s + d_y, its JVP by hand: d/dt u along w is A·w + b. With `dropout`, a dropout
     layer on the output (it must be off wherever the objective evaluates the model without training it)."""

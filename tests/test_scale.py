@@ -187,17 +187,23 @@ def test_deepspeed_zero2_trains_as_ddp_does_resumes_bitwise_and_samples(tiny_dit
 
 
 def test_alphaflow_and_shortcut_train_under_fsdp(tiny_dit, tmp_path):
-    """AlphaFlow's extra forward pass of the sharded model, mid-curriculum, and a shortcut model with targets from the
-    online model train under FSDP; a shortcut model's EMA targets, which FSDP keeps in shards, are one clear line."""
+    """AlphaFlow's extra forward pass of the sharded model, mid-curriculum, and a shortcut model and MeanFlow's
+    interval splitting with targets from the online model train under FSDP; their EMA targets, which FSDP keeps in
+    shards, are one clear line."""
     common, _ = tiny_dit
     for name, extra in (("alpha", ["flow.objective=alphaflow", "flow.alpha_steps=[0,4]", "model.time_scale=1"]),
-                        ("shortcut", ["flow.objective=shortcut", "flow.shortcut_ema=false"])):
+                        ("shortcut", ["flow.objective=shortcut", "flow.shortcut_ema=false"]),
+                        ("split", ["flow.objective=meanflow", "flow.meanflow_ratio=1", "flow.meanflow_split=0.5",
+                                   "flow.meanflow_split_ema=false", "model.time_scale=1"])):
         out = run_script("train.py", "-e", str(tmp_path / name), *common, *extra, "train.steps=2", launcher=fsdp(2))
         assert out.returncode == 0, out.stderr[-3000:]
         assert all(torch.isfinite(v).all() for v in weights(tmp_path / name, 2, "model").values())
     out = run_script("train.py", "-e", str(tmp_path / "ema"), *common, "flow.objective=shortcut", "train.steps=2",
                      launcher=fsdp(2))
     assert out.returncode != 0 and "use DDP (no FSDP config) or flow.shortcut_ema=false" in out.stderr
+    out = run_script("train.py", "-e", str(tmp_path / "split_ema"), *common, "flow.objective=meanflow",
+                     "flow.meanflow_split=0.5", "train.steps=2", launcher=fsdp(2))
+    assert out.returncode != 0 and "use DDP (no FSDP config) or flow.meanflow_split_ema=false" in out.stderr
 
 
 @pytest.mark.skipif(not HAVE_DEEPSPEED, reason="deepspeed (with transformers, which accelerate's DeepSpeed plugin "
