@@ -50,8 +50,8 @@ u_tgt = ((m − t)·u(z_t, t, m) + (s − m)·u(z_m, m, s)) / (s − t), z_m = z
 and in eval mode, which the exact average velocity satisfies (∫ v dτ is additive). The target has no pairing noise
 (no x1 − x0 in it): a long jump learns what the network's shorter jumps do. The two jumps are the EMA weights'
 (`teacher`, as for the shortcut model; set by the training loop) or, without them, the online network's, whose
-targets chase its own updates (on MNIST its loss swung between 5 and 17 from step 1,400 on, against 3.3 with the
-EMA's). AlphaFlow's steps at α > 0 keep their own target; its α = 0 steps are MeanFlow's and split.
+targets chase its own updates (on MNIST its loss swung between 3.6 and 17 from step 1,375 on, against 3.2-3.4 with
+the EMA's). AlphaFlow's steps at α > 0 keep their own target; its α = 0 steps are MeanFlow's and split.
 
 With guidance baked in (the paper's ω, class-conditional models trained with label dropout), v_t is replaced by
 ṽ_t = ω·v_t + (1 − ω)·u_θ(z_t, t, t | ∅) for labelled samples, so that one jump samples the guided model (the
