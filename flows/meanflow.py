@@ -150,9 +150,9 @@ class MeanFlowObjective(FlowMatchingObjective):
             raise ValueError("MeanFlow's loss is its adaptively weighted squared error, not pseudo-Huber")
         if loss == "v" and tangent != "model":
             raise ValueError("the v-loss's derivative follows the model's own velocity (tangent='model')")
-        self.ratio, self.power, self.eps, self.cfg_scale, self.tangent = ratio, power, eps, cfg_scale, tangent
         if split and loss != "u":
             raise ValueError("interval splitting replaces the u-loss's target; it has no v-loss form here")
+        self.ratio, self.power, self.eps, self.cfg_scale, self.tangent = ratio, power, eps, cfg_scale, tangent
         self.times, self.loss_on, self.cfg_range, self.split = times, loss, tuple(cfg_range), split
         self.teacher = None  # the EMA model that takes the split targets' jumps (set by the training loop), or None
 
@@ -231,11 +231,11 @@ class MeanFlowObjective(FlowMatchingObjective):
         residual = (u.float() - implied) - v.float() if self.loss_on == "v" else u.float() - target
         return self.aligned(self.weighted(residual, draw), draw.t, hidden, draw, x1)
 
-
     def split_target(self, model: Callable, z: torch.Tensor, draw: Draw, target: torch.Tensor) -> torch.Tensor:
         """Interval splitting (SplitMeanFlow) for the samples split at t < m < s: the jump over [t, s] as two jumps
         of the network without gradient, u_tgt = ((m − t)·u(z, t, m) + (s − m)·u(z_m, m, s)) / (s − t) with
-        z_m = z + (m − t)·u(z, t, m); `target` (the JVP's) elsewhere. Taken even when this process has no split
+        z_m = z + (m − t)·u(z, t, m); `target` (the JVP's, which the batch's JVP also computed for the split
+        samples) elsewhere. Taken even when this process has no split
         sample (a sharded model gathers its weights in every forward pass, on every process at once)."""
         index = (draw.mid < draw.s).nonzero().squeeze(1)
         t, m, s, z = draw.t[index], draw.mid[index], draw.s[index], z[index]

@@ -100,6 +100,7 @@ def test_interval_splitting_is_zero_for_the_exact_field_and_two_jumps_of_the_net
     unsplit = objective_of(*keys).loss(model, x1, draw).loss
     assert not torch.allclose(loss[split], unsplit[split]) and torch.equal(loss[~split], unsplit[~split])
 
+
 def test_the_alpha_schedule_goes_from_start_to_end_over_its_window_and_clamps():
     at = lambda step, **kw: alpha_at(step, 1.0, 0.0, (100, 300), **kw)  # noqa: E731
     assert at(0) == at(99) == 1.0 and at(300) == at(10_000) == 0.0

@@ -132,7 +132,6 @@ def test_the_time_samplers_of_the_paper_and_of_py_meanflow_v1(times, mean_t):
     assert abs(draw.t[apart].mean() - 1 / 3) < 0.005 and abs(draw.s[apart].mean() - 2 / 3) < 0.005
 
 
-
 def test_the_length_sampler_makes_long_jumps_as_common_as_short_ones():
     """times='length' with uniform draws: s − t uniform on [0, 1] (a tenth of the jumps longer than 0.9, against a
     hundredth for two ordered draws), t uniform on [0, 1 − (s − t)] so that s stays in [t, 1]; s = t keeps one draw."""
