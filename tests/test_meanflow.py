@@ -307,12 +307,13 @@ def teacher(tmp_path_factory):
     ["flow.objective=meanflow", "flow.meanflow_ratio=0.5"],
     ["flow.objective=alphaflow", "flow.meanflow_ratio=0.5", "flow.alpha_steps=[5,15]"],  # α: 1 → 0 across step 10
     ["flow.objective=shortcut", "flow.shortcut_fraction=0.5", "flow.shortcut_steps=8"],  # EMA targets
-], ids=["meanflow", "alphaflow", "shortcut"])
+    ["flow.objective=meanflow", "flow.meanflow_ratio=0.5", "flow.meanflow_split=0.5"],  # interval splitting by the EMA
+], ids=["meanflow", "alphaflow", "shortcut", "split"])
 def test_few_step_training_resumes_bitwise_and_two_processes_train_as_one(tmp_path, teacher, objective):
     """MeanFlow's JVP runs on the unwrapped network and the gradient through the DDP wrapper, AlphaFlow's α follows
-    the optimizer step, a shortcut model's targets come from the EMA model: for each, 2 gloo processes end where 1
-    does; a run stopped at a checkpoint and resumed ends bitwise where an uninterrupted one does; it samples in
-    jumps."""
+    the optimizer step, a shortcut model's and interval splitting's targets come from the EMA model: for each, 2 gloo
+    processes end where 1 does; a run stopped at a checkpoint and resumed ends bitwise where an uninterrupted one
+    does; it samples in jumps."""
     import sys
 
     from test_train import KILL_AFTER_CHECKPOINT, assert_same_weights
