@@ -8,6 +8,8 @@
         --out bench/out/align_mnist_irepa75_w1   # iREPA on Inception's 7×7 grid at 75 px, λ 1 (the best here)
     python bench/align_mnist.py --compare bench/out/align_mnist:plain bench/out/align_mnist_irepa75_w1 \
         --out bench/out/align_mnist_compare   # runs of several --out folders in one plot, with the goal's lines
+    python bench/align_mnist.py --minutes 7.5 --checkpoints last --methods plain --out bench/out/align_mnist_7m
+        # a run of its own for a shorter budget (its cosine schedule ends at 7.5 minutes), only its end scored
 
 Every method trains configs/mnist_icfm_unet.yaml (unet-mnist, batch 64, AdamW 2e-3, warmup 100, cosine decay, EMA
 0.999) on the 10,000 MNIST test digits of ../shared/data/mnist, plus its flow.align and the ALIGN overrides below.
@@ -97,6 +99,8 @@ def main() -> None:
     p.add_argument("--parallel", type=int, default=2, help="runs side by side (each gets cores / parallel)")
     p.add_argument("--n", type=int, default=1000, help="samples per FID")
     p.add_argument("--sampler", default="midpoint:8:cosine")
+    p.add_argument("--checkpoints", default="all", help="which checkpoints evaluate.py scores: all (a third, two "
+                   "thirds and the end), or last (the run's own budget only, a third of the evaluation time)")
     p.add_argument("--model", nargs="*", default=[], metavar="key=value", help="model overrides (default: the "
                    "config's unet-mnist)")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "align_mnist")
@@ -140,7 +144,7 @@ def main() -> None:
     # FID of every checkpoint.
     ref = SHARED / "t10k-fid-stats-clean.npz"
     run_all([(f"eval_{m}", [sys.executable, str(ROOT / "evaluate.py"), "-e", str(args.out / m), "--checkpoints",
-                            "all", "--samplers", args.sampler, "--n-samples", str(args.n), "--ref", str(ref),
+                            args.checkpoints, "--samplers", args.sampler, "--n-samples", str(args.n), "--ref", str(ref),
                             "--bspp", "250"]) for m in methods], args.parallel, args.out)
     results = {}
     for m in methods:
