@@ -72,10 +72,15 @@ def lr_at(step: int, t) -> float:
     return t.lr
 
 
-def split_by_ema(cfg: Config) -> bool:
-    """MeanFlow's interval splitting takes its targets' jumps with the EMA model."""
+def ema_targets(cfg: Config) -> tuple[str, str] | None:
+    """What takes its training targets from the EMA model (the objective's `teacher`), and the key that turns that
+    off: the shortcut model's half jumps, MeanFlow's interval splitting; None when nothing does."""
     f = cfg.flow
-    return f.objective in ("meanflow", "alphaflow") and f.meanflow_split > 0 and f.meanflow_split_ema
+    if f.objective == "shortcut" and f.shortcut_ema:
+        return "flow.objective=shortcut takes its targets' half jumps", "flow.shortcut_ema"
+    if f.objective in ("meanflow", "alphaflow") and f.meanflow_split > 0 and f.meanflow_split_ema:
+        return "flow.meanflow_split takes its targets' jumps", "flow.meanflow_split_ema"
+    return None
 
 
 def train(cfg: Config, run_dir: Path, accept_changes: bool = False) -> None:
@@ -141,13 +146,11 @@ def run(cfg: Config, run_dir: Path, accelerator, stop: StopRequest, accept_chang
     latent_shape = model.latent_shape(dataset.shape) if autoencoding else space.shape
     if t.init_from and not list_checkpoints(run_dir):  # a new run starts from another's weights
         log(init_weights(model, t.init_from, cfg.model.time_scale))
-    if cfg.flow.objective == "shortcut" and cfg.flow.shortcut_ema and \
-            accelerator.distributed_type == DistributedType.FSDP:
-        raise UserError("flow.objective=shortcut takes its targets' half jumps with the EMA model on every process, "
-                        "which FSDP keeps in shards; use DDP (no FSDP config) or flow.shortcut_ema=false")
-    if split_by_ema(cfg) and accelerator.distributed_type == DistributedType.FSDP:
-        raise UserError("flow.meanflow_split takes its targets' jumps with the EMA model on every process, which FSDP "
-                        "keeps in shards; use DDP (no FSDP config) or flow.meanflow_split_ema=false")
+    teacher = ema_targets(cfg)
+    if teacher and accelerator.distributed_type == DistributedType.FSDP:
+        what, key = teacher
+        raise UserError(f"{what} with the EMA model on every process, which FSDP keeps in shards; use DDP (no FSDP "
+                        f"config) or {key}=false")
     encoder, alignment = None, None
     if cfg.flow.align:
         if cfg.flow.align == "sra" and accelerator.distributed_type == DistributedType.FSDP:
@@ -176,7 +179,7 @@ def run(cfg: Config, run_dir: Path, accelerator, stop: StopRequest, accept_chang
     # Objective.
     objective = build_objective(cfg, source, num_classes, latent_shape, features, task)
     objective.alignment = alignment
-    if (cfg.flow.objective == "shortcut" and cfg.flow.shortcut_ema) or split_by_ema(cfg):  # the targets' jumps
+    if teacher:  # the targets' jumps: the EMA model's
         objective.teacher = p.ema.model
 
     # Resume from the newest complete checkpoint.
