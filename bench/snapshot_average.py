@@ -21,9 +21,14 @@ from pathlib import Path
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from models.checkpoint import checkpoint_name  # noqa: E402
+
 
 def snapshot(run: Path, step: int) -> Path:
-    path = run / "checkpoints" / f"step_{step:07d}" / "ema.safetensors"
+    path = run / "checkpoints" / checkpoint_name(step) / "ema.safetensors"
     if not path.is_file():
         sys.exit(f"error: {path} does not exist; --steps must name checkpoints the run kept (train.keep_every)")
     return path
@@ -48,7 +53,7 @@ def main() -> None:
                 dtypes[key] = tensor.dtype
                 total[key] = total.get(key, 0) + tensor.double()
     average = {key: (value / len(paths)).to(dtypes[key]) for key, value in total.items()}
-    checkpoint = args.out / "checkpoints" / f"step_{steps[-1]:07d}"
+    checkpoint = args.out / "checkpoints" / checkpoint_name(steps[-1])
     checkpoint.mkdir(parents=True, exist_ok=True)
     shutil.copy(args.run / "config.yaml", args.out / "config.yaml")
     for name in ("ema.safetensors", "model.safetensors"):
