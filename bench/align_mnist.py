@@ -99,8 +99,9 @@ def main() -> None:
     p.add_argument("--parallel", type=int, default=2, help="runs side by side (each gets cores / parallel)")
     p.add_argument("--n", type=int, default=1000, help="samples per FID")
     p.add_argument("--sampler", default="midpoint:8:cosine")
-    p.add_argument("--checkpoints", default="all", help="which checkpoints evaluate.py scores: all (a third, two "
-                   "thirds and the end), or last (the run's own budget only, a third of the evaluation time)")
+    p.add_argument("--checkpoints", default="all", choices=("all", "last"),
+                   help="which checkpoints evaluate.py scores: all (a third, two thirds and the end), or last (the "
+                        "run's own budget only, a third of the evaluation time)")
     p.add_argument("--model", nargs="*", default=[], metavar="key=value", help="model overrides (default: the "
                    "config's unet-mnist)")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "align_mnist")
