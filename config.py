@@ -133,8 +133,10 @@ class TrainConfig:
     batch_size: int = 256  # global batch per optimizer step, over all processes and accumulation
     grad_accum: int = 1  # micro-batches per optimizer step
     lr: float = 1e-3  # peak learning rate (AdamW)
-    lr_schedule: str = "constant"  # after warmup: 'constant' or 'cosine' (to lr_min at the last step)
-    lr_min: float = 0.0  # final learning rate of the cosine schedule
+    lr_schedule: str = "constant"  # after warmup: 'constant', 'cosine' (to lr_min at the last step) or 'wsd'
+    #                                 (warmup-stable-decay: constant, then linear to lr_min over decay_fraction)
+    lr_min: float = 0.0  # final learning rate of the cosine and wsd schedules
+    decay_fraction: float = 0.2  # wsd: the share of the steps after warmup over which the rate falls to lr_min
     warmup_steps: int = 0  # linear warmup from 0 to lr
     weight_decay: float = 0.0  # AdamW weight decay
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW betas
@@ -389,7 +391,8 @@ RANGES = {
     "align.target_depth": (0, None, True, True), "align.time_gap": (0, 1, True, True),
     "train.steps": (0, None, False, True), "train.batch_size": (0, None, False, True),
     "train.grad_accum": (0, None, False, True), "train.lr": (0, None, False, True),
-    "train.lr_min": (0, None, True, True), "train.warmup_steps": (0, None, True, True),
+    "train.lr_min": (0, None, True, True), "train.decay_fraction": (0, 1, False, True),
+    "train.warmup_steps": (0, None, True, True),
     "train.weight_decay": (0, None, True, True), "train.grad_clip": (0, None, True, True),
     "train.ema_decay": (0, 1, True, False), "train.log_every": (0, None, False, True),
     "train.t_bins": (0, None, False, True), "train.preview_every": (0, None, True, True),
@@ -438,7 +441,7 @@ def _validate(cfg: Config) -> None:
         section, name = key.split(".")
         check_range(key, getattr(getattr(cfg, section), name))
     t = cfg.train
-    choices = {"train.lr_schedule": (t.lr_schedule, ("constant", "cosine")),
+    choices = {"train.lr_schedule": (t.lr_schedule, ("constant", "cosine", "wsd")),
                "train.mixed_precision": (t.mixed_precision, ("no", "fp16", "bf16"))}
     for key, (value, allowed) in choices.items():
         if value not in allowed:

@@ -63,12 +63,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def lr_at(step: int, t) -> float:
-    """Learning rate for optimizer step `step` (0-based): linear warmup, then constant or cosine to lr_min."""
+    """Learning rate for optimizer step `step` (0-based): linear warmup, then constant, cosine to lr_min, or
+    constant and then linear to lr_min over the last decay_fraction of the steps after warmup (wsd)."""
     if step < t.warmup_steps:
         return t.lr * (step + 1) / t.warmup_steps
     if t.lr_schedule == "cosine":
         progress = (step - t.warmup_steps) / max(1, t.steps - t.warmup_steps)
         return t.lr_min + (t.lr - t.lr_min) * 0.5 * (1 + math.cos(math.pi * progress))
+    if t.lr_schedule == "wsd":
+        decay = max(1, round(t.decay_fraction * (t.steps - t.warmup_steps)))
+        return t.lr_min + (t.lr - t.lr_min) * min(1.0, (t.steps - step) / decay)
     return t.lr
 
 

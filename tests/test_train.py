@@ -100,6 +100,18 @@ def test_truncated_checkpoint_on_resume_fails_clearly_and_keeps_earlier_ones(tmp
     assert (tmp_path / "checkpoints" / "step_0000005" / "ema.safetensors").read_bytes() == before
 
 
+def test_wsd_keeps_the_rate_then_falls_linearly_to_lr_min_over_its_last_fraction(tmp_path, tiny):
+    """Warmup-stable-decay as train.py logs it: warmup to lr, lr until the last decay_fraction of the steps after
+    warmup, then a straight line that would reach lr_min one step after the last."""
+    out = run_script("train.py", "-e", str(tmp_path / "run"), *tiny, "train.steps=24", "train.warmup_steps=4",
+                     "train.lr=1e-3", "train.lr_min=1e-4", "train.lr_schedule=wsd", "train.decay_fraction=0.25",
+                     "train.log_every=1", "train.preview_every=0")
+    assert out.returncode == 0, out.stderr
+    lr = [json.loads(line)["lr"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    decayed = [1e-4 + 9e-4 * k / 5 for k in (5, 4, 3, 2, 1)]  # a quarter of the 20 steps after warmup: the last 5
+    assert lr == pytest.approx([2.5e-4, 5e-4, 7.5e-4, *[1e-3] * 16, *decayed])
+
+
 @pytest.mark.parametrize("args, message", [
     (["train.lrr=1"], "error: unknown config key train.lrr; did you mean train.lr?"),
     (["train.steps=ten"], "error: config key train.steps must be int, got 'ten'"),
@@ -107,6 +119,9 @@ def test_truncated_checkpoint_on_resume_fails_clearly_and_keeps_earlier_ones(tmp
     (["flow.path=curve"], "error: config key flow.path: unknown name 'curve'"),
     (["flow.coupling=sinkhorn"], "error: config key flow.coupling: unknown name 'sinkhorn'"),
     (["data.name=tensor_file", "data.path=/nonexistent/x.npy"], "error: data file '/nonexistent/x.npy' does not exist"),
+    (["train.lr_schedule=step"],
+     "error: config key train.lr_schedule must be one of constant, cosine, wsd, got 'step'"),
+    (["train.decay_fraction=0"], "error: config key train.decay_fraction must be in (0, 1], got 0"),
     (["model.class_cond=true"], "error: model.class_cond is set but moons has no labels"),
     (["flow.label_dropout=0.1"], "error: flow.label_dropout drops class labels, which an unconditional model"),
     (["train.eval_every=5", "train.eval_n=1000"], "error: train.eval_n 1000 exceeds the 512 points of the dataset"),
