@@ -75,6 +75,17 @@ METHODS = {  # name: (train.py arguments, after the bench's own so that they win
     "alphaflow_split": ([*CURRICULUM, *UNIFORM, "flow.meanflow_split=0.5"], "meanflow"),
     "alphaflow_split_online": ([*CURRICULUM, *UNIFORM, "flow.meanflow_split=0.5", "flow.meanflow_split_ema=false"],
                                "meanflow"),
+    # the best one jump (alphaflow_uniform) with noise and data paired by exact minibatch OT (OT-CFM's coupling:
+    # straighter paths, so a long jump's average velocity is closer to the instantaneous one), for 2,300 steps
+    # (alphaflow_uniform's in its 20.1 minutes on 2026-12-06's machine; the OT solve adds 2 ms to a 0.6 s step);
+    # and with the second training seed
+    "alphaflow_uniform_ot": ([*CURRICULUM, *UNIFORM, "flow.coupling=ot", "train.steps=2300"], "meanflow"),
+    "alphaflow_uniform_ot_seed1": ([*CURRICULUM, *UNIFORM, "flow.coupling=ot", "train.steps=2300", "train.seed=1"],
+                                   "meanflow"),
+    # the best one jump (alphaflow_uniform) with its constant rate decayed linearly to lr_min (1e-4) over the last
+    # fifth of 2,300 steps (warmup-stable-decay); on a slower machine the run ends before the decay does
+    "alphaflow_uniform_wsd": ([*CURRICULUM, *UNIFORM, "train.steps=2300", "train.lr_schedule=wsd",
+                               "train.decay_fraction=0.2"], "meanflow"),
     # fine-tuning (no --scratch-only): MeanFlow's u-loss from the teacher with (t, s) uniform
     "meanflow_u_uniform": ([*MEANFLOW, *UNIFORM], "meanflow"),
 }
