@@ -39,6 +39,7 @@ ALPHAFLOW = [*MEANFLOW, "flow.objective=alphaflow"]
 CURRICULUM = [*ALPHAFLOW, "flow.alpha_steps=[0,600]"]  # α from 1 to 0 over the first 600 steps
 UNIFORM = ["flow.time_density=uniform", "flow.time_mean=0", "flow.time_std=1"]  # logit-normal keys reset
 RECIPE = [*CURRICULUM, *UNIFORM, "flow.meanflow_ratio=0.25"]  # configs/mnist_alphaflow_unet.yaml's training keys
+OT_PAIRS = [*CURRICULUM, *UNIFORM, "flow.coupling=ot", "train.steps=2300"]  # the best one jump, minibatch OT pairs
 RESET = ["flow.meanflow_times=ordered", "flow.meanflow_ratio=0.25", "flow.meanflow_p=1.0"]  # keys shortcut lacks
 METHODS = {  # name: (train.py arguments, after the bench's own so that they win; jump solver)
     "meanflow_u": ([*MEANFLOW], "meanflow"),
@@ -79,9 +80,8 @@ METHODS = {  # name: (train.py arguments, after the bench's own so that they win
     # straighter paths, so a long jump's average velocity is closer to the instantaneous one), for 2,300 steps
     # (alphaflow_uniform's in its 20.1 minutes on 2026-12-06's machine; the OT solve adds 2 ms to a 0.6 s step);
     # and with the second training seed
-    "alphaflow_uniform_ot": ([*CURRICULUM, *UNIFORM, "flow.coupling=ot", "train.steps=2300"], "meanflow"),
-    "alphaflow_uniform_ot_seed1": ([*CURRICULUM, *UNIFORM, "flow.coupling=ot", "train.steps=2300", "train.seed=1"],
-                                   "meanflow"),
+    "alphaflow_uniform_ot": (OT_PAIRS, "meanflow"),
+    "alphaflow_uniform_ot_seed1": ([*OT_PAIRS, "train.seed=1"], "meanflow"),
     # the best one jump (alphaflow_uniform) with its constant rate decayed linearly to lr_min (1e-4) over the last
     # fifth of 2,300 steps (warmup-stable-decay); on a slower machine the run ends before the decay does
     "alphaflow_uniform_wsd": ([*CURRICULUM, *UNIFORM, "train.steps=2300", "train.lr_schedule=wsd",
