@@ -88,7 +88,7 @@ def _meanflow(cfg: Config) -> dict:
     f = cfg.flow
     return dict(ratio=f.meanflow_ratio, power=f.meanflow_p, eps=f.meanflow_eps, cfg_scale=f.meanflow_cfg,
                 tangent=f.meanflow_tangent, times=f.meanflow_times, loss=f.meanflow_loss,
-                cfg_range=f.meanflow_cfg_range, split=f.meanflow_split)
+                cfg_range=f.meanflow_cfg_range, split=f.meanflow_split, velocity=f.meanflow_velocity)
 
 
 def _alpha(cfg: Config) -> Callable[[int], float]:
@@ -250,7 +250,7 @@ READ_ONLY_WITH = {
     "huber_c": ("loss", ("pseudo_huber",)),
     **{key: ("objective", ("meanflow", "alphaflow")) for key in (
         "meanflow_ratio", "meanflow_split", "meanflow_split_ema", "meanflow_p", "meanflow_eps", "meanflow_cfg",
-        "meanflow_tangent", "meanflow_times", "meanflow_loss", "meanflow_cfg_range")},
+        "meanflow_tangent", "meanflow_velocity", "meanflow_times", "meanflow_loss", "meanflow_cfg_range")},
     **{key: ("objective", ("alphaflow",)) for key in ("alpha_start", "alpha_end", "alpha_steps", "alpha_schedule",
                                                       "alpha_gamma")},
     **{key: ("objective", ("shortcut",)) for key in ("shortcut_fraction", "shortcut_steps", "shortcut_ema")},
@@ -318,6 +318,7 @@ def check_config(cfg: Config) -> None:
         raise UserError("flow.coupling=class_ot pairs noise and data within a class, for class-conditional models; "
                         "set model.class_cond=true or use flow.coupling=ot")
     check_name(("conditional", "model"), f.meanflow_tangent, "flow.meanflow_tangent")
+    check_name(("conditional", "model"), f.meanflow_velocity, "flow.meanflow_velocity")
     check_name(("ordered", "single", "length"), f.meanflow_times, "flow.meanflow_times")
     check_name(("u", "v"), f.meanflow_loss, "flow.meanflow_loss")
     if f.objective in AVERAGE_VELOCITY and (bridge or f.prediction != "velocity" or f.loss_weight != "none"):
@@ -333,6 +334,10 @@ def check_config(cfg: Config) -> None:
     if f.meanflow_loss == "v" and f.meanflow_tangent != "model":
         raise UserError("flow.meanflow_loss=v regresses V = u − (s − t)·du/dt onto x1 − x0, so the derivative follows "
                         "the model's own velocity: set flow.meanflow_tangent=model too")
+    if f.meanflow_velocity == "model" and (f.meanflow_cfg != 1 or f.meanflow_cfg_range):
+        raise UserError("flow.meanflow_velocity=model takes the jumps' velocity from the network without guidance, "
+                        "so guidance cannot be baked into their target: use flow.meanflow_velocity=conditional with "
+                        "flow.meanflow_cfg or flow.meanflow_cfg_range")
     check_alphaflow(f)
     if f.meanflow_cfg_range:
         low_high = f.meanflow_cfg_range

@@ -68,6 +68,45 @@ def test_the_v_loss_and_the_u_loss_have_the_same_minimiser(loss):
     assert a.min() > 1e-3 and torch.allclose(a, b, rtol=1e-6)
 
 
+class ExactIndependent(torch.nn.Module):
+    """Gaussian → Gaussian with noise and data drawn independently, x1 ~ N(M, σ²·I): the marginal flow keeps
+    z_t = t·M + std(t)·ε with std(t)² = (1 − t)² + t²σ², so the average velocity over [t, s] is (z_s − z) / (s − t)
+    with z_s = s·M + std(s) / std(t)·(z − t·M), and at s = t the velocity M + std'(t) / std(t)·(z − t·M)."""
+
+    interval_embed = True
+
+    def __init__(self, sigma: float):
+        super().__init__()
+        self.sigma = sigma
+
+    def std(self, t):
+        return ((1 - t) ** 2 + (t * self.sigma) ** 2).sqrt()[:, None]
+
+    def forward(self, z, t, y=None, s=None):
+        s = t if s is None else s
+        gap = (s - t)[:, None]
+        centred = z - t[:, None] * M
+        jump = (s[:, None] * M + self.std(s) / self.std(t) * centred - z) / torch.where(gap > 0, gap, 1.0)
+        slope = (t * self.sigma**2 - (1 - t))[:, None] / self.std(t) ** 2
+        return torch.where(gap > 0, jump, M + slope * centred)
+
+
+def test_self_distillation_gives_the_exact_flow_zero_loss_per_sample_with_independent_pairs():
+    """flow.meanflow_velocity=model: the s ≠ t samples' target takes the network's own velocity, so the exact
+    average velocity of a curved marginal flow (independent pairs) has zero loss on every one of them, where x1 − x0
+    leaves each sample's pairing noise in the target; the s = t samples keep x1 − x0, as without it."""
+    keys = ("flow.objective=meanflow", "flow.meanflow_ratio=0.75", "flow.meanflow_p=0")
+    own = objective_of(*keys, "flow.meanflow_velocity=model")
+    draw = own.draw(torch.zeros(512, 2, dtype=torch.float64), None, torch.Generator().manual_seed(1))
+    apart = draw.s != draw.t
+    x1 = M + 0.5 * gaussian(512, torch.Generator().manual_seed(2), "cpu")  # drawn apart from the noise
+    model = ExactIndependent(0.5)
+    mine, conditional = own.loss(model, x1, draw).loss, objective_of(*keys).loss(model, x1, draw).loss
+    assert 0.6 < apart.float().mean() < 0.9
+    assert mine[apart].max() < 1e-8 and conditional[apart].mean() > 0.1
+    assert conditional[~apart].min() > 0 and torch.equal(mine[~apart], conditional[~apart])
+
+
 def test_interval_splitting_is_zero_for_the_exact_field_and_two_jumps_of_the_network_otherwise():
     """flow.meanflow_split: a fraction of the s ≠ t samples split [t, s] at a uniform m; for the exact average
     velocity (curved path, all data at one point) the two jumps make the whole one, loss zero; for a hand model their
@@ -227,6 +266,9 @@ def test_the_shortcut_sampler_jumps_with_exact_nfe():
     (["flow.objective=cfm", "flow.meanflow_cfg_range=[1,4]"], "is read only with flow.objective=meanflow"),
     (["flow.objective=meanflow", "flow.meanflow_loss=v", "flow.meanflow_tangent=model", "flow.meanflow_split=0.5"],
      "flow.meanflow_split replaces the u-loss's target"),
+    (["flow.objective=meanflow", "flow.meanflow_velocity=model", "model.class_cond=true", "flow.label_dropout=0.1",
+      "flow.meanflow_cfg=2"], "guidance cannot be baked into their target"),
+    (["flow.objective=meanflow", "flow.meanflow_velocity=data"], "flow.meanflow_velocity: unknown name .data."),
 ])
 def test_bad_few_step_settings_are_one_clear_line(overrides, message):
     from registries import check_names
