@@ -110,8 +110,8 @@ class FlowConfig:
     #                           instantaneous velocity V = u − (s − t)·sg(du/dt) against x1 − x0; needs tangent 'model')
     meanflow_tangent: str = "conditional"  # MeanFlow: direction of d/dt u: 'conditional' (x1 − x0) or 'model' u(z,t,t)
     meanflow_velocity: str = "conditional"  # MeanFlow: v in the s ≠ t samples' target (and its derivative's direction):
-    #                                       'conditional' (x1 − x0) or 'model' u_θ(z, t, t) (self-distillation: no
-    #                                       pairing noise in the jumps' targets; the s = t samples keep x1 − x0)
+    #                                       'conditional' (x1 − x0), 'model' u_θ(z, t, t) or 'ema' (the EMA weights')
+    #                                       (self-distillation: no pairing noise in the jumps' targets; s = t: x1 − x0)
     meanflow_times: str = "ordered"  # MeanFlow's (t, s): 'ordered' (the paper's: s = t samples take the earlier of two
     #                                  draws), 'single' (py-meanflow's v1: they keep one draw) or 'length' (s − t
     #                                  drawn, t spread over [0, 1 − (s − t)]: long jumps as common as short ones)

@@ -77,13 +77,16 @@ def lr_at(step: int, t) -> float:
 
 
 def ema_targets(cfg: Config) -> tuple[str, str] | None:
-    """What takes its training targets from the EMA model (the objective's `teacher`), and the key that turns that
-    off: the shortcut model's half jumps, MeanFlow's interval splitting; None when nothing does."""
+    """What takes its training targets from the EMA model (the objective's `teacher`), and the setting that turns
+    that off: the shortcut model's half jumps, MeanFlow's interval splitting and its jumps' velocity; None when
+    nothing does."""
     f = cfg.flow
     if f.objective == "shortcut" and f.shortcut_ema:
-        return "flow.objective=shortcut takes its targets' half jumps", "flow.shortcut_ema"
+        return "flow.objective=shortcut takes its targets' half jumps", "flow.shortcut_ema=false"
     if f.objective in ("meanflow", "alphaflow") and f.meanflow_split > 0 and f.meanflow_split_ema:
-        return "flow.meanflow_split takes its targets' jumps", "flow.meanflow_split_ema"
+        return "flow.meanflow_split takes its targets' jumps", "flow.meanflow_split_ema=false"
+    if f.objective in ("meanflow", "alphaflow") and f.meanflow_velocity == "ema":
+        return "flow.meanflow_velocity=ema takes its targets' velocity", "flow.meanflow_velocity=conditional"
     return None
 
 
@@ -154,7 +157,7 @@ def run(cfg: Config, run_dir: Path, accelerator, stop: StopRequest, accept_chang
     if teacher and accelerator.distributed_type == DistributedType.FSDP:
         what, key = teacher
         raise UserError(f"{what} with the EMA model on every process, which FSDP keeps in shards; use DDP (no FSDP "
-                        f"config) or {key}=false")
+                        f"config) or {key}")
     encoder, alignment = None, None
     if cfg.flow.align:
         if cfg.flow.align == "sra" and accelerator.distributed_type == DistributedType.FSDP:

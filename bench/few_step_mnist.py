@@ -83,10 +83,11 @@ METHODS = {  # name: (train.py arguments, after the bench's own so that they win
     "alphaflow_uniform_ot": (OT_PAIRS, "meanflow"),
     "alphaflow_uniform_ot_seed1": ([*OT_PAIRS, "train.seed=1"], "meanflow"),
     # the OT pairs' best one jump with self-distillation: the s ≠ t samples' target from the network's own velocity
-    # u(z, t, t) (no pairing noise in it; one more forward pass a step, so its 2,300 steps take more minutes than
-    # alphaflow_uniform_ot's: compare at its checkpoint of equal minutes too); and the OT pairs with the config's
+    # u(z, t, t), online (broke: noise by step 1,000) or the EMA weights' (no pairing noise in it; one more forward
+    # pass a step, so 2,300 steps take more minutes than alphaflow_uniform_ot's); and the OT pairs with the config's
     # quarter of the samples s ≠ t (configs/mnist_alphaflow_unet.yaml's recipe with flow.coupling=ot)
-    "alphaflow_uniform_ot_self": ([*OT_PAIRS, "flow.meanflow_velocity=model"], "meanflow"),
+    "alphaflow_uniform_ot_self_online": ([*OT_PAIRS, "flow.meanflow_velocity=model"], "meanflow"),
+    "alphaflow_uniform_ot_ema_self": ([*OT_PAIRS, "flow.meanflow_velocity=ema"], "meanflow"),
     "alphaflow_uniform_r25_ot": ([*RECIPE, "flow.coupling=ot", "train.steps=2300"], "meanflow"),
     # the best one jump (alphaflow_uniform) with its constant rate decayed linearly to lr_min (1e-4) over the last
     # fifth of 2,300 steps (warmup-stable-decay); on a slower machine the run ends before the decay does

@@ -318,7 +318,7 @@ def check_config(cfg: Config) -> None:
         raise UserError("flow.coupling=class_ot pairs noise and data within a class, for class-conditional models; "
                         "set model.class_cond=true or use flow.coupling=ot")
     check_name(("conditional", "model"), f.meanflow_tangent, "flow.meanflow_tangent")
-    check_name(("conditional", "model"), f.meanflow_velocity, "flow.meanflow_velocity")
+    check_name(("conditional", "model", "ema"), f.meanflow_velocity, "flow.meanflow_velocity")
     check_name(("ordered", "single", "length"), f.meanflow_times, "flow.meanflow_times")
     check_name(("u", "v"), f.meanflow_loss, "flow.meanflow_loss")
     if f.objective in AVERAGE_VELOCITY and (bridge or f.prediction != "velocity" or f.loss_weight != "none"):
@@ -334,10 +334,13 @@ def check_config(cfg: Config) -> None:
     if f.meanflow_loss == "v" and f.meanflow_tangent != "model":
         raise UserError("flow.meanflow_loss=v regresses V = u − (s − t)·du/dt onto x1 − x0, so the derivative follows "
                         "the model's own velocity: set flow.meanflow_tangent=model too")
-    if f.meanflow_velocity == "model" and (f.meanflow_cfg != 1 or f.meanflow_cfg_range):
-        raise UserError("flow.meanflow_velocity=model takes the jumps' velocity from the network without guidance, "
-                        "so guidance cannot be baked into their target: use flow.meanflow_velocity=conditional with "
-                        "flow.meanflow_cfg or flow.meanflow_cfg_range")
+    if f.meanflow_velocity != "conditional" and (f.meanflow_cfg != 1 or f.meanflow_cfg_range):
+        raise UserError(f"flow.meanflow_velocity={f.meanflow_velocity} takes the jumps' velocity from the network "
+                        "without guidance, so guidance cannot be baked into their target: use "
+                        "flow.meanflow_velocity=conditional with flow.meanflow_cfg or flow.meanflow_cfg_range")
+    if f.meanflow_velocity == "ema" and f.meanflow_split and not f.meanflow_split_ema:
+        raise UserError("flow.meanflow_velocity=ema gives the objective the EMA model, whose jumps the split targets "
+                        "then take too: set flow.meanflow_split_ema=true, or flow.meanflow_velocity=model")
     check_alphaflow(f)
     if f.meanflow_cfg_range:
         low_high = f.meanflow_cfg_range

@@ -47,10 +47,13 @@ different step.
 Self-distillation (velocity='model'; the Eulerian self-distillation of Boffi, Albergo & Vanden-Eijnden 2025, "How
 to build a consistency model: learning flow maps via self-distillation"): for the s ≠ t samples v_t in the target,
 and so the derivative's direction, is the network's own instantaneous velocity u_θ(z_t, t, t) (eval mode, no
-gradient), u_tgt = u_θ(z_t, t, t) + (s − t)·sg(d/dt u) along it; the s = t samples keep v_t and are the only ones
+gradient; velocity='ema': the EMA weights', `teacher`, set by the training loop as for splitting), u_tgt =
+u_θ(z_t, t, t) + (s − t)·sg(d/dt u) along it; the s = t samples keep v_t and are the only ones
 that see the data, training the velocity that the jumps' targets read. The jumps' targets carry no pairing noise:
 the exact average velocity of the flow the network's velocity defines gives zero loss per sample, not only in
-expectation over the pairs. AlphaFlow's steps at α > 0 keep v_t (α = 1 is flow matching on the data).
+expectation over the pairs. AlphaFlow's steps at α > 0 keep v_t (α = 1 is flow matching on the data). With the
+online network's velocity the targets chase its updates: on MNIST (AlphaFlow, OT pairs) the loss swung between 1.9
+and 7.1 from α = 0 on and one-jump samples were noise by step 1,000 (docs/benchmarks.md).
 
 Interval splitting (SplitMeanFlow, Guo et al. 2025; split > 0): for a fraction `split` of the s ≠ t samples the
 target is not the JVP's but the jump over [t, s] made of two jumps of the network, split at m uniform in (t, s):
@@ -163,7 +166,7 @@ class MeanFlowObjective(FlowMatchingObjective):
             raise ValueError("interval splitting replaces the u-loss's target; it has no v-loss form here")
         self.ratio, self.power, self.eps, self.cfg_scale, self.tangent = ratio, power, eps, cfg_scale, tangent
         self.times, self.loss_on, self.cfg_range, self.split = times, loss, tuple(cfg_range), split
-        self.own_velocity = velocity == "model"
+        self.jump_velocity = velocity  # 'conditional', or the network's ('model') or the EMA's ('ema') velocity
         self.teacher = None  # the EMA model that takes the split targets' jumps (set by the training loop), or None
 
     def draw(self, x1: torch.Tensor, y: torch.Tensor | None, generator: torch.Generator,
@@ -224,10 +227,11 @@ class MeanFlowObjective(FlowMatchingObjective):
         sample = self.path.sample(draw.x0, x1.to(draw.x0.dtype), draw.t)
         v = self.velocity(model, sample.x_t, draw, sample.u_t)
         along = v
-        if self.tangent == "model" or self.own_velocity:  # the network's own instantaneous velocity, no pairing noise
-            with torch.no_grad(), evaluation(unwrapped(model)) as net:
+        if self.tangent == "model" or self.jump_velocity != "conditional":  # the network's velocity, no pairing noise
+            own = self.teacher if self.jump_velocity == "ema" and self.teacher is not None else unwrapped(model)
+            with torch.no_grad(), evaluation(own) as net:
                 along = net(sample.x_t, draw.t, draw.y, **draw.cond).to(v.dtype)
-        if self.own_velocity:  # self-distillation: the jumps' velocity is the network's, the s = t samples keep v_t
+        if self.jump_velocity != "conditional":  # self-distillation: the jumps take the network's, s = t keep v_t
             v = torch.where(expand_like(draw.s != draw.t, v), along, v)
         rng = _rng_state(v.device)  # the JVP and the prediction see the same dropout masks
         if self.loss_on == "v":  # V_θ = u_θ − (s − t)·sg(du/dt), regressed onto v

@@ -105,6 +105,15 @@ def test_self_distillation_gives_the_exact_flow_zero_loss_per_sample_with_indepe
     assert 0.6 < apart.float().mean() < 0.9
     assert mine[apart].max() < 1e-8 and conditional[apart].mean() > 0.1
     assert conditional[~apart].min() > 0 and torch.equal(mine[~apart], conditional[~apart])
+    ema = objective_of(*keys, "flow.meanflow_velocity=ema")  # the EMA model's velocity, the JVP along it
+    ema.teacher = ExactIndependent(0.3)
+    z = ema.path.sample(draw.x0, x1, draw.t).x_t
+    along = ema.teacher(z, draw.t)
+    u, dudt = torch.func.jvp(lambda z, t: model(z, t, s=draw.s), (z, draw.t), (along, torch.ones_like(draw.t)))
+    expected = (u - along - (draw.s - draw.t)[:, None] * dudt).square().sum(1)
+    from_ema = ema.loss(model, x1, draw).loss
+    assert expected[apart].mean() > 1e-2 and torch.allclose(from_ema[apart].double(), expected[apart], rtol=1e-4)
+    assert torch.equal(from_ema[~apart], conditional[~apart])
 
 
 def test_interval_splitting_is_zero_for_the_exact_field_and_two_jumps_of_the_network_otherwise():
@@ -268,6 +277,8 @@ def test_the_shortcut_sampler_jumps_with_exact_nfe():
      "flow.meanflow_split replaces the u-loss's target"),
     (["flow.objective=meanflow", "flow.meanflow_velocity=model", "model.class_cond=true", "flow.label_dropout=0.1",
       "flow.meanflow_cfg=2"], "guidance cannot be baked into their target"),
+    (["flow.objective=meanflow", "flow.meanflow_velocity=ema", "flow.meanflow_split=0.5",
+      "flow.meanflow_split_ema=false"], "set flow.meanflow_split_ema=true"),
     (["flow.objective=meanflow", "flow.meanflow_velocity=data"], "flow.meanflow_velocity: unknown name .data."),
 ])
 def test_bad_few_step_settings_are_one_clear_line(overrides, message):
