@@ -39,7 +39,8 @@ ALPHAFLOW = [*MEANFLOW, "flow.objective=alphaflow"]
 CURRICULUM = [*ALPHAFLOW, "flow.alpha_steps=[0,600]"]  # α from 1 to 0 over the first 600 steps
 UNIFORM = ["flow.time_density=uniform", "flow.time_mean=0", "flow.time_std=1"]  # logit-normal keys reset
 RECIPE = [*CURRICULUM, *UNIFORM, "flow.meanflow_ratio=0.25"]  # configs/mnist_alphaflow_unet.yaml's training keys
-OT_PAIRS = [*CURRICULUM, *UNIFORM, "flow.coupling=ot", "train.steps=2300"]  # the best one jump, minibatch OT pairs
+OT = ["flow.coupling=ot", "train.steps=2300"]  # minibatch OT pairs, for the steps of the runs they are compared with
+OT_PAIRS = [*CURRICULUM, *UNIFORM, *OT]  # the best one jump, minibatch OT pairs
 RESET = ["flow.meanflow_times=ordered", "flow.meanflow_ratio=0.25", "flow.meanflow_p=1.0"]  # keys shortcut lacks
 METHODS = {  # name: (train.py arguments, after the bench's own so that they win; jump solver)
     "meanflow_u": ([*MEANFLOW], "meanflow"),
@@ -88,7 +89,7 @@ METHODS = {  # name: (train.py arguments, after the bench's own so that they win
     # quarter of the samples s ≠ t (configs/mnist_alphaflow_unet.yaml's recipe with flow.coupling=ot)
     "alphaflow_uniform_ot_self_online": ([*OT_PAIRS, "flow.meanflow_velocity=model"], "meanflow"),
     "alphaflow_uniform_ot_ema_self": ([*OT_PAIRS, "flow.meanflow_velocity=ema"], "meanflow"),
-    "alphaflow_uniform_r25_ot": ([*RECIPE, "flow.coupling=ot", "train.steps=2300"], "meanflow"),
+    "alphaflow_uniform_r25_ot": ([*RECIPE, *OT], "meanflow"),
     # the best one jump (alphaflow_uniform) with its constant rate decayed linearly to lr_min (1e-4) over the last
     # fifth of 2,300 steps (warmup-stable-decay); on a slower machine the run ends before the decay does
     "alphaflow_uniform_wsd": ([*CURRICULUM, *UNIFORM, "train.steps=2300", "train.lr_schedule=wsd",
