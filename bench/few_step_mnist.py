@@ -41,6 +41,8 @@ UNIFORM = ["flow.time_density=uniform", "flow.time_mean=0", "flow.time_std=1"]  
 RECIPE = [*CURRICULUM, *UNIFORM, "flow.meanflow_ratio=0.25"]  # configs/mnist_alphaflow_unet.yaml's training keys
 OT = ["flow.coupling=ot", "train.steps=2300"]  # minibatch OT pairs, for the steps of the runs they are compared with
 OT_PAIRS = [*CURRICULUM, *UNIFORM, *OT]  # the best one jump, minibatch OT pairs
+IREPA = ["flow.align=repa", "align.encoder=inception", "align.resolution=75", "align.projector=conv",
+         "align.weight=1"]  # issue 31's best alignment on the MNIST UNet (bench/align_mnist.py)
 RESET = ["flow.meanflow_times=ordered", "flow.meanflow_ratio=0.25", "flow.meanflow_p=1.0"]  # keys shortcut lacks
 METHODS = {  # name: (train.py arguments, after the bench's own so that they win; jump solver)
     "meanflow_u": ([*MEANFLOW], "meanflow"),
@@ -90,6 +92,10 @@ METHODS = {  # name: (train.py arguments, after the bench's own so that they win
     "alphaflow_uniform_ot_self_online": ([*OT_PAIRS, "flow.meanflow_velocity=model"], "meanflow"),
     "alphaflow_uniform_ot_ema_self": ([*OT_PAIRS, "flow.meanflow_velocity=ema"], "meanflow"),
     "alphaflow_uniform_r25_ot": ([*RECIPE, *OT], "meanflow"),
+    # the OT pairs' best one jump with issue 31's best alignment (iREPA: Inception's 7×7 grid at 75 px, the conv
+    # head, λ 1; its feature cache computed at the run's start), to the end and with HASTE's stop at 2/3 of the steps
+    "alphaflow_uniform_ot_irepa": ([*OT_PAIRS, *IREPA], "meanflow"),
+    "alphaflow_uniform_ot_irepa_stop": ([*OT_PAIRS, *IREPA, "align.stop_step=1530"], "meanflow"),
     # the best one jump (alphaflow_uniform) with its constant rate decayed linearly to lr_min (1e-4) over the last
     # fifth of 2,300 steps (warmup-stable-decay); on a slower machine the run ends before the decay does
     "alphaflow_uniform_wsd": ([*CURRICULUM, *UNIFORM, "train.steps=2300", "train.lr_schedule=wsd",
