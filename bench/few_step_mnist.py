@@ -88,10 +88,11 @@ METHODS = {  # name: (train.py arguments, after the bench's own so that they win
     # the OT pairs' best one jump with self-distillation: the s ≠ t samples' target from the network's own velocity
     # u(z, t, t), online (broke: noise by step 1,000) or the EMA weights' (no pairing noise in it; one more forward
     # pass a step, so 2,300 steps take more minutes than alphaflow_uniform_ot's); and the OT pairs with the config's
-    # quarter of the samples s ≠ t (configs/mnist_alphaflow_unet.yaml's recipe with flow.coupling=ot)
+    # quarter of the samples s ≠ t (configs/mnist_alphaflow_unet.yaml's recipe with flow.coupling=ot), two seeds
     "alphaflow_uniform_ot_self_online": ([*OT_PAIRS, "flow.meanflow_velocity=model"], "meanflow"),
     "alphaflow_uniform_ot_ema_self": ([*OT_PAIRS, "flow.meanflow_velocity=ema"], "meanflow"),
     "alphaflow_uniform_r25_ot": ([*RECIPE, *OT], "meanflow"),
+    "alphaflow_uniform_r25_ot_seed1": ([*RECIPE, *OT, "train.seed=1"], "meanflow"),
     # the OT pairs' best one jump with issue 31's best alignment (iREPA: Inception's 7×7 grid at 75 px, the conv
     # head, λ 1; its feature cache computed at the run's start), to the end and with HASTE's stop at 2/3 of the steps
     "alphaflow_uniform_ot_irepa": ([*OT_PAIRS, *IREPA], "meanflow"),
