@@ -94,7 +94,8 @@ METHODS = {  # name: (train.py arguments, after the bench's own so that they win
     "alphaflow_uniform_r25_ot": ([*RECIPE, *OT], "meanflow"),
     "alphaflow_uniform_r25_ot_seed1": ([*RECIPE, *OT, "train.seed=1"], "meanflow"),
     # the OT pairs' best one jump with issue 31's best alignment (iREPA: Inception's 7×7 grid at 75 px, the conv
-    # head, λ 1; its feature cache computed at the run's start), to the end and with HASTE's stop at 2/3 of the steps
+    # head, λ 1; the feature cache is computed by the first of them, under align.cache_dir's default, and read by the
+    # second), to the end and with HASTE's stop at 2/3 of the steps
     "alphaflow_uniform_ot_irepa": ([*OT_PAIRS, *IREPA], "meanflow"),
     "alphaflow_uniform_ot_irepa_stop": ([*OT_PAIRS, *IREPA, "align.stop_step=1530"], "meanflow"),
     # the best one jump (alphaflow_uniform) with its constant rate decayed linearly to lr_min (1e-4) over the last
