@@ -98,10 +98,11 @@ METHODS = {  # name: (train.py arguments, after the bench's own so that they win
     # second), to the end and with HASTE's stop at 2/3 of the steps
     "alphaflow_uniform_ot_irepa": ([*OT_PAIRS, *IREPA], "meanflow"),
     "alphaflow_uniform_ot_irepa_stop": ([*OT_PAIRS, *IREPA, "align.stop_step=1530"], "meanflow"),
-    # the OT pairs' best one jump for 5,200 steps (45 minutes alone on 2026-12-06's machine, past the budget's
-    # teacher + 15 minutes), for the curve of FID against minutes; and with the adaptive weight's p at 0.5 in place of
-    # 0.75, which weighs the long jumps' large errors more (p = 0.5 gave MeanFlow fine-tuning a better one jump, 141.9
-    # against 148.0, with 16% more steps)
+    # the OT pairs' best one jump for 5,200 steps (about 45 minutes at its rate alone on 2026-12-06's machine, past the
+    # budget's teacher + 15 minutes; the bench stops a run at the teacher's time + --minutes, so run it alone with
+    # --scratch-only --minutes 45: train.steps ends it), for the curve of FID against minutes; and with the adaptive
+    # weight's p at 0.5 in place of 0.75, which weighs the long jumps' large errors more (p = 0.5 gave MeanFlow
+    # fine-tuning a better one jump, 141.9 against 148.0, with 16% more steps)
     "alphaflow_uniform_ot_long": ([*OT_PAIRS, "train.steps=5200"], "meanflow"),
     "alphaflow_uniform_ot_p05": ([*OT_PAIRS, "flow.meanflow_p=0.5"], "meanflow"),
     # the best one jump (alphaflow_uniform) with its constant rate decayed linearly to lr_min (1e-4) over the last
