@@ -38,7 +38,7 @@ MEANFLOW = ["-c", "configs/mnist_meanflow_unet.yaml"]
 ALPHAFLOW = [*MEANFLOW, "flow.objective=alphaflow"]
 CURRICULUM = [*ALPHAFLOW, "flow.alpha_steps=[0,600]"]  # α from 1 to 0 over the first 600 steps
 UNIFORM = ["flow.time_density=uniform", "flow.time_mean=0", "flow.time_std=1"]  # logit-normal keys reset
-RECIPE = [*CURRICULUM, *UNIFORM, "flow.meanflow_ratio=0.25"]  # configs/mnist_alphaflow_unet.yaml's training keys
+RECIPE = [*CURRICULUM, *UNIFORM, "flow.meanflow_ratio=0.25"]  # mnist_alphaflow_unet.yaml's keys but its OT pairs
 OT = ["flow.coupling=ot", "train.steps=2300"]  # minibatch OT pairs, for the steps of the runs they are compared with
 OT_PAIRS = [*CURRICULUM, *UNIFORM, *OT]  # the best one jump, minibatch OT pairs
 IREPA = ["flow.align=repa", "align.encoder=inception", "align.resolution=75", "align.projector=conv",
@@ -88,7 +88,7 @@ METHODS = {  # name: (train.py arguments, after the bench's own so that they win
     # the OT pairs' best one jump with self-distillation: the s ≠ t samples' target from the network's own velocity
     # u(z, t, t), online (broke: noise by step 1,000) or the EMA weights' (no pairing noise in it; one more forward
     # pass a step, so 2,300 steps take more minutes than alphaflow_uniform_ot's); and the OT pairs with the config's
-    # quarter of the samples s ≠ t (configs/mnist_alphaflow_unet.yaml's recipe with flow.coupling=ot), two seeds
+    # quarter of the samples s ≠ t (configs/mnist_alphaflow_unet.yaml's training keys since it pairs by OT), two seeds
     "alphaflow_uniform_ot_self_online": ([*OT_PAIRS, "flow.meanflow_velocity=model"], "meanflow"),
     "alphaflow_uniform_ot_ema_self": ([*OT_PAIRS, "flow.meanflow_velocity=ema"], "meanflow"),
     "alphaflow_uniform_r25_ot": ([*RECIPE, *OT], "meanflow"),
