@@ -108,6 +108,9 @@ class FlowConfig:
     #                 input (improved MeanFlow): ω and an interval [a, b] drawn per sample, chosen at sampling
     meanflow_loss: str = "u"  # MeanFlow: 'u' (the paper's loss on u) or 'v' (improved MeanFlow's loss on the
     #                           instantaneous velocity V = u − (s − t)·sg(du/dt) against x1 − x0; needs tangent 'model')
+    meanflow_derivative: str = "jvp"  # MeanFlow: d/dt u by 'jvp' (forward mode), 'central' (the central difference of
+    #                                   two forward passes without gradient) or 'onesided' (one pass, from the float32
+    #                                   prediction itself; not with mixed precision or compile): cheaper than the JVP
     meanflow_tangent: str = "conditional"  # MeanFlow: direction of d/dt u: 'conditional' (x1 − x0) or 'model' u(z,t,t)
     meanflow_velocity: str = "conditional"  # MeanFlow: v in the s ≠ t samples' target (and its derivative's direction):
     #                                       'conditional' (x1 − x0), 'model' u_θ(z, t, t) or 'ema' (the EMA weights')

@@ -109,6 +109,14 @@ METHODS = {  # name: (train.py arguments, after the bench's own so that they win
     # fifth of 2,300 steps (warmup-stable-decay); on a slower machine the run ends before the decay does
     "alphaflow_uniform_wsd": ([*CURRICULUM, *UNIFORM, "train.steps=2300", "train.lr_schedule=wsd",
                                "train.decay_fraction=0.2"], "meanflow"),
+    # with --scratch-only: the OT pairs' best one jump stopped by the budget (the teacher's time + --minutes) in place
+    # of 2,300 steps, and the same with d/dt u by a difference of forward passes in place of the JVP: central (two
+    # passes) and one-sided from the prediction (one pass); 37% and more steps a minute once α reaches 0 (2026-12-07)
+    "alphaflow_uniform_ot_budget": ([*CURRICULUM, *UNIFORM, "flow.coupling=ot"], "meanflow"),
+    "alphaflow_uniform_ot_central": ([*CURRICULUM, *UNIFORM, "flow.coupling=ot", "flow.meanflow_derivative=central"],
+                                     "meanflow"),
+    "alphaflow_uniform_ot_onesided": ([*CURRICULUM, *UNIFORM, "flow.coupling=ot",
+                                       "flow.meanflow_derivative=onesided"], "meanflow"),
     # fine-tuning (no --scratch-only): MeanFlow's u-loss from the teacher with (t, s) uniform
     "meanflow_u_uniform": ([*MEANFLOW, *UNIFORM], "meanflow"),
 }

@@ -15,6 +15,7 @@ for model in "DiT-B/2 --batch 256" "unet-cifar10 --batch 128"; do
     for compile in "" "--compile"; do
         echo "\$ bench/meanflow_step.py --models $model $compile" | tee -a "$LOG"
         timeout 300 $PY bench/meanflow_step.py --device cuda --models $model --mixed-precision bf16 $compile \
+            --objectives cfm meanflow meanflow_central alphaflow shortcut \
             --steps 10 --warmup 3 --repeats 2 2>&1 | tee -a "$LOG"
     done
 done

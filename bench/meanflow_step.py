@@ -2,16 +2,17 @@
 and batch.
 
     python bench/meanflow_step.py [--models unet-cifar10 DiT-B/2] [--objectives cfm meanflow alphaflow shortcut]
-        [--batch 32] [--steps 5] [--device cuda] [--mixed-precision bf16] [--compile]
+        [--batch 32] [--ratio 0.75] [--steps 5] [--device cuda] [--mixed-precision bf16] [--compile]
 
 Each step is the toolkit's own: the objective's draw and per-sample loss, backward, clipping, AdamW and EMA
 (backend.update_weights). The losses: flow matching (flows.FlowMatchingObjective); MeanFlow (a forward-mode JVP of
-the unwrapped network without gradient, then the forward and backward of the prediction; its v-loss costs the
-same); AlphaFlow mid-curriculum (α = 0.5: one more forward pass without gradient and no JVP; at α = 0 it is
-MeanFlow's step, at α = 1 flow matching's); a shortcut model (two forward passes without gradient on its
-self-consistency quarter of the batch, taken by the EMA model). UNets run on CIFAR-shaped pixels (3×32×32),
-DiTs on SD-VAE-shaped latents (4×32×32). The objectives take turns,
-in reverse order every other repeat, --repeats times; the best seconds per step of each and its ratio to flow
+the unwrapped network without gradient for the --ratio of the samples with s ≠ t, then the forward and backward of
+the prediction; its v-loss costs the same; meanflow_central and meanflow_onesided: two forward passes without
+gradient, or one from the prediction, in place of the JVP); AlphaFlow mid-curriculum (α = 0.5: one more forward
+pass without gradient and no JVP; at α = 0 it is MeanFlow's step, at α = 1 flow matching's); a shortcut model
+(two forward passes without gradient on its self-consistency quarter of the batch, taken by the EMA model). UNets
+run on CIFAR-shaped pixels (3×32×32), DiTs on SD-VAE-shaped latents (4×32×32). The objectives take turns, in reverse
+order every other repeat, --repeats times; the best seconds per step of each and its ratio to flow
 matching are printed.
 """
 
@@ -46,21 +47,29 @@ class _Accelerator:
         return torch.nn.utils.clip_grad_norm_(params, max_norm)
 
 
+OBJECTIVES = {  # name: (flow.objective, further keys)
+    "cfm": ("cfm", []), "meanflow": ("meanflow", []), "alphaflow": ("alphaflow", []), "shortcut": ("shortcut", []),
+    "meanflow_central": ("meanflow", ["flow.meanflow_derivative=central"]),
+    "meanflow_onesided": ("meanflow", ["flow.meanflow_derivative=onesided"]),
+}
+
+
 def step_time(name: str, objective_name: str, args, device: torch.device) -> float:
     """Best seconds per training step over --steps steps after --warmup, for one objective."""
     shape = (3, 32, 32) if name.startswith("unet") else (4, 32, 32)
-    cfg = load_config(None, [f"model.name={name}", f"flow.objective={objective_name}",
-                             *(["model.time_scale=1", "flow.meanflow_ratio=0.75"]
-                               if objective_name in ("meanflow", "alphaflow") else []),
+    flow, keys = OBJECTIVES[objective_name]
+    cfg = load_config(None, [f"model.name={name}", f"flow.objective={flow}", *keys,
+                             *(["model.time_scale=1", f"flow.meanflow_ratio={args.ratio}"]
+                               if flow in ("meanflow", "alphaflow") else []),
                              *(["flow.alpha_steps=[0,2]", "flow.alpha_schedule=linear"]
-                               if objective_name == "alphaflow" else [])])
+                               if flow == "alphaflow" else [])])
     torch.manual_seed(0)
     model = build_model(cfg, shape).to(device)
     ema = EMA(model, 0.9999)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True, fused=device.type == "cuda" or None)
     net = torch.compile(model) if args.compile else model
     objective = build_objective(cfg, lambda n, g, d: torch.randn(n, *shape, generator=g, device=d))
-    if objective_name == "shortcut":
+    if flow == "shortcut":
         objective.teacher = ema.model
     params, x1 = list(model.parameters()), torch.randn(args.batch, *shape, device=device)
     autocast = torch.autocast(device.type, torch.bfloat16) if args.mixed_precision == "bf16" \
@@ -95,7 +104,13 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", nargs="+", default=["unet-cifar10", "DiT-B/2"])
     p.add_argument("--objectives", nargs="+", default=["cfm", "meanflow", "alphaflow", "shortcut"],
-                   help="the first is the reference of the ratios (default: cfm, flow matching)")
+                   choices=list(OBJECTIVES), help="the first is the reference of the ratios (default: cfm, flow "
+                   "matching); meanflow_central / meanflow_onesided: MeanFlow with d/dt u by the central difference "
+                   "of two forward passes or the one-sided one from the prediction in place of the JVP "
+                   "(flow.meanflow_derivative=central|onesided; onesided: fp32 without --compile only)")
+    p.add_argument("--ratio", type=float, default=0.75,
+                   help="MeanFlow's and AlphaFlow's fraction of samples with s ≠ t, the ones whose target takes d/dt u "
+                   "(1: the derivative of every sample, what a step cost before it was taken for those alone)")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
@@ -106,9 +121,11 @@ def main() -> None:
     args = p.parse_args()
     device = torch.device(args.device)
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} CPU threads"
-    print(f"{where}, batch {args.batch}, {args.mixed_precision}{', torch.compile' if args.compile else ''}; best "
+    print(f"{where}, batch {args.batch}, s ≠ t for {args.ratio:g} of the samples, {args.mixed_precision}"
+          f"{', torch.compile' if args.compile else ''}; best "
           f"seconds per step of {args.steps} after {args.warmup}, {args.repeats} ABBA repeats")
-    names = {"cfm": "flow matching", "meanflow": "MeanFlow", "alphaflow": "AlphaFlow (α 0.5)", "shortcut": "shortcut"}
+    names = {"cfm": "flow matching", "meanflow": "MeanFlow", "alphaflow": "AlphaFlow (α 0.5)", "shortcut": "shortcut",
+             "meanflow_central": "MeanFlow, central difference", "meanflow_onesided": "MeanFlow, one-sided"}
     first = args.objectives[0]
     print("| model | " + " | ".join(f"{names[o]} s/step" for o in args.objectives) + " | "
           + " | ".join(f"{names[o]} / {names[first]}" for o in args.objectives[1:]) + " |")

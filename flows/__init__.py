@@ -88,7 +88,8 @@ def _meanflow(cfg: Config) -> dict:
     f = cfg.flow
     return dict(ratio=f.meanflow_ratio, power=f.meanflow_p, eps=f.meanflow_eps, cfg_scale=f.meanflow_cfg,
                 tangent=f.meanflow_tangent, times=f.meanflow_times, loss=f.meanflow_loss,
-                cfg_range=f.meanflow_cfg_range, split=f.meanflow_split, velocity=f.meanflow_velocity)
+                cfg_range=f.meanflow_cfg_range, split=f.meanflow_split, velocity=f.meanflow_velocity,
+                derivative=f.meanflow_derivative)
 
 
 def _alpha(cfg: Config) -> Callable[[int], float]:
@@ -250,7 +251,8 @@ READ_ONLY_WITH = {
     "huber_c": ("loss", ("pseudo_huber",)),
     **{key: ("objective", ("meanflow", "alphaflow")) for key in (
         "meanflow_ratio", "meanflow_split", "meanflow_split_ema", "meanflow_p", "meanflow_eps", "meanflow_cfg",
-        "meanflow_tangent", "meanflow_velocity", "meanflow_times", "meanflow_loss", "meanflow_cfg_range")},
+        "meanflow_tangent", "meanflow_velocity", "meanflow_times", "meanflow_loss", "meanflow_cfg_range",
+        "meanflow_derivative")},
     **{key: ("objective", ("alphaflow",)) for key in ("alpha_start", "alpha_end", "alpha_steps", "alpha_schedule",
                                                       "alpha_gamma")},
     **{key: ("objective", ("shortcut",)) for key in ("shortcut_fraction", "shortcut_steps", "shortcut_ema")},
@@ -321,6 +323,11 @@ def check_config(cfg: Config) -> None:
     check_name(("conditional", "model", "ema"), f.meanflow_velocity, "flow.meanflow_velocity")
     check_name(("ordered", "single", "length"), f.meanflow_times, "flow.meanflow_times")
     check_name(("u", "v"), f.meanflow_loss, "flow.meanflow_loss")
+    check_name(("jvp", "central", "onesided"), f.meanflow_derivative, "flow.meanflow_derivative")
+    if f.meanflow_derivative == "onesided" and (cfg.train.mixed_precision != "no" or cfg.train.compile):
+        raise UserError("flow.meanflow_derivative=onesided starts the difference from the prediction, which must be "
+                        "plain float32: with train.mixed_precision or train.compile use flow.meanflow_derivative="
+                        "central (or jvp)")
     if f.objective in AVERAGE_VELOCITY and (bridge or f.prediction != "velocity" or f.loss_weight != "none"):
         raise UserError(f"flow.objective={f.objective} trains the average velocity on an affine path: use "
                         "flow.prediction=velocity, flow.loss_weight=none and a path without bridge noise")

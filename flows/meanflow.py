@@ -82,8 +82,14 @@ The JVP is computed on the unwrapped network without gradient (a DDP wrapper's h
 the gradients do not run under torch.func.jvp, so the gradient flows through a plain forward call of
 the wrapped model), in float32 with autocast off (weights kept in bf16 or fp16, as DeepSpeed keeps them, are
 read as float32 copies), and with the math attention kernel (flash and memory-efficient attention have no
-forward-mode derivative). A MeanFlow step therefore costs a JVP
-(about two forward passes) on top of a flow-matching step; bench/meanflow_step.py measures it.
+forward-mode derivative). It is taken for the samples with s ≠ t only, whose target reads it (all of them while
+dropout draws masks, which the JVP shares with the prediction). A MeanFlow step therefore costs a JVP of those
+samples (about three forward passes of them on CPU) on top of a flow-matching step; bench/meanflow_step.py measures
+it. derivative='central' takes d/dt u by the central difference of two forward passes instead (same conditions,
+h = 1e-3), and derivative='onesided' by the one-sided (u(z + hv, t + h, s) − u_θ) / h from the prediction itself, one
+more forward pass of the s ≠ t samples, where the prediction is plain float32 (no autocast, no torch.compile, float32
+weights; the config refuses it with mixed precision or compile, and elsewhere it takes the central difference).
+Cheaper, and with the efficient attention kernels, at an error far below the target's pairing noise.
 """
 
 from __future__ import annotations
@@ -120,12 +126,35 @@ def forward_mode_safe(device: torch.device):
         yield
 
 
+DIFFERENCE_STEP = 1e-3  # h of the difference along (v, 1, 0); its error, O(h) one-sided, O(h²) central, and
+#                         float32's ~1e-7/h, is far below the pairing noise of the target it enters
+
+
+def plain_float32(model: Callable, device: torch.device) -> bool:
+    """Whether the prediction u_θ(z, t, s) is what the difference's own float32 pass would compute, so that the
+    one-sided difference may start from it: float32 weights, no autocast, no torch.compile (whose fused kernels
+    round otherwise)."""
+    net = model
+    while isinstance(net, torch.nn.Module):
+        if getattr(net, "_orig_mod", None) is not None:
+            return False
+        net = getattr(net, "module", None)
+    net = unwrapped(model)
+    return (isinstance(net, torch.nn.Module) and not torch.is_autocast_enabled(device.type)
+            and all(p.dtype == torch.float32 for p in net.parameters()))
+
+
 def total_derivative(model: torch.nn.Module, z: torch.Tensor, t: torch.Tensor, s: torch.Tensor, v: torch.Tensor,
-                     y: torch.Tensor | None = None, **inputs) -> tuple[torch.Tensor, torch.Tensor]:
+                     y: torch.Tensor | None = None, method: str = "jvp", base: torch.Tensor | None = None,
+                     **inputs) -> tuple[torch.Tensor, torch.Tensor]:
     """u_θ(z, t, s) and its derivative along dz/dt = v with s fixed, d/dt u = v·∂_z u + ∂_t u, by one
-    forward-mode JVP of the unwrapped network, without gradient, in float32 (weights in a lower precision, as
-    DeepSpeed keeps them under bf16 or fp16, are read as float32 copies); `inputs`: the network's further inputs
-    (the guidance w), held fixed."""
+    forward-mode JVP of the unwrapped network (method='jvp'), or by a difference of forward passes (no
+    forward-mode pass, whose cost on CPU is about three forward passes): method='central', (u(z + hv, t + h, s) −
+    u(z − hv, t − h, s)) / 2h in two passes, their mean for u; method='onesided' given `base`, u(z, t, s) already
+    computed in float32 by the same network (the prediction), (u(z + hv, t + h, s) − base) / h in one pass (the
+    central difference without `base`); every pass draws the same dropout masks. Without gradient, in float32
+    (weights in a lower precision, as DeepSpeed keeps them under bf16 or fp16, are read as float32 copies);
+    `inputs`: the network's further inputs (the guidance w), held fixed."""
     net = unwrapped(model)
     tensors = itertools.chain(net.named_parameters(), net.named_buffers()) if isinstance(net, torch.nn.Module) else ()
     widened = {name: p.float() for name, p in tensors if p.is_floating_point() and p.dtype != torch.float32}
@@ -135,6 +164,16 @@ def total_derivative(model: torch.nn.Module, z: torch.Tensor, t: torch.Tensor, s
             return torch.func.functional_call(net, widened, (z_, t_, y), {"s": s_, **inputs})
         return net(z_, t_, y, s=s_, **inputs)
 
+    if method in ("central", "onesided"):
+        with torch.no_grad(), torch.autocast(z.device.type, enabled=False):
+            z, t, s, v, h = z.float(), t.float(), s.float(), v.float(), DIFFERENCE_STEP
+            rng = _rng_state(z.device)
+            ahead = u(z + h * v, t + h, s)
+            if method == "onesided" and base is not None:
+                return base, (ahead - base) / h
+            _set_rng_state(z.device, rng)
+            behind = u(z - h * v, t - h, s)
+            return (ahead + behind) / 2, (ahead - behind) / (2 * h)
     with torch.no_grad(), forward_mode_safe(z.device), warnings.catch_warnings():
         # torch loads its forward-mode decompositions with torch.jit.script, deprecated: once per process.
         warnings.filterwarnings("ignore", "`torch.jit.script` is deprecated", FutureWarning)
@@ -142,11 +181,26 @@ def total_derivative(model: torch.nn.Module, z: torch.Tensor, t: torch.Tensor, s
         return torch.func.jvp(u, (z, t, s), (v, torch.ones_like(t), torch.zeros_like(s)))
 
 
+def derivative_rows(model: torch.nn.Module, draw: Draw) -> torch.Tensor:
+    """The samples whose target needs d/dt u: those with s ≠ t (for s = t the target is v itself), at least one (a
+    sharded model gathers its weights in every forward pass, on every process at once); every sample while the
+    network draws dropout masks, which the JVP shares with the prediction. With three quarters of the samples
+    jumping this takes a quarter off the JVP, with a quarter three quarters."""
+    net = unwrapped(model)
+    dropout = isinstance(net, torch.nn.Module) and any(
+        isinstance(m, torch.nn.Dropout) and m.p > 0 and m.training for m in net.modules())
+    rows = (draw.s != draw.t).nonzero().squeeze(1)
+    if dropout or rows.numel() == draw.s.numel():
+        return torch.arange(draw.s.numel(), device=draw.s.device)
+    return rows if rows.numel() else rows.new_zeros(1)
+
+
 def meanflow_target(model: torch.nn.Module, z: torch.Tensor, t: torch.Tensor, s: torch.Tensor, v: torch.Tensor,
-                    y: torch.Tensor | None = None, along: torch.Tensor | None = None, **inputs) -> torch.Tensor:
-    """u_tgt = v + (s − t)·d/dt u_θ(z, t, s) with the derivative along dz/dt = `along` (default v): the MeanFlow
-    identity, without gradient, in float32."""
-    _, dudt = total_derivative(model, z, t, s, v if along is None else along, y, **inputs)
+                    y: torch.Tensor | None = None, along: torch.Tensor | None = None, method: str = "jvp",
+                    base: torch.Tensor | None = None, **inputs) -> torch.Tensor:
+    """u_tgt = v + (s − t)·d/dt u_θ(z, t, s) with the derivative along dz/dt = `along` (default v) by `method` and
+    `base` (total_derivative's): the MeanFlow identity, without gradient, in float32."""
+    _, dudt = total_derivative(model, z, t, s, v if along is None else along, y, method, base, **inputs)
     return v.float() + expand_like(s - t, v).float() * dudt
 
 
@@ -156,7 +210,7 @@ class MeanFlowObjective(FlowMatchingObjective):
     def __init__(self, *args, ratio: float = 0.25, power: float = 1.0, eps: float = 1e-3, cfg_scale: float = 1.0,
                  tangent: str = "conditional", times: str = "ordered", loss: str = "u",
                  cfg_range: tuple[float, float] | list[float] = (), split: float = 0.0, velocity: str = "conditional",
-                 **kwargs):
+                 derivative: str = "jvp", **kwargs):
         super().__init__(*args, **kwargs)
         if self.huber_c is not None:
             raise ValueError("MeanFlow's loss is its adaptively weighted squared error, not pseudo-Huber")
@@ -167,6 +221,7 @@ class MeanFlowObjective(FlowMatchingObjective):
         self.ratio, self.power, self.eps, self.cfg_scale, self.tangent = ratio, power, eps, cfg_scale, tangent
         self.times, self.loss_on, self.cfg_range, self.split = times, loss, tuple(cfg_range), split
         self.jump_velocity = velocity  # 'conditional', or the network's ('model') or the EMA's ('ema') velocity
+        self.derivative = derivative  # how d/dt u is taken: 'jvp' (forward mode), 'central' or 'onesided' (differences)
         self.teacher = None  # the EMA model that takes the split targets' jumps (set by the training loop), or None
 
     def draw(self, x1: torch.Tensor, y: torch.Tensor | None, generator: torch.Generator,
@@ -233,17 +288,29 @@ class MeanFlowObjective(FlowMatchingObjective):
                 along = net(sample.x_t, draw.t, draw.y, **draw.cond).to(v.dtype)
         if self.jump_velocity != "conditional":  # self-distillation: the jumps take the network's, s = t keep v_t
             v = torch.where(expand_like(draw.s != draw.t, v), along, v)
-        rng = _rng_state(v.device)  # the JVP and the prediction see the same dropout masks
+        rng = _rng_state(v.device)  # the derivative's passes and the prediction see the same dropout masks
+        rows = derivative_rows(model, draw)  # the JVP's samples: those with s ≠ t, whose target reads it
+        z, t, s, y, cond = (sample.x_t[rows], draw.t[rows], draw.s[rows],
+                            None if draw.y is None else draw.y[rows], {k: c[rows] for k, c in draw.cond.items()})
+        prediction, base = None, None
+        if self.derivative == "onesided" and plain_float32(model, v.device):  # the prediction is u(z, t, s) itself
+            prediction = forward(model, self.alignment, draw.aligning, sample.x_t, draw.t, draw.y, s=draw.s,
+                                 **draw.cond)
+            base = prediction[0].detach()[rows] if prediction[0].dtype == torch.float32 else None
+            _set_rng_state(v.device, rng)
         if self.loss_on == "v":  # V_θ = u_θ − (s − t)·sg(du/dt), regressed onto v
-            _, dudt = total_derivative(model, sample.x_t, draw.t, draw.s, along, draw.y, **draw.cond)
-            implied = expand_like(draw.s - draw.t, v).float() * dudt
+            _, dudt = total_derivative(model, z, t, s, along[rows], y, self.derivative, base=base, **cond)
+            implied = expand_like(s - t, dudt).float() * dudt
+            implied = implied.new_zeros(v.shape).index_copy(0, rows, implied)
         else:  # u_θ regressed onto u_tgt = v + (s − t)·sg(du/dt)
-            target = meanflow_target(model, sample.x_t, draw.t, draw.s, v, draw.y, along, **draw.cond)
-        _set_rng_state(v.device, rng)
+            jumps = meanflow_target(model, z, t, s, v[rows], y, along[rows], self.derivative, base=base, **cond)
+            target = v.float().to(jumps.dtype).index_copy(0, rows, jumps)
+        if prediction is None:
+            _set_rng_state(v.device, rng)
         if draw.mid is not None:
             target = self.split_target(model, sample.x_t, draw, target)
-        u, hidden = forward(model, self.alignment, draw.aligning, sample.x_t, draw.t, draw.y, s=draw.s,
-                            **draw.cond)
+        u, hidden = prediction or forward(model, self.alignment, draw.aligning, sample.x_t, draw.t, draw.y, s=draw.s,
+                                          **draw.cond)
         residual = (u.float() - implied) - v.float() if self.loss_on == "v" else u.float() - target
         return self.aligned(self.weighted(residual, draw), draw.t, hidden, draw, x1)
 

@@ -27,6 +27,56 @@ def objective_of(*overrides, num_classes=0):
     return build_objective(load_config(None, list(overrides)), gaussian, num_classes=num_classes)
 
 
+class Curved(torch.nn.Module):
+    """A smooth nonlinear u(z, t, s): its derivative along (v, 1, 0) has a second-order part, which a finite
+    difference does not take exactly. Counts its forward passes."""
+
+    interval_embed = True
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def forward(self, z, t, y=None, s=None):
+        self.calls += 1
+        return torch.tanh(z.flip(1) * (1 + t[:, None])) + torch.sin(3 * t[:, None] * s[:, None]) * z
+
+
+@pytest.mark.parametrize("derivative,dtype,passes,tolerance", [
+    ("jvp", torch.float32, 2, 1e-5),
+    ("onesided", torch.float32, 2, 1e-2),  # O(h); this toy's curvature is larger than a network's
+    ("onesided", torch.float64, 3, 1e-3),  # a float64 prediction is not the float32 pass's: central, O(h²)
+    ("central", torch.float32, 3, 1e-3),
+])
+def test_the_derivative_is_taken_for_the_jumping_samples_only_by_either_method(derivative, dtype, passes, tolerance,
+                                                                               monkeypatch):
+    """d/dt u enters only the s ≠ t samples' target (s = t: the target is v), so it is taken for those samples
+    alone: each sample's loss is the one of a JVP over the whole batch, to float32's rounding. The differences
+    (flow.meanflow_derivative=central|onesided) give the same losses within their error: central in two passes more
+    than the prediction, one-sided from the prediction itself when that is float32 in one."""
+    import flows.meanflow as meanflow
+
+    objective = objective_of("flow.objective=meanflow", "flow.meanflow_ratio=0.25", "flow.meanflow_p=0",
+                             f"flow.meanflow_derivative={derivative}")
+    x1 = torch.randn(256, 2, generator=torch.Generator().manual_seed(1), dtype=dtype)
+    draw = objective.draw(x1, None, torch.Generator().manual_seed(2))
+    draw.x0, draw.t, draw.s = draw.x0.to(dtype), draw.t.to(dtype), draw.s.to(dtype)
+    jumping = int((draw.s != draw.t).sum())
+    assert 30 < jumping < 100
+    rows, real = [], meanflow.total_derivative
+    monkeypatch.setattr(meanflow, "total_derivative", lambda m, z, *rest, **kw: rows.append(len(z)) or
+                        real(m, z, *rest, **kw))
+    model = Curved()
+    loss = objective.loss(model, x1, draw).loss
+    assert rows == [jumping] and model.calls == passes
+    x_t = draw.t[:, None] * x1 + (1 - draw.t[:, None]) * draw.x0
+    v = x1 - draw.x0
+    _, dudt = real(model, x_t, draw.t, draw.s, v)  # the JVP over the whole batch
+    target = v + (draw.s - draw.t)[:, None] * dudt
+    whole = (model(x_t, draw.t, s=draw.s) - target).square().sum(1)
+    assert loss.max() > 1 and torch.allclose(loss, whole.float(), rtol=tolerance, atol=tolerance)
+
+
 class ExactStraight(torch.nn.Module):
     """Gaussian → Gaussian by its optimal map x1 = M + σ·x0: every path is a straight line, so the average velocity
     over any [t, s] is the path's constant velocity M + (σ − 1)·x0, with x0 read back from z = t·M + (1 − t + tσ)·x0."""
@@ -280,6 +330,10 @@ def test_the_shortcut_sampler_jumps_with_exact_nfe():
     (["flow.objective=meanflow", "flow.meanflow_velocity=ema", "flow.meanflow_split=0.5",
       "flow.meanflow_split_ema=false"], "set flow.meanflow_split_ema=true"),
     (["flow.objective=meanflow", "flow.meanflow_velocity=data"], "flow.meanflow_velocity: unknown name .data."),
+    (["flow.objective=meanflow", "flow.meanflow_derivative=finite"], "flow.meanflow_derivative: unknown name .finite."),
+    (["flow.objective=shortcut", "flow.meanflow_derivative=central"], "is read only with flow.objective=meanflow"),
+    (["flow.objective=meanflow", "flow.meanflow_derivative=onesided", "train.mixed_precision=bf16"],
+     "must be plain float32: with train.mixed_precision or train.compile use flow.meanflow_derivative=central"),
 ])
 def test_bad_few_step_settings_are_one_clear_line(overrides, message):
     from registries import check_names
