@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU rows of the few-step objectives (docs/benchmarks.md, issues 17 and 34), as one run on one CUDA GPU: the cost
-# of a training step of MeanFlow, AlphaFlow (mid-curriculum) and a shortcut model against flow matching, DiT-B/2 on
-# 256 px latents (batch 256) and the CIFAR UNet (batch 128), bf16 with and without torch.compile. About 6 minutes.
+# of a training step of MeanFlow (its JVP, and the central difference in its place), AlphaFlow (mid-curriculum) and a
+# shortcut model against flow matching, DiT-B/2 on 256 px latents (batch 256) and the CIFAR UNet (batch 128), bf16
+# with and without torch.compile. About 7 minutes.
 #
 #     bash bench/gpu_few_step.sh [OUT_DIR]      # default bench/out/gpu_few_step; everything printed is in OUT/log.txt
 set -u
