@@ -117,6 +117,10 @@ METHODS = {  # name: (train.py arguments, after the bench's own so that they win
                                      "meanflow"),
     "alphaflow_uniform_ot_onesided": ([*CURRICULUM, *UNIFORM, "flow.coupling=ot",
                                        "flow.meanflow_derivative=onesided"], "meanflow"),
+    # and its second training seed for the steps the first took in the budget on 2026-12-07's machine
+    "alphaflow_uniform_ot_onesided_seed1": ([*CURRICULUM, *UNIFORM, "flow.coupling=ot",
+                                             "flow.meanflow_derivative=onesided", "train.seed=1", "train.steps=4877"],
+                                            "meanflow"),
     # fine-tuning (no --scratch-only): MeanFlow's u-loss from the teacher with (t, s) uniform
     "meanflow_u_uniform": ([*MEANFLOW, *UNIFORM], "meanflow"),
 }
