@@ -107,14 +107,21 @@ from flows.objective import Draw, FlowMatchingObjective, ObjectiveOutput
 from flows.paths import expand_like
 
 
-def unwrapped(model: torch.nn.Module) -> torch.nn.Module:
-    """The network inside DDP (`.module`) and torch.compile (`._orig_mod`) wrappers; any other callable as it is
-    (accelerate's extract_model_from_parallel takes modules only)."""
+def wrappers(model: torch.nn.Module) -> list:
+    """The model and each network inside its DDP (`.module`) and torch.compile (`._orig_mod`) wrappers, outermost
+    first; any other callable alone (accelerate's extract_model_from_parallel takes modules only)."""
+    chain = [model]
     while True:
-        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
+        inner = getattr(chain[-1], "module", None)
+        inner = getattr(chain[-1], "_orig_mod", None) if inner is None else inner
         if not isinstance(inner, torch.nn.Module):
-            return model
-        model = inner
+            return chain
+        chain.append(inner)
+
+
+def unwrapped(model: torch.nn.Module) -> torch.nn.Module:
+    """The network inside DDP and torch.compile wrappers (wrappers' last)."""
+    return wrappers(model)[-1]
 
 
 @contextlib.contextmanager
@@ -134,14 +141,9 @@ def plain_float32(model: Callable, device: torch.device) -> bool:
     """Whether the prediction u_θ(z, t, s) is what the difference's own float32 pass would compute, so that the
     one-sided difference may start from it: float32 weights, no autocast, no torch.compile (whose fused kernels
     round otherwise)."""
-    net = model
-    while isinstance(net, torch.nn.Module):
-        if getattr(net, "_orig_mod", None) is not None:
-            return False
-        net = getattr(net, "module", None)
-    net = unwrapped(model)
-    return (isinstance(net, torch.nn.Module) and not torch.is_autocast_enabled(device.type)
-            and all(p.dtype == torch.float32 for p in net.parameters()))
+    *outer, net = wrappers(model)
+    return (isinstance(net, torch.nn.Module) and not any(hasattr(w, "_orig_mod") for w in outer)
+            and not torch.is_autocast_enabled(device.type) and all(p.dtype == torch.float32 for p in net.parameters()))
 
 
 def total_derivative(model: torch.nn.Module, z: torch.Tensor, t: torch.Tensor, s: torch.Tensor, v: torch.Tensor,
