@@ -230,7 +230,10 @@ class AlignConfig:
     resolution: int = 0  # repa: the encoder's input size in pixels (0: the encoder's own, timm's pretrained config)
     cache: bool = True  # repa: compute the encoder's features of the dataset once into cached shards (else every step)
     cache_dir: str = ""  # where those caches live (empty: ~/.cache/fm-toolkit/align)
-    temperature: float = 0.5  # dispersive: τ of log E_ij exp(−‖z_i − z_j‖² / (D·τ))
+    temperature: float = 0.5  # dispersive: τ of log E_ij exp(−d_ij / τ)
+    pool: str = "mean"  # dispersive: z_i is sample i's tokens 'mean'-pooled (C features) or 'flatten'ed into one
+    #                     vector (C·h·w), as the paper's code does
+    distance: str = "l2"  # dispersive: d_ij = ‖z_i − z_j‖² / len(z) ('l2', the paper's) or −cos(z_i, z_j) ('cosine')
     target_depth: int = 0  # sra: the EMA model's block that is the target (0: the last DiT block, a UNet's middle)
     time_gap: float = 0.1  # sra: the EMA model sees x at t + time_gap (less noise; clipped at 1)
 

@@ -9,8 +9,10 @@ or a UNet down-path module; models read it with `hidden_at`), as a map (N, D, h,
   writes −cos; the offset 1 makes a perfect alignment 0). With align.projector=conv (iREPA, arXiv 2512.10794) the
   encoder's tokens are also normalized over space, each channel to zero mean and unit variance over the tokens.
 - 'dispersive' (Wang & He 2025, "Diffuse and Disperse", InfoNCE without positives): z_i the tokens of sample i
-  mean-pooled, L = log E_ij exp(−‖z_i − z_j‖² / (D·τ)) over this process's batch (every sample carries the batch's
-  value); it pushes the samples' representations apart and needs no encoder and no head.
+  mean-pooled (align.pool=mean) or flattened into one vector (flatten, as the paper's code), D its length,
+  L = log E_ij exp(−d_ij / τ) over this process's batch (every sample carries the batch's value), d_ij =
+  ‖z_i − z_j‖² / D (align.distance=l2, the paper's choice) or −cos(z_i, z_j) (cosine, its variant, which the
+  network cannot satisfy by scaling z up); it pushes the samples' representations apart, no encoder, no head.
 - 'sra' (Jiang et al. 2025, "Self-Representation Alignment"): the head maps the online model's block `depth` at
   time t to the EMA model's block `target_depth` at the less noisy t + time_gap (same noise and data); L as for
   repa. No encoder.
@@ -55,12 +57,17 @@ def cosine_loss(projected: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return 1 - F.cosine_similarity(projected.float(), target.float(), dim=1).flatten(1).mean(1)
 
 
-def dispersive_loss(hidden: torch.Tensor, temperature: float) -> torch.Tensor:
-    """log E_ij exp(−‖z_i − z_j‖² / (D·τ)) of the mean-pooled tokens z (N, D) of the batch, as (N,) (each sample
-    carries the batch's value, so that the loop's mean is that value)."""
-    z = hidden.float().mean((2, 3))
-    distance = torch.cdist(z, z).square() / z.shape[1]
-    value = torch.logsumexp((-distance / temperature).flatten(), 0) - 2 * torch.log(torch.tensor(float(len(z))))
+def dispersive_loss(hidden: torch.Tensor, temperature: float, pool: str = "mean", distance: str = "l2") -> torch.Tensor:
+    """log E_ij exp(−d_ij / τ) of the batch's tokens (N, C, h, w), each sample's mean-pooled (z: N, C) or flattened
+    (z: N, C·h·w), d_ij = ‖z_i − z_j‖² / D ('l2') or −cos(z_i, z_j) ('cosine'), as (N,) (each sample carries the
+    batch's value, so that the loop's mean is it)."""
+    z = hidden.float().mean((2, 3)) if pool == "mean" else hidden.float().flatten(1)
+    if distance == "cosine":
+        z = F.normalize(z, dim=1)
+        d = -(z @ z.T)
+    else:
+        d = torch.cdist(z, z).square() / z.shape[1]
+    value = torch.logsumexp((-d / temperature).flatten(), 0) - 2 * torch.log(torch.tensor(float(len(z))))
     return value.expand(len(z))
 
 
@@ -75,6 +82,8 @@ class Alignment:
     stop_step: int = 0
     normalize: bool = False  # repa with the conv projector: iREPA's spatial normalization of the encoder's tokens
     temperature: float = 0.5
+    pool: str = "mean"
+    distance: str = "l2"
     teacher: torch.nn.Module | None = None
     target_depth: int = 0
     time_gap: float = 0.1
@@ -96,7 +105,7 @@ def _repa(a: Alignment, hidden, target, path, x0, x1, t, y, cond) -> torch.Tenso
 
 
 def _dispersive(a: Alignment, hidden, target, path, x0, x1, t, y, cond) -> torch.Tensor:
-    return dispersive_loss(hidden, a.temperature)
+    return dispersive_loss(hidden, a.temperature, a.pool, a.distance)
 
 
 @torch.no_grad()
@@ -147,6 +156,8 @@ def check_config(cfg: Config) -> None:
         return
     check_name(ALIGNERS, method, "flow.align")
     check_name(("mlp", "conv"), a.projector, "align.projector")
+    check_name(("mean", "flatten"), a.pool, "align.pool")
+    check_name(("l2", "cosine"), a.distance, "align.distance")
     if cfg.flow.objective == "autoencoder":
         raise UserError(f"flow.align={method} regularises a velocity field's hidden states; flow.objective="
                         f"{cfg.flow.objective} trains none: remove flow.align")
@@ -160,8 +171,9 @@ def check_config(cfg: Config) -> None:
             if getattr(a, key) != getattr(default, key):
                 raise UserError(f"align.{key} sets up REPA's encoder, which flow.align={method} does not use; remove "
                                 f"align.{key}")
-    if method != "dispersive" and a.temperature != default.temperature:
-        raise UserError("align.temperature belongs to flow.align=dispersive; remove it")
+    for key in ("temperature", "pool", "distance"):
+        if method != "dispersive" and getattr(a, key) != getattr(default, key):
+            raise UserError(f"align.{key} belongs to flow.align=dispersive; remove it")
     if method != "sra" and (a.target_depth != default.target_depth or a.time_gap != default.time_gap):
         raise UserError("align.target_depth and align.time_gap belong to flow.align=sra; remove them")
     if method == "repa" and cfg.latent.autoencoder and not a.cache and cfg.latent.cache:
@@ -224,8 +236,8 @@ def build_alignment(cfg: Config, model, encoder=None, ema_model=None) -> Alignme
         width = a.proj_width or min(2048, 4 * model.hidden_dim(depth))
         attach_head(model, a.projector, out_dim, width)
     return Alignment(method, a.weight, depth, a.stop_step, normalize=method == "repa" and a.projector == "conv",
-                     temperature=a.temperature, teacher=ema_model, target_depth=target_depth, time_gap=a.time_gap,
-                     grid=tuple(model.hidden_grid(depth)))
+                     temperature=a.temperature, pool=a.pool, distance=a.distance, teacher=ema_model,
+                     target_depth=target_depth, time_gap=a.time_gap, grid=tuple(model.hidden_grid(depth)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -304,8 +316,9 @@ def align_data(cfg: Config, alignment, encoder, dataset, train_data, pairs, acce
     a = cfg.align
     described = f"align: {cfg.flow.align}, λ {alignment.weight:g}, block {alignment.depth}"
     if encoder is None:
+        dispersive = f", τ {alignment.temperature:g}, tokens {alignment.pool}, distance {alignment.distance}"
         log(described + (f", target block {alignment.target_depth} of the EMA model at t + {alignment.time_gap:g}"
-                         if alignment.method == "sra" else f", τ {alignment.temperature:g}")
+                         if alignment.method == "sra" else dispersive)
             + (f", stops at step {alignment.stop_step}" if alignment.stop_step else ""))
         return train_data, None
     described += (f", encoder {encoder.key} ({encoder.dim} features on the {alignment.grid[0]}×{alignment.grid[1]} "

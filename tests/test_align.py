@@ -7,6 +7,7 @@ import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import run_script
 from safetensors.torch import load_file, save_file
 from test_images import make_folder
@@ -71,6 +72,28 @@ def test_the_dispersive_loss_of_identical_rows_is_above_that_of_spread_rows():
     assert dispersive_loss(spread, 0.5)[0] < dispersive_loss(same, 0.5)[0]
     assert dispersive_loss(spread, 0.5).shape == (8,)
     assert dispersive_loss(spread * 100, 0.5)[0] == pytest.approx(-torch.log(torch.tensor(8.0)).item(), abs=1e-4)
+
+
+def test_the_flattened_dispersive_loss_sees_where_the_tokens_are_not_only_their_mean():
+    # Two samples whose tokens are the same values in other places: pooled they are one point, flattened two.
+    tokens = torch.randn(1, 4, 2, 2)
+    moved = torch.cat([tokens, tokens.flip(-1)])
+    assert dispersive_loss(moved, 0.5, "mean")[0] == pytest.approx(0.0, abs=1e-6)
+    assert dispersive_loss(moved, 0.5, "flatten")[0] < -0.01
+    # by hand: log of the mean of exp(−d/(D·τ)) over the 2×2 pairs, d the squared distance of the flat vectors
+    d = (moved[0] - moved[1]).square().sum() / 16
+    expected = torch.log((2 + 2 * torch.exp(-d / 0.5)) / 4)
+    assert dispersive_loss(moved, 0.5, "flatten")[0] == pytest.approx(expected.item(), abs=1e-5)
+
+
+def test_the_cosine_dispersive_loss_cannot_be_lowered_by_scaling_the_tokens_up():
+    spread = torch.randn(8, 4, 2, 2)
+    assert dispersive_loss(spread * 100, 0.5)[0] < dispersive_loss(spread, 0.5)[0] - 1  # l2: inflating pays
+    cosine = dispersive_loss(spread, 0.5, distance="cosine")[0]
+    assert dispersive_loss(spread * 100, 0.5, distance="cosine")[0] == pytest.approx(cosine.item(), abs=1e-5)
+    assert dispersive_loss(torch.ones(8, 4, 2, 2), 0.5, distance="cosine")[0] == pytest.approx(2.0, abs=1e-5)  # 1/τ
+    z = F.normalize(spread.mean((2, 3)), dim=1)
+    assert cosine == pytest.approx(torch.log(torch.exp(z @ z.T / 0.5).mean()).item(), abs=1e-5)  # by hand
 
 
 def test_every_regulariser_trains_saves_no_head_for_sampling_and_logs_both_losses(tmp_path, images, tiny):
@@ -182,6 +205,9 @@ def test_weights_of_another_architecture_are_refused(tmp_path, images):
     (["flow.align=sra", "flow.objective=autoencoder", "model.name=ae-mnist"], "trains none"),
     (["align.weight=0.3"], "flow.align, which is not set"),
     (["flow.align=dispersive", "model.name=unet-mnist", "align.layer=mixed_3"], "does not use"),
+    (["flow.align=repa", "model.name=unet-mnist", "align.pool=flatten"], "belongs to flow.align=dispersive"),
+    (["flow.align=dispersive", "model.name=unet-mnist", "align.pool=max"], "unknown name 'max'"),
+    (["flow.align=sra", "model.name=unet-mnist", "align.distance=cosine"], "belongs to flow.align=dispersive"),
 ])
 def test_alignment_where_it_cannot_apply_is_one_line(tmp_path, overrides, message):
     out = run_script("train.py", "-e", str(tmp_path / "run"), "train.steps=1", *overrides)
