@@ -41,6 +41,7 @@ UNIFORM = ["flow.time_density=uniform", "flow.time_mean=0", "flow.time_std=1"]  
 RECIPE = [*CURRICULUM, *UNIFORM, "flow.meanflow_ratio=0.25"]  # mnist_alphaflow_unet.yaml's keys but its OT pairs
 OT = ["flow.coupling=ot", "train.steps=2300"]  # minibatch OT pairs, for the steps of the runs they are compared with
 OT_PAIRS = [*CURRICULUM, *UNIFORM, *OT]  # the best one jump, minibatch OT pairs
+ONESIDED = [*CURRICULUM, *UNIFORM, "flow.coupling=ot", "flow.meanflow_derivative=onesided"]  # d/dt u in one pass
 IREPA = ["flow.align=repa", "align.encoder=inception", "align.resolution=75", "align.projector=conv",
          "align.weight=1"]  # issue 31's best alignment on the MNIST UNet (bench/align_mnist.py)
 RESET = ["flow.meanflow_times=ordered", "flow.meanflow_ratio=0.25", "flow.meanflow_p=1.0"]  # keys shortcut lacks
@@ -115,12 +116,10 @@ METHODS = {  # name: (train.py arguments, after the bench's own so that they win
     "alphaflow_uniform_ot_budget": ([*CURRICULUM, *UNIFORM, "flow.coupling=ot"], "meanflow"),
     "alphaflow_uniform_ot_central": ([*CURRICULUM, *UNIFORM, "flow.coupling=ot", "flow.meanflow_derivative=central"],
                                      "meanflow"),
-    "alphaflow_uniform_ot_onesided": ([*CURRICULUM, *UNIFORM, "flow.coupling=ot",
-                                       "flow.meanflow_derivative=onesided"], "meanflow"),
-    # and its second training seed for the steps the first took in the budget on 2026-12-07's machine
-    "alphaflow_uniform_ot_onesided_seed1": ([*CURRICULUM, *UNIFORM, "flow.coupling=ot",
-                                             "flow.meanflow_derivative=onesided", "train.seed=1", "train.steps=4877"],
-                                            "meanflow"),
+    "alphaflow_uniform_ot_onesided": (ONESIDED, "meanflow"),
+    # and its second and third training seeds for the steps the first took in the budget on 2026-12-07's machine
+    **{f"alphaflow_uniform_ot_onesided_seed{seed}": ([*ONESIDED, f"train.seed={seed}", "train.steps=4877"], "meanflow")
+       for seed in (1, 2)},
     # fine-tuning (no --scratch-only): MeanFlow's u-loss from the teacher with (t, s) uniform
     "meanflow_u_uniform": ([*MEANFLOW, *UNIFORM], "meanflow"),
 }
