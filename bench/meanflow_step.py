@@ -47,17 +47,18 @@ class _Accelerator:
         return torch.nn.utils.clip_grad_norm_(params, max_norm)
 
 
-OBJECTIVES = {  # name: (flow.objective, further keys)
-    "cfm": ("cfm", []), "meanflow": ("meanflow", []), "alphaflow": ("alphaflow", []), "shortcut": ("shortcut", []),
-    "meanflow_central": ("meanflow", ["flow.meanflow_derivative=central"]),
-    "meanflow_onesided": ("meanflow", ["flow.meanflow_derivative=onesided"]),
+OBJECTIVES = {  # name: (flow.objective, further keys, the table's label)
+    "cfm": ("cfm", [], "flow matching"), "meanflow": ("meanflow", [], "MeanFlow"),
+    "alphaflow": ("alphaflow", [], "AlphaFlow (α 0.5)"), "shortcut": ("shortcut", [], "shortcut"),
+    "meanflow_central": ("meanflow", ["flow.meanflow_derivative=central"], "MeanFlow, central difference"),
+    "meanflow_onesided": ("meanflow", ["flow.meanflow_derivative=onesided"], "MeanFlow, one-sided"),
 }
 
 
 def step_time(name: str, objective_name: str, args, device: torch.device) -> float:
     """Best seconds per training step over --steps steps after --warmup, for one objective."""
     shape = (3, 32, 32) if name.startswith("unet") else (4, 32, 32)
-    flow, keys = OBJECTIVES[objective_name]
+    flow, keys, _ = OBJECTIVES[objective_name]
     cfg = load_config(None, [f"model.name={name}", f"flow.objective={flow}", *keys,
                              *(["model.time_scale=1", f"flow.meanflow_ratio={args.ratio}"]
                                if flow in ("meanflow", "alphaflow") else []),
@@ -124,8 +125,7 @@ def main() -> None:
     print(f"{where}, batch {args.batch}, s ≠ t for {args.ratio:g} of the samples, {args.mixed_precision}"
           f"{', torch.compile' if args.compile else ''}; best "
           f"seconds per step of {args.steps} after {args.warmup}, {args.repeats} ABBA repeats")
-    names = {"cfm": "flow matching", "meanflow": "MeanFlow", "alphaflow": "AlphaFlow (α 0.5)", "shortcut": "shortcut",
-             "meanflow_central": "MeanFlow, central difference", "meanflow_onesided": "MeanFlow, one-sided"}
+    names = {name: label for name, (_, _, label) in OBJECTIVES.items()}
     first = args.objectives[0]
     print("| model | " + " | ".join(f"{names[o]} s/step" for o in args.objectives) + " | "
           + " | ".join(f"{names[o]} / {names[first]}" for o in args.objectives[1:]) + " |")
