@@ -43,6 +43,13 @@ OT = ["flow.coupling=ot", "train.steps=2300"]  # minibatch OT pairs, for the ste
 OT_PAIRS = [*CURRICULUM, *UNIFORM, *OT]  # the best one jump, minibatch OT pairs
 UNIFORM_OT_ONESIDED = [*UNIFORM, "flow.coupling=ot", "flow.meanflow_derivative=onesided"]  # d/dt u in one pass
 ONESIDED = [*CURRICULUM, *UNIFORM_OT_ONESIDED]
+
+
+def budget(keys: list[str], seed: int = 0) -> list[str]:
+    """`keys` for training seed `seed` and the 4,877 steps the one-sided run's budget held on 2026-12-07's machine."""
+    return [*keys, f"train.seed={seed}", "train.steps=4877"]
+
+
 IREPA = ["flow.align=repa", "align.encoder=inception", "align.resolution=75", "align.projector=conv",
          "align.weight=1"]  # issue 31's best alignment on the MNIST UNet (bench/align_mnist.py)
 RESET = ["flow.meanflow_times=ordered", "flow.meanflow_ratio=0.25", "flow.meanflow_p=1.0"]  # keys shortcut lacks
@@ -119,20 +126,18 @@ METHODS = {  # name: (train.py arguments, after the bench's own so that they win
                                      "meanflow"),
     "alphaflow_uniform_ot_onesided": (ONESIDED, "meanflow"),
     # and its second and third training seeds for the steps the first took in the budget on 2026-12-07's machine
-    **{f"alphaflow_uniform_ot_onesided_seed{seed}": ([*ONESIDED, f"train.seed={seed}", "train.steps=4877"], "meanflow")
-       for seed in (1, 2)},
+    **{f"alphaflow_uniform_ot_onesided_seed{seed}": (budget(ONESIDED, seed), "meanflow") for seed in (1, 2)},
     # tries at its one jump's margin, each for the same steps (2026-12-07, later): the adaptive weight's p = 1 (the
     # toolkit's default) in place of 0.75, Adam's β2 0.95 in place of 0.999, no gradient clipping (the norm, 2-11,
     # was clipped to 1 on every step), and MeanFlow itself without AlphaFlow's curriculum (whose steps at α > 0 cost
     # what a one-sided step does: one more forward pass)
-    **{f"alphaflow_uniform_ot_onesided_p1_seed{seed}": ([*ONESIDED, f"train.seed={seed}", "train.steps=4877",
-                                                          "flow.meanflow_p=1.0"], "meanflow") for seed in (0, 2)},
-    "alphaflow_uniform_ot_onesided_b095_seed0": ([*ONESIDED, "train.steps=4877", "train.betas=[0.9,0.95]"],
-                                                 "meanflow"),
-    "alphaflow_uniform_ot_onesided_noclip_seed0": ([*ONESIDED, "train.steps=4877", "train.grad_clip=0"], "meanflow"),
-    "meanflow_uniform_ot_onesided": ([*MEANFLOW, *UNIFORM_OT_ONESIDED, "train.steps=4877"], "meanflow"),
-    **{f"meanflow_uniform_ot_onesided_seed{seed}": ([*MEANFLOW, *UNIFORM_OT_ONESIDED, f"train.seed={seed}",
-                                                      "train.steps=4877"], "meanflow") for seed in (1, 2)},
+    **{f"alphaflow_uniform_ot_onesided_p1_seed{seed}": (budget([*ONESIDED, "flow.meanflow_p=1.0"], seed), "meanflow")
+       for seed in (0, 2)},
+    "alphaflow_uniform_ot_onesided_b095_seed0": (budget([*ONESIDED, "train.betas=[0.9,0.95]"]), "meanflow"),
+    "alphaflow_uniform_ot_onesided_noclip_seed0": (budget([*ONESIDED, "train.grad_clip=0"]), "meanflow"),
+    **{"meanflow_uniform_ot_onesided" + (f"_seed{seed}" if seed else ""): (budget([*MEANFLOW, *UNIFORM_OT_ONESIDED],
+                                                                                   seed), "meanflow")
+       for seed in (0, 1, 2)},
     # fine-tuning (no --scratch-only): MeanFlow's u-loss from the teacher with (t, s) uniform
     "meanflow_u_uniform": ([*MEANFLOW, *UNIFORM], "meanflow"),
 }
