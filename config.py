@@ -152,7 +152,8 @@ class TrainConfig:
     seed: int = 0  # in [0, 2^32): model init, and the key of the training randomness (noise, t, order, ...)
     init_from: str = ""  # a checkpoint folder whose EMA weights start a new run (new MeanFlow inputs start at zero)
     mixed_precision: str = "no"  # 'no', 'fp16' or 'bf16' (the -mp flag overrides)
-    channels_last: bool = False  # image models in channels-last memory format (faster convolutions on GPUs)
+    channels_last: bool = False  # image models in channels-last memory format (faster convolutions on GPUs; on a 2-core
+    #                                AVX-512 CPU 6-12% more MNIST UNet steps a second, docs/benchmarks.md)
     compile: bool = False  # torch.compile the model for training
     grad_checkpoint: bool = False  # DiT blocks / UNet levels recompute their activations in the backward pass:
     #                                less memory for ~1/3 more compute, the same gradients
