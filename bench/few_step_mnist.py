@@ -155,6 +155,7 @@ METHODS = {  # name: (train.py arguments, after the bench's own so that they win
     # against 4.8 in 400-step timings on 2026-12-07's machine: half the samples a step for 1.48x the steps)
     "alphaflow_uniform_ot_onesided_cl_b32": ([*ONESIDED_CL, "train.batch_size=32"], "meanflow"),
     # with --scratch-only: nine tenths of the samples with s ≠ t in place of three quarters, stopped by the budget
+    # (on 2026-12-07 the machine slowed during it, so it was resumed with train.steps=5201 and compared by steps)
     "alphaflow_uniform_ot_onesided_cl_r09": ([*ONESIDED_CL, "flow.meanflow_ratio=0.9"], "meanflow"),
     # fine-tuning (no --scratch-only): MeanFlow's u-loss from the teacher with (t, s) uniform
     "meanflow_u_uniform": ([*MEANFLOW, *UNIFORM], "meanflow"),

@@ -1,4 +1,4 @@
-"""Average a run's kept EMA snapshots into a checkpoint evaluate.py reads: would a longer average of the weights
+r"""Average a run's kept EMA snapshots into a checkpoint evaluate.py reads: would a longer average of the weights
 than the run's EMA sample better? (issue 34: at one jump the EMA's weights and the raw ones differ by 67 FID.)
 
     python bench/snapshot_average.py RUN --steps 1800,1900,2000,2100,2200,2300 --out bench/out/avg/RUN_1800-2300
@@ -8,11 +8,11 @@ than the run's EMA sample better? (issue 34: at one jump the EMA's weights and t
 
 The average is the plain mean of the EMA weights of the named checkpoints (RUN/checkpoints/step_N/ema.safetensors,
 kept by train.keep_every), in float64, stored in the weights' own dtype with their metadata. With --half-life H
-(and no --steps) it is an exponential moving average computed after the run from every kept checkpoint's raw weights
-(model.safetensors): the snapshot at step n weighs (n − the step before it) · 0.5^((last − n) / H), so snapshots
-kept every 100 steps stand for the 100 steps each. OUT gets the run's
-config.yaml and one checkpoint named by the last step, whose ema.safetensors and model.safetensors both hold the
-average (so --weights raw and ema read the same); nothing of RUN is changed.
+in place of --steps it is an exponential moving average computed after the run from every kept checkpoint's raw
+weights (model.safetensors): the snapshot at step n weighs (n − the step before it) · 0.5^((last − n) / H), so
+snapshots kept every 100 steps stand for their 100 steps each. OUT gets the run's config.yaml and one checkpoint
+named by the last step, whose ema.safetensors and model.safetensors both hold the average (so --weights raw and ema
+read the same); nothing of RUN is changed.
 """
 
 from __future__ import annotations
