@@ -157,6 +157,9 @@ METHODS = {  # name: (train.py arguments, after the bench's own so that they win
     # with --scratch-only: nine tenths of the samples with s ≠ t in place of three quarters, stopped by the budget
     # (on 2026-12-07 the machine slowed during it, so it was resumed with train.steps=5201 and compared by steps)
     "alphaflow_uniform_ot_onesided_cl_r09": ([*ONESIDED_CL, "flow.meanflow_ratio=0.9"], "meanflow"),
+    # the curriculum over the first 1,200 steps in place of 600, by the budget's steps (two training seeds)
+    **{f"alphaflow_uniform_ot_onesided_cl_a1200_seed{seed}": (budget([*ONESIDED_CL, "flow.alpha_steps=[0,1200]"],
+                                                                     seed, 5201), "meanflow") for seed in (0, 2)},
     # fine-tuning (no --scratch-only): MeanFlow's u-loss from the teacher with (t, s) uniform
     "meanflow_u_uniform": ([*MEANFLOW, *UNIFORM], "meanflow"),
 }
