@@ -34,7 +34,8 @@ from models.checkpoint import checkpoint_name, list_checkpoints  # noqa: E402
 def snapshot(run: Path, step: int, name: str = "ema.safetensors") -> Path:
     path = run / "checkpoints" / checkpoint_name(step) / name
     if not path.is_file():
-        sys.exit(f"error: {path} does not exist; --steps must name checkpoints the run kept (train.keep_every)")
+        sys.exit(f"error: {path} does not exist; average checkpoints the run kept (train.keep_every) whole, "
+                 "not sharded")
     return path
 
 
