@@ -28,18 +28,26 @@ from safetensors.torch import save_file
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from errors import UserError, exit_on  # noqa: E402
 from models.checkpoint import checkpoint_name, list_checkpoints  # noqa: E402
 
 
 def snapshot(run: Path, step: int, name: str = "ema.safetensors") -> Path:
     path = run / "checkpoints" / checkpoint_name(step) / name
     if not path.is_file():
-        sys.exit(f"error: {path} does not exist; average checkpoints the run kept (train.keep_every) whole, "
+        raise UserError(f"{path} does not exist; average checkpoints the run kept (train.keep_every) whole, "
                  "not sharded")
     return path
 
 
 def main() -> None:
+    try:
+        average_snapshots()
+    except UserError as e:
+        exit_on(e)
+
+
+def average_snapshots() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run", type=Path, help="a training run's folder")
     which = p.add_mutually_exclusive_group(required=True)
@@ -50,14 +58,14 @@ def main() -> None:
     if args.half_life is not None and args.half_life <= 0:
         p.error(f"--half-life must be a positive number of steps, not {args.half_life:g}")
     if args.out.resolve() == args.run.resolve():
-        sys.exit("error: --out must be a new folder, not the run itself")
+        raise UserError("--out must be a new folder, not the run itself")
     if args.steps:
         steps = sorted(int(step) for step in args.steps.split(","))
         paths, weights = [snapshot(args.run, step) for step in steps], [1.0] * len(steps)
     else:
         steps = [step for step, _ in list_checkpoints(args.run)]
         if not steps:
-            sys.exit(f"error: {args.run / 'checkpoints'} holds no checkpoint")
+            raise UserError(f"{args.run / 'checkpoints'} holds no checkpoint")
         paths = [snapshot(args.run, step, "model.safetensors") for step in steps]
         weights = [(step - before) * 0.5 ** ((steps[-1] - step) / args.half_life)
                    for before, step in zip([0, *steps], steps)]
