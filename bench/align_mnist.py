@@ -34,6 +34,8 @@ import time
 from datetime import datetime
 from pathlib import Path
 
+import yaml
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
@@ -189,7 +191,7 @@ def plot(lines: dict[str, list[dict]], path: Path, title: str, ylabel: str, plai
 def compare(folders: list[str], out: Path, ylabel: str, error) -> None:
     """One plot of the runs of several --out folders (their results.json, each 'DIR' or 'DIR:METHOD,...'), with the
     plain run's FID and the goal as lines when a plain run is among them; `error` says what is wrong and exits."""
-    lines, plain = {}, None
+    lines, plain, models = {}, None, []
     for spec in folders:
         folder, _, pick = spec.partition(":")
         if not (Path(folder) / "results.json").is_file():
@@ -200,8 +202,10 @@ def compare(folders: list[str], out: Path, ylabel: str, error) -> None:
                 error(f"--compare {spec}: {folder} has runs of {', '.join(results)} only")
             lines[f"{Path(folder).name}: {m}"] = results[m]
             plain = results[m][-1] if m == "plain" and plain is None else plain
+            name = yaml.safe_load((Path(folder) / m / "config.yaml").read_text())["model"]["name"]
+            models += [name] if name not in models else []
     out.mkdir(parents=True, exist_ok=True)
-    plot(lines, out / "fid_vs_time_compare.png", "MNIST, unet-mnist", ylabel, plain)
+    plot(lines, out / "fid_vs_time_compare.png", "MNIST, " + " / ".join(models), ylabel, plain)
 
 
 if __name__ == "__main__":
