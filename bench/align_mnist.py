@@ -202,10 +202,11 @@ def compare(folders: list[str], out: Path, ylabel: str, error) -> None:
                 error(f"--compare {spec}: {folder} has runs of {', '.join(results)} only")
             lines[f"{Path(folder).name}: {m}"] = results[m]
             plain = results[m][-1] if m == "plain" and plain is None else plain
-            name = yaml.safe_load((Path(folder) / m / "config.yaml").read_text())["model"]["name"]
-            models += [name] if name not in models else []
+            config = Path(folder) / m / "config.yaml"  # the run's own model, for the title
+            name = yaml.safe_load(config.read_text())["model"]["name"] if config.is_file() else None
+            models += [name] if name and name not in models else []
     out.mkdir(parents=True, exist_ok=True)
-    plot(lines, out / "fid_vs_time_compare.png", "MNIST, " + " / ".join(models), ylabel, plain)
+    plot(lines, out / "fid_vs_time_compare.png", "MNIST, " + (" / ".join(models) or "unet-mnist"), ylabel, plain)
 
 
 if __name__ == "__main__":
