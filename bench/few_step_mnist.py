@@ -149,7 +149,7 @@ METHODS = {  # name: (train.py arguments, after the bench's own so that they win
     # a second on this CPU in 400-step timings, the same training otherwise), stopped by the budget
     "alphaflow_uniform_ot_onesided_cl": (ONESIDED_CL, "meanflow"),
     # and its second to fifth training seeds for the 5,201 steps the first took in the budget (seeds 3 and 4 added on
-    # 2026-12-07, sixth session, to narrow the mean's spread by √(3/5), whatever it came out as)
+    # 2026-12-07, sixth session, to narrow the mean's standard error to √(3/5) of three seeds', whatever they gave)
     **{f"alphaflow_uniform_ot_onesided_cl_seed{seed}": (budget(ONESIDED_CL, seed, 5201), "meanflow")
        for seed in (1, 2, 3, 4)},
     # with --scratch-only: the same with a batch of 32 in place of 64, stopped by the budget (7.1 steps a second
