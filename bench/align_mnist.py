@@ -34,11 +34,10 @@ import time
 from datetime import datetime
 from pathlib import Path
 
-import yaml
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from config import load_config  # noqa: E402
 from errors import UserError  # noqa: E402
 from flows.sampling import parse_samplers  # noqa: E402
 
@@ -203,7 +202,7 @@ def compare(folders: list[str], out: Path, ylabel: str, error) -> None:
             lines[f"{Path(folder).name}: {m}"] = results[m]
             plain = results[m][-1] if m == "plain" and plain is None else plain
             config = Path(folder) / m / "config.yaml"  # the run's own model, for the title
-            name = yaml.safe_load(config.read_text())["model"]["name"] if config.is_file() else None
+            name = load_config(config).model.name if config.is_file() else None
             models += [name] if name and name not in models else []
     out.mkdir(parents=True, exist_ok=True)
     plot(lines, out / "fid_vs_time_compare.png", "MNIST, " + (" / ".join(models) or "unet-mnist"), ylabel, plain)

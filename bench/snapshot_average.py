@@ -36,7 +36,7 @@ def snapshot(run: Path, step: int, name: str = "ema.safetensors") -> Path:
     path = run / "checkpoints" / checkpoint_name(step) / name
     if not path.is_file():
         raise UserError(f"{path} does not exist; average checkpoints the run kept (train.keep_every) whole, "
-                 "not sharded")
+                        "not sharded")
     return path
 
 
