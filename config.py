@@ -218,8 +218,9 @@ class AlignConfig:
     weight: float = 0.5  # λ of loss = flow loss + λ·alignment loss (REPA, SRA, dispersive: 0.5)
     depth: int = 0  # the block whose hidden state is aligned, 1-based (DiT: blocks; UNet: modules of the down path,
     #                 then the middle); 0: a third of a DiT's blocks, at most 8 (REPA: 8 of 28), a UNet's middle
-    projector: str = "mlp"  # repa / sra: 'mlp' (REPA: 3 layers, SiLU, per token) or 'conv' (iREPA: a 3×3 convolution
-    #                         over the token grid, and the encoder's tokens normalized over space)
+    projector: str = "mlp"  # repa / sra: 'mlp' (REPA: 3 layers, SiLU, per token), 'conv' (iREPA: a 3×3 convolution
+    #                         over the token grid, and the encoder's tokens normalized over space) or 'sepconv'
+    #                         (as conv, the 3×3 as a depthwise convolution then a 1×1: a ninth of the multiply-adds)
     proj_width: int = 0  # the MLP projector's hidden width (0: REPA's 2048, at most 4× the model's hidden width)
     stop_step: int = 0  # HASTE: no alignment from this optimizer step on (0: never stop)
     encoder: str = "inception"  # repa: 'inception' (clean-fid's network, offline), 'autoencoder' (a checkpoint of

@@ -7,7 +7,8 @@ or a UNet down-path module; models read it with `hidden_at`), as a map (N, D, h,
   maps the noisy input's tokens to the patch features y* of a frozen encoder of the clean image;
   L = 1 − mean over tokens of cos(p(h), y*), y* resized to the model's token grid where the grids differ (REPA
   writes −cos; the offset 1 makes a perfect alignment 0). With align.projector=conv (iREPA, arXiv 2512.10794) the
-  encoder's tokens are also normalized over space, each channel to zero mean and unit variance over the tokens.
+  encoder's tokens are also normalized over space, each channel to zero mean and unit variance over the tokens
+  (likewise with align.projector=sepconv, the 3×3 neighbourhood as a cheaper depthwise-then-1×1 head).
 - 'dispersive' (Wang & He 2025, "Diffuse and Disperse", InfoNCE without positives): z_i the tokens of sample i
   mean-pooled (align.pool=mean) or flattened into one vector (flatten, as the paper's code), D its length,
   L = log E_ij exp(−d_ij / τ) over this process's batch (every sample carries the batch's value), d_ij =
@@ -80,7 +81,7 @@ class Alignment:
     weight: float
     depth: int
     stop_step: int = 0
-    normalize: bool = False  # repa with the conv projector: iREPA's spatial normalization of the encoder's tokens
+    normalize: bool = False  # repa with a conv projector: iREPA's spatial normalization of the encoder's tokens
     temperature: float = 0.5
     pool: str = "mean"
     distance: str = "l2"
@@ -155,7 +156,7 @@ def check_config(cfg: Config) -> None:
                             f"or sra, or remove align.{changed[0]}")
         return
     check_name(ALIGNERS, method, "flow.align")
-    check_name(("mlp", "conv"), a.projector, "align.projector")
+    check_name(("mlp", "conv", "sepconv"), a.projector, "align.projector")
     check_name(("mean", "flatten"), a.pool, "align.pool")
     check_name(("l2", "cosine"), a.distance, "align.distance")
     if cfg.flow.objective == "autoencoder":
@@ -235,7 +236,7 @@ def build_alignment(cfg: Config, model, encoder=None, ema_model=None) -> Alignme
         out_dim = encoder.dim if method == "repa" else model.hidden_dim(target_depth)
         width = a.proj_width or min(2048, 4 * model.hidden_dim(depth))
         attach_head(model, a.projector, out_dim, width)
-    return Alignment(method, a.weight, depth, a.stop_step, normalize=method == "repa" and a.projector == "conv",
+    return Alignment(method, a.weight, depth, a.stop_step, normalize=method == "repa" and a.projector != "mlp",
                      temperature=a.temperature, pool=a.pool, distance=a.distance, teacher=ema_model,
                      target_depth=target_depth, time_gap=a.time_gap, grid=tuple(model.hidden_grid(depth)))
 

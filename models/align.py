@@ -6,6 +6,9 @@ training state), but it is not part of the velocity field: the EMA, ema.safetens
   each token on its own.
 - `ConvProjector`: iREPA's (arXiv 2512.10794): one 3×3 convolution over the token grid, so that a token's
   projection sees its neighbours and the spatial structure is kept.
+- `SepConvProjector`: the same neighbourhood at a fraction of the cost: a depthwise 3×3 convolution over the grid,
+  then a 1×1 convolution to the features (ours, not iREPA's: for a narrow model, whose 3×3 head from D to the
+  encoder's features costs a sizeable part of the network; 9·D + D·D_out multiply-adds a token against 9·D·D_out).
 """
 
 from __future__ import annotations
@@ -40,7 +43,20 @@ class ConvProjector(nn.Module):
         return self.conv(hidden)
 
 
-PROJECTORS = {"mlp": MLPProjector, "conv": ConvProjector}
+class SepConvProjector(nn.Module):
+    """Hidden tokens as a map (N, D, h, w) -> (N, D_out, h, w) through a depthwise 3×3 convolution (each channel
+    over its neighbours) and a 1×1 convolution across channels."""
+
+    def __init__(self, dim: int, out_dim: int, width: int = 0):
+        super().__init__()
+        self.depthwise = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
+        self.pointwise = nn.Conv2d(dim, out_dim, 1)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.pointwise(self.depthwise(hidden))
+
+
+PROJECTORS = {"mlp": MLPProjector, "conv": ConvProjector, "sepconv": SepConvProjector}
 
 
 def attach_head(model: nn.Module, projector: str, out_dim: int, width: int) -> None:

@@ -16,7 +16,7 @@ from test_train import KILL_AFTER_CHECKPOINT, assert_same_weights
 from config import load_config
 from flows.align import ALIGNERS, Alignment, build_alignment, cosine_loss, dispersive_loss, spatially_normalized
 from models import build_model
-from models.align import ConvProjector
+from models.align import ConvProjector, SepConvProjector
 
 # A small image run: 8×8 images, a narrow UNet, an encoder-free regulariser unless told otherwise.
 IMAGES = ["data.name=imagefolder", "model.name=unet-mnist", "model.width=8", "train.batch_size=4",
@@ -60,6 +60,14 @@ def test_a_projector_that_maps_onto_the_features_gives_zero_loss():
         conv.conv.bias.zero_()
     loss = cosine_loss(conv(hidden), hidden)
     assert torch.allclose(loss, torch.zeros(2), atol=1e-6)  # REPA's −1, offset by 1
+    separable = SepConvProjector(4, 4)
+    with torch.no_grad():  # the identity as a depthwise 3×3 then a 1×1 convolution
+        separable.depthwise.weight.zero_()
+        separable.depthwise.weight[:, 0, 1, 1] = 1
+        separable.pointwise.weight.copy_(torch.eye(4)[:, :, None, None])
+        separable.depthwise.bias.zero_()
+        separable.pointwise.bias.zero_()
+    assert torch.allclose(cosine_loss(separable(hidden), hidden), torch.zeros(2), atol=1e-6)
     assert torch.allclose(cosine_loss(-hidden, hidden), torch.full((2,), 2.0), atol=1e-6)
     normalized = spatially_normalized(hidden)
     assert torch.allclose(normalized.mean((2, 3)), torch.zeros(2, 4), atol=1e-6)
@@ -100,7 +108,7 @@ def test_every_regulariser_trains_saves_no_head_for_sampling_and_logs_both_losse
     weights = timm_encoder_file(tmp_path)
     settings = {"repa": ["align.encoder=test_vit", f"align.weights={weights}", "align.resolution=64",
                          f"align.cache_dir={tmp_path / 'cache'}", "align.projector=conv"],
-                "dispersive": [], "sra": ["align.depth=2"]}
+                "dispersive": [], "sra": ["align.depth=2", "align.projector=sepconv"]}
     for method in ALIGNERS:
         run = tmp_path / method
         out = run_script("train.py", "-e", str(run), *IMAGES, f"data.path={images / 'data'}", f"flow.align={method}",
