@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import types
 
 import pytest
 import torch
@@ -261,3 +262,15 @@ def test_sra_aligns_with_the_ema_model_at_less_noise():
     assert torch.allclose(alignment.loss(hidden, None, LinearPath(), x0, x1, t, None, {}), torch.zeros(2), atol=1e-5)
     alignment.time_gap = 0.5
     assert (alignment.loss(hidden, None, LinearPath(), x0, x1, t, None, {}) > 1e-4).all()
+
+
+@pytest.mark.parametrize("projector, head, normalize", [("mlp", "MLPProjector", False), ("conv", "ConvProjector", True),
+                                                        ("sepconv", "SepConvProjector", True)])
+def test_each_projector_builds_its_head_and_the_conv_heads_normalize_the_encoders_tokens(projector, head, normalize):
+    cfg = load_config(None, ["model.name=unet-mnist", "model.width=8", "flow.align=repa",
+                             f"align.projector={projector}"])
+    model = build_model(cfg, (1, 8, 8))
+    alignment = build_alignment(cfg, model, types.SimpleNamespace(dim=5))
+    assert type(model.align_head).__name__ == head and alignment.normalize == normalize
+    _, projected = model(torch.randn(2, 1, 8, 8), torch.rand(2), hidden_at=alignment.depth)
+    assert projected.shape[:2] == (2, 5)  # the encoder's features, on the block's grid
