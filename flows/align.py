@@ -35,6 +35,7 @@ import torch.nn.functional as F
 
 from config import Config
 from errors import UserError, check_name
+from models.align import PROJECTORS, attach_head
 
 
 def resized(target: torch.Tensor, grid: tuple[int, ...]) -> torch.Tensor:
@@ -156,7 +157,7 @@ def check_config(cfg: Config) -> None:
                             f"or sra, or remove align.{changed[0]}")
         return
     check_name(ALIGNERS, method, "flow.align")
-    check_name(("mlp", "conv", "sepconv"), a.projector, "align.projector")
+    check_name(PROJECTORS, a.projector, "align.projector")
     check_name(("mean", "flatten"), a.pool, "align.pool")
     check_name(("l2", "cosine"), a.distance, "align.distance")
     if cfg.flow.objective == "autoencoder":
@@ -217,8 +218,6 @@ def check_depth(cfg: Config, model, name: str, depth: int) -> None:
 def build_alignment(cfg: Config, model, encoder=None, ema_model=None) -> Alignment:
     """The run's Alignment, and the projection head attached to `model` (repa: to the encoder's dim; sra: to the
     target block's); `ema_model`: sra's teacher."""
-    from models.align import attach_head
-
     a, method = cfg.align, cfg.flow.align
     if not hasattr(model, "hidden_depths"):
         raise UserError(f"flow.align={method} reads the hidden states of DiT and UNet models, not of "
