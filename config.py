@@ -227,8 +227,9 @@ class AlignConfig:
     #                             this toolkit, in align.weights) or a timm model name, e.g. vit_base_patch14_dinov2
     weights: str = ""  # repa: the encoder's weights (timm: safetensors or a timm checkpoint; autoencoder: its folder)
     download: bool = False  # repa with timm: download the pretrained weights when align.weights is empty
-    layer: str = ""  # repa: which feature map is the token grid (inception: 'mixed_2' (35×35 at 299 px), ...; empty:
-    #                  inception mixed_2, timm the last block's tokens, an autoencoder its latent means)
+    layer: str = ""  # repa: which feature map is the token grid (inception: 'mixed_2' (35×35 at 299 px), ...; timm:
+    #                  K, its K-th intermediate, a block or stage from 0; empty: inception mixed_2, timm the last
+    #                  features, an autoencoder its latent means)
     resolution: int = 0  # repa: the encoder's input size in pixels (0: the encoder's own, timm's pretrained config)
     cache: bool = True  # repa: compute the encoder's features of the dataset once into cached shards (else every step)
     cache_dir: str = ""  # where those caches live (empty: ~/.cache/fm-toolkit/align)

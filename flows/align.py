@@ -203,9 +203,10 @@ def build_encoder(cfg: Config, data_shape: tuple[int, ...]):
 
         autoencoder, weights, _ = load_autoencoder(a.weights, data_shape, "align.weights")
         return AutoencoderEncoder(autoencoder, weights)
-    if a.layer:
-        raise UserError("align.layer chooses an Inception layer; a timm encoder gives its last tokens: remove it")
-    return TimmEncoder(a.encoder, a.weights, a.download, a.resolution)
+    if a.layer and not a.layer.isdigit():
+        raise UserError(f"align.layer '{a.layer}' names an Inception layer; a timm encoder's is the number of one of "
+                        "its intermediates (its blocks or stages, from 0), or empty for its last features")
+    return TimmEncoder(a.encoder, a.weights, a.download, a.resolution, int(a.layer) if a.layer else None)
 
 
 def check_depth(cfg: Config, model, name: str, depth: int) -> None:

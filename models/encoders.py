@@ -9,7 +9,8 @@ what it computes (the feature cache is keyed by it and by the bytes of its weigh
   uses), read up to one of its mixed layers; on a machine without network `../shared/tools/inception-offline`
   puts it in place.
 - `TimmEncoder`: any timm model (DINOv2 ViT-B/14 is REPA's choice), weights from a local file or, when allowed,
-  timm's download; ViTs give their patch tokens, CNNs their last feature map.
+  timm's download; ViTs give their patch tokens, CNNs their last feature map, or with `layer` K the K-th of
+  timm's intermediates (a ViT's blocks, a CNN's stages, counted from 0).
 - `AutoencoderEncoder`: the encoder of an autoencoder of this toolkit: the means of q(z|x).
 """
 
@@ -69,9 +70,11 @@ class InceptionEncoder(nn.Module):
 
 
 class TimmEncoder(nn.Module):
-    """A timm model as an encoder: its pretrained config's normalization and input size (or `resolution`)."""
+    """A timm model as an encoder: its pretrained config's normalization and input size (or `resolution`); its
+    last features, or with `layer` the output of that intermediate (timm's forward_intermediates, from 0)."""
 
-    def __init__(self, name: str, weights: str = "", download: bool = False, resolution: int = 0):
+    def __init__(self, name: str, weights: str = "", download: bool = False, resolution: int = 0,
+                 layer: int | None = None):
         super().__init__()
         import timm
 
@@ -94,7 +97,11 @@ class TimmEncoder(nn.Module):
         self.resolution = resolution or config["input_size"][-1]
         self.register_buffer("mean", torch.tensor(config["mean"]).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(config["std"]).view(1, 3, 1, 1), persistent=False)
-        self.key, self.weights_file = f"timm:{name}:{self.resolution}", Path(weights) if weights else None
+        self.layer = layer
+        if layer is not None:
+            self._check_layer(name, layer)
+        self.key = f"timm:{name}:{self.resolution}" + ("" if layer is None else f":{layer}")
+        self.weights_file = Path(weights) if weights else None
         self.eval().requires_grad_(False)
         with torch.no_grad():
             self.dim = self(torch.zeros(1, 3, self.resolution, self.resolution)).shape[1]
@@ -127,11 +134,24 @@ class TimmEncoder(nn.Module):
             raise UserError(f"align.weights {weights} are not weights of {name} (" + ", ".join(
                 [f"{k} missing" for k in missing[:2]] + [f"{k} unexpected" for k in unexpected[:2]]) + ")")
 
+    def _check_layer(self, name: str, layer: int) -> None:
+        if not hasattr(self.net, "forward_intermediates"):
+            raise UserError(f"align.layer: timm's {name} does not give its intermediate features; remove align.layer "
+                            "to align with its last features")
+        with torch.no_grad():
+            count = len(self.net.forward_intermediates(torch.zeros(1, 3, self.resolution, self.resolution),
+                                                       intermediates_only=True))
+        if not 0 <= layer < count:
+            raise UserError(f"align.layer {layer} is beyond the {count} intermediates of {name} (its blocks or "
+                            f"stages); choose 0 to {count - 1}")
+
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = self.mean.dtype
         x = F.interpolate(_gray_to_rgb(x).to(dtype), size=(self.resolution,) * 2, mode="bicubic", align_corners=False)
         x = ((x + 1) / 2 - self.mean) / self.std
+        if self.layer is not None:  # (N, C, h, w) for CNNs and ViTs alike (a ViT's patch tokens on their grid)
+            return self.net.forward_intermediates(x, indices=[self.layer], intermediates_only=True)[0]
         features = self.net.forward_features(x)
         if features.ndim == 4:  # a CNN: (N, C, h, w)
             return features

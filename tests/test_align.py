@@ -223,6 +223,30 @@ def test_alignment_where_it_cannot_apply_is_one_line(tmp_path, overrides, messag
     assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr, out.stderr
 
 
+def test_a_timm_encoders_intermediate_is_its_token_grid(tmp_path):
+    """align.layer=K reads timm's K-th intermediate (a CNN's stage) in place of the last features, and keys the cache
+    by it; a layer beyond the model's, or an Inception layer's name, is one line."""
+    from errors import UserError
+    from flows.align import build_encoder
+    from models.encoders import TimmEncoder
+
+    weights = timm_encoder_file(tmp_path, "test_resnet")
+    last = TimmEncoder("test_resnet", str(weights), resolution=56)
+    third = TimmEncoder("test_resnet", str(weights), resolution=56, layer=2)
+    x = torch.rand(2, 1, 28, 28) * 2 - 1
+    assert last(x).shape == (2, 96, 2, 2) and last.dim == 96
+    assert third(x).shape == (2, 48, 7, 7) and third.dim == 48 and third.key != last.key
+    stages = third.net.forward_intermediates(((F.interpolate(x.expand(-1, 3, -1, -1), size=(56, 56), mode="bicubic")
+                                               + 1) / 2 - third.mean) / third.std, intermediates_only=True)
+    assert torch.equal(third(x), stages[2])
+    with pytest.raises(UserError, match="beyond the 5 intermediates of test_resnet"):
+        TimmEncoder("test_resnet", str(weights), resolution=56, layer=5)
+    cfg = load_config(None, ["flow.align=repa", "align.encoder=test_resnet", f"align.weights={weights}",
+                             "align.layer=mixed_2"])
+    with pytest.raises(UserError, match="names an Inception layer"):
+        build_encoder(cfg, (1, 28, 28))
+
+
 def test_a_feature_cache_made_by_another_encoder_is_refused(tmp_path, images):
     from data import build_dataset
     from errors import UserError
