@@ -31,17 +31,15 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from data.images import load_mnist  # noqa: E402
-from models.encoders import _takes_img_size  # noqa: E402
+from models.encoders import _takes_img_size, timm_input  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "data" / "mnist"
 
 
 def prepare(net: torch.nn.Module, x: torch.Tensor, resolution: int) -> torch.Tensor:
-    """Digits in [−1, 1] as models/encoders.py's TimmEncoder gives them to the network."""
-    config = net.pretrained_cfg
-    mean, std = (torch.tensor(config[k]).view(1, 3, 1, 1) for k in ("mean", "std"))
-    x = F.interpolate(x.expand(-1, 3, -1, -1), size=(resolution,) * 2, mode="bicubic", align_corners=False)
-    return ((x + 1) / 2 - mean) / std
+    """Digits in [−1, 1] as align.encoder's TimmEncoder gives them to the network."""
+    mean, std = (torch.tensor(net.pretrained_cfg[k]).view(1, 3, 1, 1) for k in ("mean", "std"))
+    return timm_input(x, resolution, mean, std)
 
 
 def accuracy(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, resolution: int) -> float:

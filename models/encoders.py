@@ -69,6 +69,12 @@ class InceptionEncoder(nn.Module):
         return x
 
 
+def timm_input(x: torch.Tensor, resolution: int, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """Images in [−1, 1] (1 or 3 channels) as a timm model reads them: bicubic to `resolution`, its normalization."""
+    x = F.interpolate(_gray_to_rgb(x), size=(resolution,) * 2, mode="bicubic", align_corners=False)
+    return ((x + 1) / 2 - mean) / std
+
+
 class TimmEncoder(nn.Module):
     """A timm model as an encoder: its pretrained config's normalization and input size (or `resolution`); its
     last features, or with `layer` the output of that intermediate (timm's forward_intermediates, from 0)."""
@@ -147,11 +153,10 @@ class TimmEncoder(nn.Module):
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = self.mean.dtype
-        x = F.interpolate(_gray_to_rgb(x).to(dtype), size=(self.resolution,) * 2, mode="bicubic", align_corners=False)
-        x = ((x + 1) / 2 - self.mean) / self.std
+        x = timm_input(x.to(self.mean.dtype), self.resolution, self.mean, self.std)
         if self.layer is not None:  # (N, C, h, w) for CNNs and ViTs alike (a ViT's patch tokens on their grid)
-            return self.net.forward_intermediates(x, indices=[self.layer], intermediates_only=True)[0]
+            return self.net.forward_intermediates(x, indices=[self.layer], intermediates_only=True,
+                                                  stop_early=True)[0]  # the later blocks are not run
         features = self.net.forward_features(x)
         if features.ndim == 4:  # a CNN: (N, C, h, w)
             return features
